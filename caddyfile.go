@@ -1,0 +1,233 @@
+package duplex
+
+import (
+	"slices"
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("duplex", parseHandler)
+	httpcaddyfile.RegisterHandlerDirective("duplex_publish", parsePublish)
+	httpcaddyfile.RegisterDirectiveOrder("duplex", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterDirectiveOrder("duplex_publish", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterGlobalOption("duplex", parseGlobal)
+}
+
+func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	p := new(Publish)
+	err := p.UnmarshalCaddyfile(h.Dispenser)
+	return p, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	duplex [<matcher>] {
+//		auth {
+//			<matchers…>            # any request matchers; the opening must match them (else 401)
+//		}
+//		user <template>            # session identity, e.g. {http.auth.user.id}
+//		channels <template…>       # initial subscriptions, placeholders allowed
+//		transports <name…>         # enabled transports in order; default: websocket
+//		heartbeat <duration>       # default 25s
+//		max_message_size <size>    # default 64KiB
+//		max_inflight <n>           # default 1 (strictly in order)
+//		message_timeout <duration> # default 30s
+//		send_queue <size>          # default 1MiB
+//		allowed_origins <origin…>  # default: the request's own host only; * allows all
+//	}
+//
+// Every subdirective may appear once, except channels and
+// allowed_origins, whose arguments add up.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for d.NextBlock(0) {
+		name := d.Val()
+		if seen[name] && name != "channels" && name != "allowed_origins" {
+			return d.Errf("duplex: %s given more than once", name)
+		}
+		seen[name] = true
+		switch name {
+		case "auth":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			set, err := caddyhttp.ParseCaddyfileNestedMatcherSet(d)
+			if err != nil {
+				return d.Errf("duplex: auth: %v", err)
+			}
+			if len(set) == 0 {
+				return d.Err("duplex: auth needs at least one matcher")
+			}
+			h.AuthRaw = set
+
+		case "user":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			h.User = v
+
+		case "channels":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.Channels = append(h.Channels, args...)
+
+		case "transports":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			for _, t := range args {
+				if !slices.Contains(knownTransports, t) {
+					return d.Errf("duplex: unknown transport %q (supported: %v)", t, knownTransports)
+				}
+				if slices.Contains(h.Transports, t) {
+					return d.Errf("duplex: transport %q listed twice", t)
+				}
+				h.Transports = append(h.Transports, t)
+			}
+
+		case "heartbeat", "message_timeout":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("duplex: %s: invalid duration %q (want e.g. 25s)", name, v)
+			}
+			if name == "heartbeat" {
+				h.Heartbeat = caddy.Duration(dur)
+			} else {
+				h.MessageTimeout = caddy.Duration(dur)
+			}
+
+		case "max_message_size", "send_queue":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			size, err := humanize.ParseBytes(v)
+			if err != nil || size == 0 || size > 1<<40 {
+				return d.Errf("duplex: %s: invalid size %q (want e.g. 64KiB)", name, v)
+			}
+			if name == "max_message_size" {
+				h.MaxMessageSize = int64(size)
+			} else {
+				h.SendQueue = int64(size)
+			}
+
+		case "max_inflight":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return d.Errf("duplex: max_inflight: want a whole number ≥ 1, got %q", v)
+			}
+			h.MaxInflight = n
+
+		case "allowed_origins":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.AllowedOrigins = append(h.AllowedOrigins, args...)
+
+		default:
+			return d.Errf("duplex: unknown subdirective %q", name)
+		}
+	}
+	return nil
+}
+
+// UnmarshalCaddyfile sets up the publish handler. Syntax:
+//
+//	duplex_publish [<matcher>]
+//
+// It takes no options; put the auth you want before it in the route.
+func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if d.NextBlock(0) {
+		return d.Errf("duplex_publish: takes no options, got %q", d.Val())
+	}
+	return nil
+}
+
+// parseGlobal parses the `duplex` global option into the duplex app.
+// Syntax:
+//
+//	duplex {
+//		admin_publish on|off   # serve /duplex/* on the admin endpoint; default on
+//	}
+func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
+	d.Next() // consume option name
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	app := new(App)
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "admin_publish":
+			v, err := oneArg(d)
+			if err != nil {
+				return nil, err
+			}
+			switch v {
+			case "on":
+				app.AdminPublish = new(true)
+			case "off":
+				app.AdminPublish = new(false)
+			default:
+				return nil, d.Errf("duplex: admin_publish: want on or off, got %q", v)
+			}
+		default:
+			return nil, d.Errf("duplex: unknown global option %q", d.Val())
+		}
+	}
+	return httpcaddyfile.App{
+		Name:  "duplex",
+		Value: caddyconfig.JSON(app, nil),
+	}, nil
+}
+
+// oneArg reads exactly one argument of the current subdirective.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Publish)(nil)
+)

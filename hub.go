@@ -1,0 +1,276 @@
+package duplex
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+)
+
+// errUnknownSession is returned for a session id that is not (or no longer)
+// open.
+var errUnknownSession = errors.New("unknown session")
+
+// publishMsg is one publish: exactly one target, and data to push or a
+// close reason.
+type publishMsg struct {
+	Channel string          `json:"channel,omitempty"`
+	User    string          `json:"user,omitempty"`
+	Session string          `json:"session,omitempty"`
+	Data    json.RawMessage `json:"data,omitempty"`
+	Except  string          `json:"except,omitempty"`
+	Close   *string         `json:"close,omitempty"`
+}
+
+// broker carries publishes to the sessions they target, wherever they are.
+// The memory broker reaches the sessions of this process; a clustered
+// broker would also fan out to other nodes.
+type broker interface {
+	// publish delivers m and returns how many sessions it reached.
+	publish(ctx context.Context, m *publishMsg) (int, error)
+}
+
+// memoryBroker delivers publishes to this process's hub.
+type memoryBroker struct{ hub *hub }
+
+func (b memoryBroker) publish(_ context.Context, m *publishMsg) (int, error) {
+	return b.hub.deliver(m)
+}
+
+// hub is the registry of open sessions: by id, by user and by channel. One
+// hub serves the whole process and outlives config reloads, so publishing
+// keeps reaching sessions opened under any config.
+type hub struct {
+	mu       sync.RWMutex
+	sessions map[string]*session
+	users    map[string]map[*session]struct{}
+	channels map[string]map[*session]struct{}
+
+	broker broker
+	// app is the duplex app of the running config, if it has one; it
+	// holds the global options.
+	app atomic.Pointer[App]
+}
+
+// globalHub is the process-wide hub.
+var globalHub = newHub()
+
+func newHub() *hub {
+	h := &hub{
+		sessions: make(map[string]*session),
+		users:    make(map[string]map[*session]struct{}),
+		channels: make(map[string]map[*session]struct{}),
+	}
+	h.broker = memoryBroker{h}
+	return h
+}
+
+// adminPublish reports whether the admin API serves /duplex/.
+func (h *hub) adminPublish() bool {
+	a := h.app.Load()
+	return a == nil || a.AdminPublish == nil || *a.AdminPublish
+}
+
+// publish hands m to the broker.
+func (h *hub) publish(ctx context.Context, m *publishMsg) (int, error) {
+	return h.broker.publish(ctx, m)
+}
+
+// add registers an opened session with its initial channels.
+func (h *hub) add(s *session, channels []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.sessions[s.id] = s
+	if s.user != "" {
+		addMember(h.users, s.user, s)
+	}
+	for _, c := range channels {
+		h.subscribeLocked(s, c)
+	}
+}
+
+// remove unregisters an ended session.
+func (h *hub) remove(s *session) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sessions[s.id] != s {
+		return
+	}
+	delete(h.sessions, s.id)
+	if s.user != "" {
+		removeMember(h.users, s.user, s)
+	}
+	for c := range s.channels {
+		removeMember(h.channels, c, s)
+	}
+	s.channels = nil
+}
+
+func (h *hub) get(id string) *session {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.sessions[id]
+}
+
+// subscribe and unsubscribe change a session's channels.
+func (h *hub) subscribe(s *session, add, remove []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sessions[s.id] != s {
+		return
+	}
+	for _, c := range add {
+		h.subscribeLocked(s, c)
+	}
+	for _, c := range remove {
+		if _, ok := s.channels[c]; ok {
+			delete(s.channels, c)
+			removeMember(h.channels, c, s)
+		}
+	}
+}
+
+func (h *hub) subscribeLocked(s *session, c string) {
+	if c == "" {
+		return
+	}
+	if _, ok := s.channels[c]; ok {
+		return
+	}
+	if s.channels == nil {
+		s.channels = make(map[string]struct{})
+	}
+	s.channels[c] = struct{}{}
+	addMember(h.channels, c, s)
+}
+
+// deliver applies one publish to the sessions of this process. The frame is
+// encoded once; each session only queues it, so no socket write happens
+// here and a slow session never holds up the others.
+func (h *hub) deliver(m *publishMsg) (int, error) {
+	var p *push
+	if m.Close == nil {
+		p = newPush(m.Channel, m.Data)
+	}
+	send := func(s *session) int {
+		if s.id == m.Except {
+			return 0
+		}
+		if m.Close != nil {
+			s.close(closedByApp(*m.Close))
+		} else {
+			s.push(p)
+		}
+		return 1
+	}
+
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	n := 0
+	switch {
+	case m.Session != "":
+		s := h.sessions[m.Session]
+		if s == nil {
+			return 0, errUnknownSession
+		}
+		n = send(s)
+	case m.User != "":
+		for s := range h.users[m.User] {
+			n += send(s)
+		}
+	default:
+		for s := range h.channels[m.Channel] {
+			n += send(s)
+		}
+	}
+	return n, nil
+}
+
+// sessionInfo describes a session on the sessions API.
+type sessionInfo struct {
+	ID        string   `json:"id"`
+	User      string   `json:"user"`
+	Transport string   `json:"transport"`
+	Channels  []string `json:"channels"`
+	Remote    string   `json:"remote"`
+	Opened    string   `json:"opened"`
+}
+
+func (h *hub) infoLocked(s *session) sessionInfo {
+	chans := make([]string, 0, len(s.channels))
+	for c := range s.channels {
+		chans = append(chans, c)
+	}
+	sort.Strings(chans)
+	return sessionInfo{
+		ID:        s.id,
+		User:      s.user,
+		Transport: s.transport,
+		Channels:  chans,
+		Remote:    s.remote,
+		Opened:    s.opened.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
+	}
+}
+
+// info describes one session.
+func (h *hub) info(id string) (sessionInfo, bool) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	s := h.sessions[id]
+	if s == nil {
+		return sessionInfo{}, false
+	}
+	return h.infoLocked(s), true
+}
+
+// list describes the sessions of a user and/or on a channel (all when both
+// are empty), ordered by opening time.
+func (h *hub) list(user, channel string) []sessionInfo {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	out := []sessionInfo{}
+	for _, s := range h.sessions {
+		if user != "" && s.user != user {
+			continue
+		}
+		if channel != "" {
+			if _, ok := s.channels[channel]; !ok {
+				continue
+			}
+		}
+		out = append(out, h.infoLocked(s))
+	}
+	slices.SortFunc(out, func(a, b sessionInfo) int {
+		if a.Opened != b.Opened {
+			if a.Opened < b.Opened {
+				return -1
+			}
+			return 1
+		}
+		if a.ID < b.ID {
+			return -1
+		}
+		return 1
+	})
+	return out
+}
+
+func addMember(m map[string]map[*session]struct{}, key string, s *session) {
+	set := m[key]
+	if set == nil {
+		set = make(map[*session]struct{})
+		m[key] = set
+	}
+	set[s] = struct{}{}
+}
+
+func removeMember(m map[string]map[*session]struct{}, key string, s *session) {
+	set := m[key]
+	delete(set, s)
+	if len(set) == 0 {
+		delete(m, key)
+	}
+}

@@ -1,0 +1,388 @@
+package duplex
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// inboxSize is how many client messages may wait for the route per
+// session; a client that sends faster is slowed down by the transport
+// (its socket is not read while the inbox is full).
+const inboxSize = 64
+
+// inbox hands a session's client messages to the route, at most
+// max_inflight at a time, in arrival order.
+type inbox struct {
+	s  *session
+	ch chan inMsg
+}
+
+type inMsg struct {
+	b      []byte
+	binary bool
+}
+
+func newInbox(s *session) *inbox {
+	return &inbox{s: s, ch: make(chan inMsg, inboxSize)}
+}
+
+// put queues a message; it reports false once the session has ended.
+func (in *inbox) put(b []byte, binary bool) bool {
+	select {
+	case in.ch <- inMsg{b, binary}:
+		return true
+	case <-in.s.ctx.Done():
+		return false
+	}
+}
+
+// stop is called by the reader when it will put no more.
+func (in *inbox) stop() { close(in.ch) }
+
+// dispatch serves queued messages until the inbox is stopped. It returns
+// once every message it started is done.
+func (in *inbox) dispatch() {
+	s := in.s
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	sem := make(chan struct{}, s.h.MaxInflight)
+	for m := range in.ch {
+		if s.ctx.Err() != nil {
+			continue // the session ended: nobody to answer
+		}
+		if m.binary {
+			// Binary messages are fire-and-forget.
+			sem <- struct{}{}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				s.serve(nil, m.b, "application/octet-stream")
+			})
+			continue
+		}
+		f, ferr := decodeClientFrame(m.b)
+		if ferr != nil {
+			s.send(encodeError(f.ID, ferr.status, ferr.msg))
+			continue
+		}
+		if f.Type == frameAck {
+			// The client confirms pushes up to f.Seq; nothing is
+			// buffered for resume yet, so there is nothing to trim.
+			continue
+		}
+		if s.h.MaxInflight == 1 {
+			s.serve(&f, f.Data, "application/json")
+			continue
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			s.serve(&f, f.Data, "application/json")
+		})
+	}
+}
+
+// serve runs one client message through the rest of the route as an
+// ordinary HTTP request and sends the answer back on the session. f is nil
+// for binary messages, which get no answer.
+func (s *session) serve(f *clientFrame, body []byte, contentType string) {
+	var ref []byte
+	method, target := http.MethodPost, ""
+	if f != nil {
+		if hasID(f.ID) {
+			ref = f.ID
+		}
+		if f.Method != "" {
+			method = f.Method
+		}
+		target = f.Path
+	}
+	answer := func(b []byte) {
+		if f != nil {
+			s.send(b)
+		}
+	}
+
+	req, err := s.messageRequest(method, target, f, body, contentType)
+	if err != nil {
+		answer(encodeError(ref, http.StatusBadRequest, err.Error()))
+		return
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), time.Duration(s.h.MessageTimeout))
+	defer cancel()
+	req = req.WithContext(ctx)
+	rec := newRecorder(s.h.SendQueue)
+	req = s.prepare(req, rec)
+
+	done := make(chan error, 1)
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				s.logger().Error("panic serving message", zap.String("session", s.id), zap.Any("panic", p))
+				done <- caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("panic: %v", p))
+			}
+		}()
+		done <- s.next.ServeHTTP(rec, req)
+	}()
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+	}
+	if s.ctx.Err() != nil {
+		return // the session ended meanwhile
+	}
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		answer(encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
+		return
+	}
+	if err != nil {
+		status := http.StatusInternalServerError
+		var he caddyhttp.HandlerError
+		if errors.As(err, &he) && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+		s.logger().Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
+		answer(encodeError(ref, status, ""))
+		return
+	}
+
+	closeReason, closeAfter := s.applyControlHeaders(rec.header)
+	status := rec.statusCode()
+	switch {
+	case rec.overflow:
+		answer(encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
+	case status >= 400:
+		answer(encodeError(ref, status, errorText(status, rec.body.Bytes())))
+	case ref == nil:
+		// no id: the client asked for no answer
+	case rec.body.Len() == 0:
+		answer(encodeAck(ref))
+	default:
+		answer(encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
+	}
+	if closeAfter {
+		s.close(closedByApp(closeReason))
+	}
+}
+
+// messageRequest builds the request a client message becomes: method and
+// path from the frame, query and headers from the opening request.
+func (s *session) messageRequest(method, target string, f *clientFrame, body []byte, contentType string) (*http.Request, error) {
+	if !validMethod(method) {
+		return nil, fmt.Errorf("invalid method %q", method)
+	}
+	u := &url.URL{Path: s.opening.URL.Path, RawPath: s.opening.URL.RawPath, RawQuery: s.opening.URL.RawQuery}
+	if target != "" {
+		if target[0] != '/' {
+			return nil, fmt.Errorf("path must start with /")
+		}
+		pu, err := url.ParseRequestURI(target)
+		if err != nil {
+			return nil, fmt.Errorf("invalid path: %v", err)
+		}
+		u = &url.URL{Path: pu.Path, RawPath: pu.RawPath, RawQuery: pu.RawQuery}
+		if u.RawQuery == "" {
+			u.RawQuery = s.opening.URL.RawQuery
+		}
+	}
+
+	hdr := messageHeader(s.opening.Header)
+	hdr.Set("Duplex-Session", s.id)
+	hdr.Set("Duplex-Transport", s.transport)
+	if s.user != "" {
+		hdr.Set("Duplex-User", s.user)
+	}
+	if f != nil && hasID(f.ID) {
+		hdr.Set("Duplex-Message-Id", idText(f.ID))
+	}
+	var rb io.ReadCloser = http.NoBody
+	if len(body) > 0 {
+		hdr.Set("Content-Type", contentType)
+		rb = io.NopCloser(bytes.NewReader(body))
+	}
+	req := &http.Request{
+		Method:        method,
+		URL:           u,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        hdr,
+		Body:          rb,
+		ContentLength: int64(len(body)),
+		Host:          s.opening.Host,
+		RemoteAddr:    s.opening.RemoteAddr,
+		RequestURI:    u.RequestURI(),
+		TLS:           s.opening.TLS,
+	}
+	if len(body) > 0 {
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	return req.WithContext(s.ctx), nil
+}
+
+// prepare gives the message request its own replacer and vars, as Caddy's
+// server does for every request, and makes the placeholders and vars set
+// while the session was opened (e.g. {http.auth.user.id}) available too.
+func (s *session) prepare(req *http.Request, w http.ResponseWriter) *http.Request {
+	srv, _ := s.opening.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	repl := caddy.NewReplacer()
+	req = caddyhttp.PrepareRequest(req, repl, w, srv)
+	if s.repl != nil {
+		opening := s.repl
+		repl.Map(func(key string) (any, bool) { return opening.Get(key) })
+	}
+	if openVars, ok := s.opening.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		vars, _ := req.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+		for k, v := range openVars {
+			if _, set := vars[k]; !set && vars != nil {
+				vars[k] = v
+			}
+		}
+	}
+	return req
+}
+
+// applyControlHeaders honours the app's Duplex-Subscribe,
+// Duplex-Unsubscribe and Duplex-Close response headers. They never reach
+// the client: answers carry no headers.
+func (s *session) applyControlHeaders(h http.Header) (closeReason string, closeAfter bool) {
+	add := headerList(h.Values("Duplex-Subscribe"))
+	remove := headerList(h.Values("Duplex-Unsubscribe"))
+	if len(add) > 0 || len(remove) > 0 {
+		s.hub.subscribe(s, add, remove)
+	}
+	if v, ok := h["Duplex-Close"]; ok {
+		reason := strings.TrimSpace(strings.Join(v, ", "))
+		if reason == "" {
+			reason = "closed by the app"
+		}
+		return reason, true
+	}
+	return "", false
+}
+
+// headerList splits comma-separated header values.
+func headerList(values []string) []string {
+	var out []string
+	for _, v := range values {
+		for _, item := range strings.Split(v, ",") {
+			if item = strings.TrimSpace(item); item != "" {
+				out = append(out, item)
+			}
+		}
+	}
+	return out
+}
+
+// removedHeaders are opening-request headers the app never sees on
+// messages (DESIGN §5): hop-by-hop headers, the upgrade handshake, and
+// those that describe the opening request's own body or stream.
+var removedHeaders = []string{
+	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+	"Accept", "Last-Event-Id", "Content-Length", "Content-Type",
+	"Content-Encoding", ":protocol",
+}
+
+// messageHeader is the opening request's header as messages carry it.
+func messageHeader(opening http.Header) http.Header {
+	h := opening.Clone()
+	for _, c := range opening.Values("Connection") {
+		for _, name := range strings.Split(c, ",") {
+			h.Del(strings.TrimSpace(name))
+		}
+	}
+	for _, name := range removedHeaders {
+		delete(h, name)
+		h.Del(name)
+	}
+	for name := range h {
+		if strings.HasPrefix(name, "Sec-Websocket-") || isDuplexHeader(name) {
+			delete(h, name)
+		}
+	}
+	return h
+}
+
+// isDuplexHeader reports whether a canonical header name is one of ours.
+func isDuplexHeader(name string) bool {
+	return len(name) >= 7 && strings.EqualFold(name[:7], "Duplex-")
+}
+
+// stripDuplexHeaders removes every Duplex-* header a client sent, so the
+// app can trust the ones we set.
+func stripDuplexHeaders(h http.Header) {
+	for name := range h {
+		if isDuplexHeader(name) {
+			delete(h, name)
+		}
+	}
+}
+
+func validMethod(m string) bool {
+	if m == "" || len(m) > 32 {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return !strings.EqualFold(m, http.MethodConnect)
+}
+
+// recorder is the ResponseWriter a message is served into: it keeps the
+// status, headers and (up to a limit) the body of the app's answer.
+type recorder struct {
+	header   http.Header
+	status   int
+	body     bytes.Buffer
+	limit    int64
+	overflow bool
+}
+
+func newRecorder(limit int64) *recorder {
+	return &recorder{header: make(http.Header), limit: limit}
+}
+
+func (r *recorder) Header() http.Header { return r.header }
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status != 0 || (code >= 100 && code < 200) {
+		return
+	}
+	r.status = code
+}
+
+func (r *recorder) Write(p []byte) (int, error) {
+	if r.status == 0 {
+		r.WriteHeader(http.StatusOK)
+	}
+	if int64(r.body.Len()+len(p)) > r.limit {
+		r.overflow = true
+		return len(p), nil
+	}
+	return r.body.Write(p)
+}
+
+// Flush is a no-op: the answer is sent as one frame.
+func (r *recorder) Flush() {}
+
+func (r *recorder) statusCode() int {
+	if r.status == 0 {
+		return http.StatusOK
+	}
+	return r.status
+}

@@ -1,0 +1,248 @@
+// Package duplex is a Caddy HTTP handler that turns matching requests into
+// long-lived duplex sessions. The client authenticates once, at the opening;
+// every message it sends afterwards is served by the rest of the Caddy route
+// as an ordinary HTTP request, and the app pushes to sessions, users and
+// channels through a publish API. See README.md and DESIGN.md for the
+// contract.
+package duplex
+
+import (
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+	caddy.RegisterModule(Handler{})
+	caddy.RegisterModule(Publish{})
+	caddy.RegisterModule(AdminAPI{})
+}
+
+// Defaults of the handler's options.
+const (
+	defaultHeartbeat      = 25 * time.Second
+	defaultMaxMessageSize = 64 << 10
+	defaultMaxInflight    = 1
+	defaultMessageTimeout = 30 * time.Second
+	defaultSendQueue      = 1 << 20
+	// maxPublishBody bounds a publish API request body.
+	maxPublishBody = 1 << 20
+)
+
+// knownTransports lists the transports this build can serve, in the default
+// order of preference.
+var knownTransports = []string{transportWebSocket}
+
+// App holds the global options of the duplex plugin (the `duplex` global
+// option in the Caddyfile). It is optional: without it the defaults apply.
+type App struct {
+	// AdminPublish serves the publish and sessions API under /duplex/ on
+	// Caddy's admin endpoint. Default: true.
+	AdminPublish *bool `json:"admin_publish,omitempty"`
+
+	hub *hub
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "duplex",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision attaches the app to the process-wide session hub.
+func (a *App) Provision(caddy.Context) error {
+	a.hub = globalHub
+	return nil
+}
+
+// Start applies the global options. A new config's apps start before the
+// old config's stop, so the new settings take over.
+func (a *App) Start() error {
+	a.hub.app.Store(a)
+	return nil
+}
+
+// Stop withdraws the options, unless a newer config's app replaced them.
+func (a *App) Stop() error {
+	a.hub.app.CompareAndSwap(a, nil)
+	return nil
+}
+
+// Handler is the `duplex` HTTP handler. It turns matching requests into
+// duplex sessions; every message a client sends on a session is served by
+// the handlers after it in the route (usually reverse_proxy to the app), and
+// the answer goes back on the session. Requests that are not session
+// openings are passed to the next handler.
+type Handler struct {
+	// AuthRaw is a matcher set the opening request must satisfy (any Caddy
+	// request matcher, e.g. header or remote_ip). An opening that does not
+	// match is answered 401 and no session is opened. Default: no check
+	// beyond the handlers placed before duplex in the route.
+	AuthRaw caddy.ModuleMap `json:"auth,omitempty" caddy:"namespace=http.matchers"`
+
+	// User is the identity of the session, a template expanded with the
+	// opening request's placeholders, e.g. `{http.auth.user.id}`. Pushes can
+	// target every session of a user. Default: empty (anonymous).
+	User string `json:"user,omitempty"`
+
+	// Channels the session is subscribed to when it opens; each entry is a
+	// template expanded with the opening request's placeholders. Entries
+	// that expand to an empty string are skipped. Default: none.
+	Channels []string `json:"channels,omitempty"`
+
+	// Transports enabled on this handler, in order of preference.
+	// Default: every transport this build supports ("websocket").
+	Transports []string `json:"transports,omitempty"`
+
+	// Heartbeat is the interval between pings the server sends. A peer
+	// that sends nothing (not even a pong) for two heartbeats is considered
+	// dead and its session ends. Default: 25s.
+	Heartbeat caddy.Duration `json:"heartbeat,omitempty"`
+
+	// MaxMessageSize is the largest client message accepted, in bytes.
+	// Larger messages are discarded and answered with an error frame of
+	// status 413; the session stays open. Default: 64 KiB.
+	MaxMessageSize int64 `json:"max_message_size,omitempty"`
+
+	// MaxInflight is how many client messages of one session are served
+	// concurrently. 1 serves them strictly in order. Default: 1.
+	MaxInflight int `json:"max_inflight,omitempty"`
+
+	// MessageTimeout bounds how long the route may take to serve one
+	// client message; past it the client gets an error frame of status
+	// 504. Default: 30s.
+	MessageTimeout caddy.Duration `json:"message_timeout,omitempty"`
+
+	// SendQueue bounds, in bytes, the frames queued for a session that
+	// have not been written to its connection yet. A session that cannot
+	// keep up is closed with code 4008 and reconnect:true. Default: 1 MiB.
+	SendQueue int64 `json:"send_queue,omitempty"`
+
+	// AllowedOrigins lists the origins (scheme://host[:port]) browsers may
+	// open sessions from, in addition to the request's own host; "*"
+	// allows every origin. Requests without an Origin header (non-browser
+	// clients) are always allowed. Default: same host only.
+	AllowedOrigins []string `json:"allowed_origins,omitempty"`
+
+	auth   caddyhttp.MatcherSet
+	hub    *hub
+	logger *zap.Logger
+	// live tracks the sessions this handler instance serves, so Cleanup can
+	// end them when Caddy unloads the config they run under.
+	live *sessionSet
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.duplex",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler: defaults, matchers and the session hub.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.AuthRaw != nil {
+		mods, err := ctx.LoadModule(h, "AuthRaw")
+		if err != nil {
+			return fmt.Errorf("duplex: loading auth matchers: %w", err)
+		}
+		for _, m := range mods.(map[string]any) {
+			h.auth = append(h.auth, m)
+		}
+	}
+	if len(h.Transports) == 0 {
+		h.Transports = slices.Clone(knownTransports)
+	}
+	if h.Heartbeat == 0 {
+		h.Heartbeat = caddy.Duration(defaultHeartbeat)
+	}
+	if h.MaxMessageSize == 0 {
+		h.MaxMessageSize = defaultMaxMessageSize
+	}
+	if h.MaxInflight == 0 {
+		h.MaxInflight = defaultMaxInflight
+	}
+	if h.MessageTimeout == 0 {
+		h.MessageTimeout = caddy.Duration(defaultMessageTimeout)
+	}
+	if h.SendQueue == 0 {
+		h.SendQueue = defaultSendQueue
+	}
+	h.hub = globalHub
+	h.live = newSessionSet()
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	for _, t := range h.Transports {
+		if !slices.Contains(knownTransports, t) {
+			return fmt.Errorf("duplex: unknown transport %q (supported: %v)", t, knownTransports)
+		}
+	}
+	switch {
+	case h.Heartbeat < 0:
+		return fmt.Errorf("duplex: heartbeat must be positive")
+	case h.MaxMessageSize < 0:
+		return fmt.Errorf("duplex: max_message_size must be positive")
+	case h.MaxInflight < 0:
+		return fmt.Errorf("duplex: max_inflight must be positive")
+	case h.MessageTimeout < 0:
+		return fmt.Errorf("duplex: message_timeout must be positive")
+	case h.SendQueue < 0:
+		return fmt.Errorf("duplex: send_queue must be positive")
+	}
+	return nil
+}
+
+// Cleanup ends, asynchronously, the sessions opened under this handler:
+// Caddy is unloading the handler chain their messages would be served by.
+// They are told to reconnect (code 4012), which lands them on the new
+// config. The hub itself lives on.
+func (h *Handler) Cleanup() error {
+	h.live.closeAll(closeRestart)
+	return nil
+}
+
+// Publish is the `duplex_publish` handler: it serves the publish API
+// (POST a publish body, see the README) on whatever route it is placed in,
+// behind whatever auth the route puts before it. It does not call the next
+// handler.
+type Publish struct {
+	hub *hub
+}
+
+// CaddyModule returns the Caddy module information.
+func (Publish) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.duplex_publish",
+		New: func() caddy.Module { return new(Publish) },
+	}
+}
+
+// Provision attaches the handler to the session hub.
+func (p *Publish) Provision(caddy.Context) error {
+	p.hub = globalHub
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.App                   = (*App)(nil)
+	_ caddy.Provisioner           = (*App)(nil)
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ caddy.Provisioner           = (*Publish)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Publish)(nil)
+)

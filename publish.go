@@ -1,0 +1,225 @@
+package duplex
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// apiError is an answer of the publish and sessions API other than 2xx.
+type apiError struct {
+	status int
+	msg    string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+func badPublish(format string, args ...any) *apiError {
+	return &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf(format, args...)}
+}
+
+// decodePublish parses a publish body: one publish object or an array of
+// them. Every publish is checked before any is applied.
+func decodePublish(body []byte) (msgs []*publishMsg, batch bool, err *apiError) {
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 {
+		return nil, false, badPublish("empty body")
+	}
+	var raws []json.RawMessage
+	if body[0] == '[' {
+		batch = true
+		if e := json.Unmarshal(body, &raws); e != nil {
+			return nil, true, badPublish("invalid JSON: %v", e)
+		}
+		if len(raws) == 0 {
+			return nil, true, badPublish("empty batch")
+		}
+	} else {
+		raws = []json.RawMessage{body}
+	}
+	for i, raw := range raws {
+		m, e := decodePublishOne(raw)
+		if e != nil {
+			if batch {
+				e.msg = fmt.Sprintf("item %d: %s", i, e.msg)
+			}
+			return nil, batch, e
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs, batch, nil
+}
+
+func decodePublishOne(raw json.RawMessage) (*publishMsg, *apiError) {
+	var m publishMsg
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return nil, badPublish("invalid JSON: %v", err)
+	}
+	targets := 0
+	for _, t := range []string{m.Channel, m.User, m.Session} {
+		if t != "" {
+			targets++
+		}
+	}
+	switch {
+	case targets == 0:
+		return nil, badPublish("no target: give one of channel, user or session")
+	case targets > 1:
+		return nil, badPublish("more than one target: give only one of channel, user or session")
+	case m.Close == nil && m.Data == nil:
+		return nil, badPublish("nothing to do: give data or close")
+	case m.Close != nil && m.Data != nil:
+		return nil, badPublish("give either data or close, not both")
+	}
+	return &m, nil
+}
+
+// publishResult is one publish's outcome in a batch answer.
+type publishResult struct {
+	Delivered *int   `json:"delivered,omitempty"`
+	Status    int    `json:"status,omitempty"`
+	Error     string `json:"error,omitempty"`
+}
+
+// servePublish serves POST /duplex/publish: 200 {"delivered":N}, or for a
+// batch 200 {"delivered":total,"results":[…]}; 400 for a bad body, 404 for
+// an unknown session (single publish).
+func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use POST"})
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxPublishBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeAPIError(w, badPublish("body larger than %d bytes", maxPublishBody))
+			return
+		}
+		writeAPIError(w, badPublish("reading body: %v", err))
+		return
+	}
+	msgs, batch, perr := decodePublish(body)
+	if perr != nil {
+		writeAPIError(w, perr)
+		return
+	}
+	total := 0
+	results := make([]publishResult, 0, len(msgs))
+	for _, m := range msgs {
+		n, err := h.publish(r.Context(), m)
+		switch {
+		case errors.Is(err, errUnknownSession):
+			if !batch {
+				writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + m.Session})
+				return
+			}
+			results = append(results, publishResult{Status: http.StatusNotFound, Error: "unknown session " + m.Session})
+		case err != nil:
+			if !batch {
+				writeAPIError(w, &apiError{status: http.StatusBadGateway, msg: err.Error()})
+				return
+			}
+			results = append(results, publishResult{Status: http.StatusBadGateway, Error: err.Error()})
+		default:
+			total += n
+			results = append(results, publishResult{Delivered: &n})
+		}
+	}
+	answer := map[string]any{"delivered": total}
+	if batch {
+		answer["results"] = results
+	}
+	writeJSON(w, http.StatusOK, answer)
+}
+
+// serveSessions serves the sessions API under prefix (e.g. /duplex/sessions):
+// GET list (?user=, ?channel=), GET/DELETE one, POST /<id>/channels.
+func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string) {
+	rest = strings.Trim(rest, "/")
+	if rest == "" {
+		if r.Method != http.MethodGet {
+			w.Header().Set("Allow", http.MethodGet)
+			writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use GET"})
+			return
+		}
+		q := r.URL.Query()
+		writeJSON(w, http.StatusOK, h.list(q.Get("user"), q.Get("channel")))
+		return
+	}
+	id, sub, _ := strings.Cut(rest, "/")
+	s := h.get(id)
+	if s == nil {
+		writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+		return
+	}
+	switch {
+	case sub == "" && r.Method == http.MethodGet:
+		info, ok := h.info(id)
+		if !ok {
+			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+			return
+		}
+		writeJSON(w, http.StatusOK, info)
+	case sub == "" && r.Method == http.MethodDelete:
+		s.close(closedByApp("deleted"))
+		w.WriteHeader(http.StatusNoContent)
+	case sub == "channels" && r.Method == http.MethodPost:
+		var change struct {
+			Add    []string `json:"add"`
+			Remove []string `json:"remove"`
+		}
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxPublishBody))
+		if err != nil || json.Unmarshal(body, &change) != nil {
+			writeAPIError(w, badPublish(`body must be {"add":[…],"remove":[…]}`))
+			return
+		}
+		h.subscribe(s, change.Add, change.Remove)
+		info, ok := h.info(id)
+		if !ok {
+			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+			return
+		}
+		writeJSON(w, http.StatusOK, info)
+	default:
+		writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "no such endpoint"})
+	}
+}
+
+// serveAPI routes a request for the API whose paths are relative to
+// /duplex/ (publish, sessions…).
+func (h *hub) serveAPI(w http.ResponseWriter, r *http.Request, path string) {
+	switch {
+	case path == "publish":
+		h.servePublish(w, r)
+	case path == "sessions" || strings.HasPrefix(path, "sessions/"):
+		h.serveSessions(w, r, strings.TrimPrefix(path, "sessions"))
+	default:
+		writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "no such endpoint"})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeAPIError(w http.ResponseWriter, e *apiError) {
+	writeJSON(w, e.status, map[string]string{"error": e.msg})
+}
+
+// ServeHTTP serves the publish API on the route the handler is placed in:
+// a POST publishes (same body and answers as the admin endpoint's
+// /duplex/publish).
+func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	p.hub.servePublish(w, r)
+	return nil
+}

@@ -1,0 +1,248 @@
+package duplex
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// isWebSocketOpening reports whether r asks for a WebSocket: an HTTP/1.1
+// Upgrade, or an HTTP/2 (RFC 8441) or HTTP/3 (RFC 9220) extended CONNECT.
+func isWebSocketOpening(r *http.Request) bool {
+	switch {
+	case r.Method == http.MethodGet && r.ProtoMajor == 1:
+		return headerHasToken(r.Header, "Connection", "upgrade") &&
+			strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+	case r.Method == http.MethodConnect && r.ProtoMajor == 2:
+		return strings.EqualFold(r.Header.Get(":protocol"), "websocket")
+	case r.Method == http.MethodConnect && r.ProtoMajor == 3:
+		return strings.EqualFold(r.Proto, "websocket")
+	}
+	return false
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// wsConn is the WebSocket transport, framed with gobwas/ws over a hijacked
+// HTTP/1.1 connection or over an HTTP/2 (or HTTP/3) stream.
+type wsConn struct {
+	br       *bufio.Reader
+	maxSize  int64
+	idle     time.Duration // a peer silent this long is dead
+	setRead  func(time.Time) error
+	setWrite func(time.Time) error
+	release  func() error // closes the connection or stream
+
+	wmu sync.Mutex // guards bw and the write deadline
+	bw  *bufio.Writer
+	// flushOut pushes buffered bytes to the peer (HTTP/2 needs a flush of
+	// the response, not only of bw).
+	flushOut func() error
+
+	closeOnce sync.Once
+}
+
+// acceptWebSocket completes the WebSocket handshake on r and returns the
+// transport. Errors are already answered to the client.
+func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration) (*wsConn, error) {
+	if r.ProtoMajor == 1 {
+		conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
+		if err != nil {
+			return nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+		}
+		return &wsConn{
+			br:       rw.Reader,
+			bw:       rw.Writer,
+			maxSize:  maxSize,
+			idle:     idle,
+			setRead:  conn.SetReadDeadline,
+			setWrite: conn.SetWriteDeadline,
+			release:  conn.Close,
+			flushOut: func() error { return nil },
+		}, nil
+	}
+
+	// Extended CONNECT (RFC 8441 §5): answer 200 and frame over the stream.
+	if r.Header.Get("Sec-WebSocket-Version") != "13" {
+		w.Header().Set("Sec-WebSocket-Version", "13")
+		http.Error(w, "unsupported Sec-WebSocket-Version", http.StatusBadRequest)
+		return nil, fmt.Errorf("duplex: websocket: unsupported version %q", r.Header.Get("Sec-WebSocket-Version"))
+	}
+	rc := http.NewResponseController(w)
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		return nil, fmt.Errorf("duplex: websocket over HTTP/%d: flushing headers: %w", r.ProtoMajor, err)
+	}
+	body := r.Body
+	return &wsConn{
+		br:       bufio.NewReader(body),
+		bw:       bufio.NewWriter(w),
+		maxSize:  maxSize,
+		idle:     idle,
+		setRead:  rc.SetReadDeadline,
+		setWrite: rc.SetWriteDeadline,
+		release: func() error {
+			_ = rc.SetReadDeadline(time.Now())
+			return body.Close()
+		},
+		flushOut: rc.Flush,
+	}, nil
+}
+
+func (c *wsConn) readMessage() ([]byte, bool, error) {
+	var (
+		msg    []byte
+		op     ws.OpCode
+		tooBig bool
+	)
+	for {
+		_ = c.setRead(time.Now().Add(c.idle))
+		hdr, err := ws.ReadHeader(c.br)
+		if err != nil {
+			return nil, false, err
+		}
+		if !hdr.Masked || hdr.Rsv != 0 {
+			c.protocolError("client frames must be masked and use no extensions")
+			return nil, false, ws.ErrProtocolMaskRequired
+		}
+		if hdr.OpCode.IsControl() {
+			if err := c.control(hdr); err != nil {
+				return nil, false, err
+			}
+			continue
+		}
+		switch {
+		case hdr.OpCode == ws.OpContinuation && op == 0,
+			hdr.OpCode != ws.OpContinuation && op != 0,
+			hdr.OpCode != ws.OpContinuation && hdr.OpCode != ws.OpText && hdr.OpCode != ws.OpBinary:
+			c.protocolError("unexpected frame")
+			return nil, false, ws.ErrProtocolContinuationUnexpected
+		}
+		if op == 0 {
+			op = hdr.OpCode
+		}
+		if tooBig || int64(len(msg))+hdr.Length > c.maxSize {
+			tooBig = true
+			msg = nil
+			if _, err := io.CopyN(io.Discard, c.br, hdr.Length); err != nil {
+				return nil, false, err
+			}
+		} else {
+			start := len(msg)
+			msg = append(msg, make([]byte, hdr.Length)...)
+			if _, err := io.ReadFull(c.br, msg[start:]); err != nil {
+				return nil, false, err
+			}
+			ws.Cipher(msg[start:], hdr.Mask, 0)
+		}
+		if hdr.Fin {
+			if tooBig {
+				return nil, false, errTooBig
+			}
+			return msg, op == ws.OpBinary, nil
+		}
+	}
+}
+
+// control handles a ping, pong or close frame from the client.
+func (c *wsConn) control(hdr ws.Header) error {
+	if hdr.Length > 125 || !hdr.Fin {
+		c.protocolError("invalid control frame")
+		return ws.ErrProtocolControlPayloadOverflow
+	}
+	payload := make([]byte, hdr.Length)
+	if _, err := io.ReadFull(c.br, payload); err != nil {
+		return err
+	}
+	ws.Cipher(payload, hdr.Mask, 0)
+	switch hdr.OpCode {
+	case ws.OpPing:
+		return c.writeControl(ws.NewPongFrame(payload))
+	case ws.OpClose:
+		code, _ := ws.ParseCloseFrameData(payload)
+		if code == 0 {
+			code = ws.StatusNormalClosure
+		}
+		c.closeOnce.Do(func() {
+			_ = c.writeControl(ws.NewCloseFrame(ws.NewCloseFrameBody(code, "")))
+		})
+		return io.EOF
+	}
+	return nil // pong: reading it already proved the peer alive
+}
+
+func (c *wsConn) protocolError(reason string) {
+	c.closeOnce.Do(func() {
+		_ = c.writeControl(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusProtocolError, reason)))
+	})
+}
+
+func (c *wsConn) writeControl(f ws.Frame) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.setWrite(time.Now().Add(c.idle))
+	if err := ws.WriteFrame(c.bw, f); err != nil {
+		return err
+	}
+	if err := c.bw.Flush(); err != nil {
+		return err
+	}
+	return c.flushOut()
+}
+
+func (c *wsConn) writeFrame(a, b, cc []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.setWrite(time.Now().Add(c.idle))
+	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
+	if err := ws.WriteHeader(c.bw, hdr); err != nil {
+		return err
+	}
+	for _, p := range [3][]byte{a, b, cc} {
+		if _, err := c.bw.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *wsConn) flush() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.bw.Flush(); err != nil {
+		return err
+	}
+	return c.flushOut()
+}
+
+func (c *wsConn) ping() error {
+	return c.writeControl(ws.NewPingFrame(nil))
+}
+
+func (c *wsConn) close(code int, reason string) error {
+	c.closeOnce.Do(func() {
+		if len(reason) > 120 {
+			reason = reason[:120]
+		}
+		_ = c.writeControl(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusCode(code), reason)))
+	})
+	return nil
+}
+
+// end releases the connection.
+func (c *wsConn) end() error { return c.release() }
