@@ -1,0 +1,30 @@
+# caddy-duplex — build, demo and test targets. See README.md.
+GO      ?= go
+BIN     := bin
+DEMO_UI := http://localhost:8080
+
+.PHONY: build demo test test-short bench clean
+
+## build: Caddy with the duplex plugin (bin/caddy) and the demo app (bin/demo-app)
+build:
+	$(GO) build -o $(BIN)/caddy ./cmd/caddy
+	$(GO) build -o $(BIN)/demo-app ./testdata/demo/app
+
+## demo: build, then run the demo app and Caddy in front of it (Ctrl-C stops both)
+demo: build
+	@echo ">> demo: open $(DEMO_UI) in two browser windows; Ctrl-C stops it"
+	@$(BIN)/demo-app & app=$$!; \
+	trap 'kill $$app 2>/dev/null; wait $$app 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/caddy run --config testdata/demo/Caddyfile
+
+## test: vet, then every test with the race detector (builds a -race Caddy once)
+test:
+	$(GO) vet ./... ./testdata/demo/app
+	$(GO) test -race -count=1 -timeout 30m ./...
+
+## bench: Go micro-benchmarks (frame encoding, hub fan-out)
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,111 @@
+package duplex
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+var update = flag.Bool("update", false, "rewrite the expected JSON of testdata/adapt/*.caddytest")
+
+const adaptSeparator = "----------\n"
+
+// TestAdaptGolden adapts every testdata/adapt/*.caddytest Caddyfile (the
+// part before the separator line) and compares the JSON with the part after
+// it. Run `go test -run TestAdaptGolden -update` to rewrite the JSON after a
+// deliberate change, and review the diff.
+func TestAdaptGolden(t *testing.T) {
+	files, err := filepath.Glob("testdata/adapt/*.caddytest")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			raw, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			caddyfile, want, ok := strings.Cut(string(raw), adaptSeparator)
+			if !ok {
+				t.Fatalf("%s: no %q separator line", file, strings.TrimSpace(adaptSeparator))
+			}
+			got := adapt(t, file, caddyfile)
+			if *update {
+				if err := os.WriteFile(file, []byte(caddyfile+adaptSeparator+got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if got != want {
+				t.Errorf("%s: adapted JSON differs from the golden file\n--- got\n%s\n--- want\n%s", file, got, want)
+			}
+			// The JSON must also load: every module provisions and validates.
+			var cfg caddy.Config
+			if err := json.Unmarshal([]byte(got), &cfg); err != nil {
+				t.Fatal(err)
+			}
+			if err := caddy.Validate(&cfg); err != nil {
+				t.Errorf("%s: adapted config does not validate: %v", file, err)
+			}
+		})
+	}
+}
+
+func adapt(t *testing.T, file, caddyfile string) string {
+	t.Helper()
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	out, warnings, err := adapter.Adapt([]byte(caddyfile), map[string]any{"filename": file})
+	if err != nil {
+		t.Fatalf("%s: adapt: %v", file, err)
+	}
+	for _, w := range warnings {
+		t.Errorf("%s: adapt warning: %s", file, w.String())
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, out, "", "\t"); err != nil {
+		t.Fatal(err)
+	}
+	return buf.String() + "\n"
+}
+
+// TestAdaptErrors checks that every bad Caddyfile in testdata/adapt/errors
+// fails to adapt with the error its first line announces
+// (`# want: <text> @ line <n>`), naming the file and line.
+func TestAdaptErrors(t *testing.T) {
+	files, err := filepath.Glob("testdata/adapt/errors/*.caddyfile")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no error cases: %v", err)
+	}
+	wantRE := regexp.MustCompile(`^# want: (.+) @ line (\d+)\n`)
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			raw, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := wantRE.FindSubmatch(raw)
+			if m == nil {
+				t.Fatalf("%s: first line must be `# want: <text> @ line <n>`", file)
+			}
+			_, _, err = caddyconfig.GetAdapter("caddyfile").Adapt(raw, map[string]any{"filename": file})
+			if err == nil {
+				t.Fatalf("%s: adapted without error; want %q", file, m[1])
+			}
+			if !strings.Contains(err.Error(), string(m[1])) {
+				t.Errorf("%s: error %q does not say %q", file, err, m[1])
+			}
+			if loc := file + ":" + string(m[2]); !strings.Contains(err.Error(), loc) {
+				t.Errorf("%s: error %q does not name %s", file, err, loc)
+			}
+		})
+	}
+}
