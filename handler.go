@@ -2,6 +2,7 @@ package duplex
 
 import (
 	"fmt"
+	"mime"
 	"net/http"
 	"net/url"
 	"slices"
@@ -17,15 +18,25 @@ import (
 // until it ends; any other request goes to the next handler. Client
 // Duplex-* headers are removed from every request first.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	token := r.Header.Get("Duplex-Token")
 	stripDuplexHeaders(r.Header)
+	if token != "" && r.Method == http.MethodPost && slices.Contains(h.Transports, transportSSE) {
+		h.servePost(w, r, token)
+		return nil
+	}
 
-	transport := negotiate(r)
-	if transport == "" {
+	name := negotiate(r)
+	if name == "" {
 		return next.ServeHTTP(w, r)
 	}
-	if !slices.Contains(h.Transports, transport) {
-		return caddyhttp.Error(http.StatusBadRequest,
-			fmt.Errorf("duplex: transport %s is not enabled here (enabled: %s)", transport, strings.Join(h.Transports, ", ")))
+	if !slices.Contains(h.Transports, name) {
+		// Say which transports are enabled, so a client can fall back.
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Duplex-Transports", strings.Join(h.Transports, ", "))
+		w.WriteHeader(http.StatusBadRequest)
+		_, _ = fmt.Fprintf(w, "duplex: transport %s is not enabled here; enabled: %s\n",
+			name, strings.Join(h.Transports, ", "))
+		return nil
 	}
 	if !h.originAllowed(r) {
 		return caddyhttp.Error(http.StatusForbidden,
@@ -40,26 +51,55 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	user, channels := h.identity(repl)
+	s := newSession(h, r, next, name, user)
 
 	idle := 2*time.Duration(h.Heartbeat) + 5*time.Second
-	h.extendIdleTimeouts(r, idle)
-
-	t, err := acceptWebSocket(w, r, h.MaxMessageSize, idle)
-	if err != nil {
-		h.logger.Debug("websocket handshake failed", zap.String("remote", r.RemoteAddr), zap.Error(err))
-		return nil // the handshake error was answered already
+	var t transport
+	var err error
+	switch name {
+	case transportWebSocket:
+		h.extendIdleTimeouts(r, idle, idle)
+		t, err = acceptWebSocket(w, r, h.MaxMessageSize, idle)
+	case transportStream:
+		// The client need not send anything; liveness comes from writes.
+		h.extendIdleTimeouts(r, silentPeer, idle)
+		t, err = acceptStream(w, r, h.MaxMessageSize)
+	case transportSSE:
+		h.extendIdleTimeouts(r, silentPeer, idle)
+		var c *sseConn
+		c, err = acceptSSE(w, r, s.token)
+		s.sse, t = c, c
 	}
-	s := newSession(h, r, next, transport, user)
+	if err != nil {
+		s.cancel()
+		h.logger.Debug("session opening failed", zap.String("transport", name),
+			zap.String("remote", r.RemoteAddr), zap.Error(err))
+		return nil // the client was answered already
+	}
 	s.run(t, channels)
 	return nil
 }
 
+// silentPeer is the read idle timeout for transports whose clients need not
+// send anything (stream, sse): dead peers are found by writes instead.
+const silentPeer = 100 * 365 * 24 * time.Hour
+
 // negotiate names the transport a request opens, or "" if it opens none.
 func negotiate(r *http.Request) string {
-	if isWebSocketOpening(r) {
+	switch {
+	case isWebSocketOpening(r):
 		return transportWebSocket
+	case r.Method == http.MethodPost && mediaType(r.Header.Get("Content-Type")) == "application/x-ndjson":
+		return transportStream
+	case r.Method == http.MethodGet && acceptsEventStream(r):
+		return transportSSE
 	}
 	return ""
+}
+
+func mediaType(v string) string {
+	mt, _, _ := mime.ParseMediaType(v)
+	return mt
 }
 
 // authorized checks the opening request against the auth matchers.
@@ -115,15 +155,15 @@ func (h *Handler) originAllowed(r *http.Request) bool {
 	return strings.EqualFold(u.Host, r.Host)
 }
 
-// extendIdleTimeouts replaces Caddy's body-read and write idle timeouts for
-// this long-lived request: heartbeats keep both directions busy, so a peer
-// silent for idle is dead.
-func (h *Handler) extendIdleTimeouts(r *http.Request, idle time.Duration) {
+// extendIdleTimeouts replaces Caddy's body-read and write idle timeouts
+// (read_body_idle, write_idle) for this long-lived request: heartbeats keep
+// the connection busy, so a peer idle for longer is dead.
+func (h *Handler) extendIdleTimeouts(r *http.Request, readIdle, writeIdle time.Duration) {
 	reader, writer := caddyhttp.IdleTimeoutsFromContext(r.Context())
 	if reader != nil {
-		reader.Override(idle, 0)
+		reader.Override(readIdle, 0)
 	}
 	if writer != nil {
-		writer.Override(idle, 0, 0)
+		writer.Override(writeIdle, 0, 0)
 	}
 }

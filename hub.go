@@ -46,6 +46,7 @@ func (b memoryBroker) publish(_ context.Context, m *publishMsg) (int, error) {
 type hub struct {
 	mu       sync.RWMutex
 	sessions map[string]*session
+	tokens   map[[32]byte]*session // by tokenKey
 	users    map[string]map[*session]struct{}
 	channels map[string]map[*session]struct{}
 
@@ -61,6 +62,7 @@ var globalHub = newHub()
 func newHub() *hub {
 	h := &hub{
 		sessions: make(map[string]*session),
+		tokens:   make(map[[32]byte]*session),
 		users:    make(map[string]map[*session]struct{}),
 		channels: make(map[string]map[*session]struct{}),
 	}
@@ -84,6 +86,9 @@ func (h *hub) add(s *session, channels []string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.sessions[s.id] = s
+	if s.token != "" {
+		h.tokens[tokenKey(s.token)] = s
+	}
 	if s.user != "" {
 		addMember(h.users, s.user, s)
 	}
@@ -100,6 +105,7 @@ func (h *hub) remove(s *session) {
 		return
 	}
 	delete(h.sessions, s.id)
+	delete(h.tokens, tokenKey(s.token))
 	if s.user != "" {
 		removeMember(h.users, s.user, s)
 	}
@@ -109,10 +115,24 @@ func (h *hub) remove(s *session) {
 	s.channels = nil
 }
 
+// byToken finds an open session by its token.
+func (h *hub) byToken(token string) *session {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if s := h.tokens[tokenKey(token)]; s != nil && !s.ending() {
+		return s
+	}
+	return nil
+}
+
+// get finds an open session by id; one that is ending is unknown.
 func (h *hub) get(id string) *session {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	return h.sessions[id]
+	if s := h.sessions[id]; s != nil && !s.ending() {
+		return s
+	}
+	return nil
 }
 
 // subscribe and unsubscribe change a session's channels.
@@ -156,15 +176,18 @@ func (h *hub) deliver(m *publishMsg) (int, error) {
 		p = newPush(m.Channel, m.Data)
 	}
 	send := func(s *session) int {
-		if s.id == m.Except {
-			return 0
+		ok := false
+		switch {
+		case s.id == m.Except:
+		case m.Close != nil:
+			ok = s.close(closedByApp(*m.Close))
+		default:
+			ok = s.push(p)
 		}
-		if m.Close != nil {
-			s.close(closedByApp(*m.Close))
-		} else {
-			s.push(p)
+		if ok {
+			return 1
 		}
-		return 1
+		return 0
 	}
 
 	h.mu.RLock()
@@ -173,7 +196,7 @@ func (h *hub) deliver(m *publishMsg) (int, error) {
 	switch {
 	case m.Session != "":
 		s := h.sessions[m.Session]
-		if s == nil {
+		if s == nil || s.ending() {
 			return 0, errUnknownSession
 		}
 		n = send(s)
@@ -220,7 +243,7 @@ func (h *hub) info(id string) (sessionInfo, bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	s := h.sessions[id]
-	if s == nil {
+	if s == nil || s.ending() {
 		return sessionInfo{}, false
 	}
 	return h.infoLocked(s), true
@@ -233,7 +256,7 @@ func (h *hub) list(user, channel string) []sessionInfo {
 	defer h.mu.RUnlock()
 	out := []sessionInfo{}
 	for _, s := range h.sessions {
-		if user != "" && s.user != user {
+		if s.ending() || (user != "" && s.user != user) {
 			continue
 		}
 		if channel != "" {

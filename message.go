@@ -73,7 +73,7 @@ func (in *inbox) dispatch() {
 		}
 		f, ferr := decodeClientFrame(m.b)
 		if ferr != nil {
-			s.send(encodeError(f.ID, ferr.status, ferr.msg))
+			s.send(frameErr, encodeError(f.ID, ferr.status, ferr.msg))
 			continue
 		}
 		if f.Type == frameAck {
@@ -108,15 +108,15 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 		}
 		target = f.Path
 	}
-	answer := func(b []byte) {
+	answer := func(typ string, b []byte) {
 		if f != nil {
-			s.send(b)
+			s.send(typ, b)
 		}
 	}
 
 	req, err := s.messageRequest(method, target, f, body, contentType)
 	if err != nil {
-		answer(encodeError(ref, http.StatusBadRequest, err.Error()))
+		answer(frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
 		return
 	}
 	ctx, cancel := context.WithTimeout(req.Context(), time.Duration(s.h.MessageTimeout))
@@ -143,7 +143,7 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 		return // the session ended meanwhile
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		answer(encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
+		answer(frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
 		return
 	}
 	if err != nil {
@@ -153,7 +153,7 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 			status = he.StatusCode
 		}
 		s.logger().Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
-		answer(encodeError(ref, status, ""))
+		answer(frameErr, encodeError(ref, status, ""))
 		return
 	}
 
@@ -161,15 +161,15 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 	status := rec.statusCode()
 	switch {
 	case rec.overflow:
-		answer(encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
+		answer(frameErr, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
 	case status >= 400:
-		answer(encodeError(ref, status, errorText(status, rec.body.Bytes())))
+		answer(frameErr, encodeError(ref, status, errorText(status, rec.body.Bytes())))
 	case ref == nil:
 		// no id: the client asked for no answer
 	case rec.body.Len() == 0:
-		answer(encodeAck(ref))
+		answer(frameAck, encodeAck(ref))
 	default:
-		answer(encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
+		answer(frameReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
 	if closeAfter {
 		s.close(closedByApp(closeReason))

@@ -36,7 +36,7 @@ const (
 
 // knownTransports lists the transports this build can serve, in the default
 // order of preference.
-var knownTransports = []string{transportWebSocket}
+var knownTransports = []string{transportWebSocket, transportStream, transportSSE}
 
 // App holds the global options of the duplex plugin (the `duplex` global
 // option in the Caddyfile). It is optional: without it the defaults apply.
@@ -97,8 +97,10 @@ type Handler struct {
 	// that expand to an empty string are skipped. Default: none.
 	Channels []string `json:"channels,omitempty"`
 
-	// Transports enabled on this handler, in order of preference.
-	// Default: every transport this build supports ("websocket").
+	// Transports enabled on this handler: "websocket", "stream" (NDJSON
+	// over one full-duplex HTTP request) and "sse" (Server-Sent Events plus
+	// POSTs). The order is the preference the JS client follows.
+	// Default: websocket stream sse.
 	Transports []string `json:"transports,omitempty"`
 
 	// Heartbeat is the interval between pings the server sends. A peer
@@ -179,6 +181,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.hub = globalHub
 	h.live = newSessionSet()
+	// A server shutting down (reload or stop) waits for open requests
+	// forever with the default grace period; an SSE or stream session is
+	// one. End this handler's sessions as soon as the shutdown starts.
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+		live := h.live
+		srv.RegisterOnShutdown(func() { live.closeAll(closeRestart) })
+	}
 	return nil
 }
 
@@ -204,10 +213,11 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// Cleanup ends, asynchronously, the sessions opened under this handler:
-// Caddy is unloading the handler chain their messages would be served by.
-// They are told to reconnect (code 4012), which lands them on the new
-// config. The hub itself lives on.
+// Cleanup ends, asynchronously, the sessions opened under this handler
+// that are still open: Caddy is unloading the handler chain their messages
+// would be served by. They are told to reconnect (code 4012), which lands
+// them on the new config. The hub itself lives on. (Usually the server's
+// shutdown hook, registered in Provision, has closed them already.)
 func (h *Handler) Cleanup() error {
 	h.live.closeAll(closeRestart)
 	return nil

@@ -42,6 +42,8 @@ type session struct {
 
 	// channels is guarded by hub.mu.
 	channels map[string]struct{}
+	// sse is the transport of an SSE session, which takes posted frames.
+	sse *sseConn
 
 	mu       sync.Mutex
 	seq      uint64     // last push sequence number assigned
@@ -61,6 +63,7 @@ type session struct {
 type outFrame struct {
 	push *push
 	seq  uint64
+	typ  string // of b
 	b    []byte
 }
 
@@ -126,41 +129,53 @@ func (s *session) wakeWriter() {
 	}
 }
 
-// push queues a push with the session's next sequence number.
-func (s *session) push(p *push) {
+// push queues a push with the session's next sequence number. It reports
+// whether the session took it (false once the session is ending).
+func (s *session) push(p *push) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing != nil {
-		return
+		return false
 	}
 	s.seq++
 	if s.enqueueLocked(outFrame{push: p, seq: s.seq}) {
 		s.pushed++
+		return true
 	}
+	return false
 }
 
-// send queues an encoded frame (open, ack, reply, error).
-func (s *session) send(b []byte) {
+// ending reports whether the session is closing or closed.
+func (s *session) ending() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.enqueueLocked(outFrame{b: b})
+	return s.closing != nil
+}
+
+// send queues an encoded frame of type typ (open, ack, reply, error).
+func (s *session) send(typ string, b []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.enqueueLocked(outFrame{typ: typ, b: b})
 }
 
 // close ends the session: frames already queued are written, then the
 // close frame, then the connection is closed. The first reason wins.
-func (s *session) close(c closeInfo) {
+// It reports whether this call closed it (false if it was ending already).
+func (s *session) close(c closeInfo) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.closeLocked(c)
+	return s.closeLocked(c)
 }
 
-func (s *session) closeLocked(c closeInfo) {
+func (s *session) closeLocked(c closeInfo) bool {
 	if s.closing != nil {
-		return
+		return false
 	}
 	c.Type = frameClose
 	s.closing = &c
 	s.wakeWriter()
+	return true
 }
 
 // take hands the queued frames to the writer.
@@ -203,9 +218,9 @@ func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
 		for _, f := range frames {
 			var err error
 			if f.push != nil {
-				err = t.writeFrame(pushPrefix, strconv.AppendUint(seqBuf[:0], f.seq, 10), f.push.suffix)
+				err = t.writeFrame(framePush, f.seq, pushPrefix, strconv.AppendUint(seqBuf[:0], f.seq, 10), f.push.suffix)
 			} else {
-				err = t.writeFrame(f.b, nil, nil)
+				err = t.writeFrame(f.typ, 0, f.b, nil, nil)
 			}
 			if err != nil {
 				s.logger().Debug("write failed", zap.String("session", s.id), zap.Error(err))
@@ -215,7 +230,10 @@ func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
 		}
 		clear(frames)
 		if closing != nil {
-			_ = t.writeFrame(encodeClose(*closing), nil, nil)
+			// From now on the session is unknown to publishers and the
+			// sessions API, before the client sees it end.
+			s.hub.remove(s)
+			_ = t.writeFrame(frameClose, 0, encodeClose(*closing), nil, nil)
 			_ = t.flush()
 			_ = t.close(closing.Code, closing.Reason)
 			// Give the client a moment to answer the close, so the
@@ -262,7 +280,7 @@ func (s *session) run(t transport, channels []string) {
 		zap.String("transport", s.transport),
 		zap.String("remote", s.remote))
 
-	s.send(encodeOpen(openFrame{
+	s.send(frameOpen, encodeOpen(openFrame{
 		Session:   s.id,
 		Token:     s.token,
 		Heartbeat: int64(time.Duration(s.h.Heartbeat) / time.Second),
@@ -276,6 +294,7 @@ func (s *session) run(t transport, channels []string) {
 	wg.Go(in.dispatch)
 
 	s.readLoop(t, in)
+	s.hub.remove(s)
 	close(readerDone)
 	in.stop()
 	if s.closeReason() == "" {
@@ -287,7 +306,6 @@ func (s *session) run(t transport, channels []string) {
 	s.cancel()
 	_ = t.close(1001, "going away")
 	_ = t.end()
-	s.hub.remove(s)
 	s.h.live.remove(s)
 	s.close(closeInfo{Reason: "client went away"}) // drops later pushes
 
@@ -311,7 +329,7 @@ func (s *session) readLoop(t transport, in *inbox) {
 	for {
 		msg, binary, err := t.readMessage()
 		if errors.Is(err, errTooBig) {
-			s.send(encodeError(nil, http.StatusRequestEntityTooLarge,
+			s.send(frameErr, encodeError(nil, http.StatusRequestEntityTooLarge,
 				"message larger than max_message_size ("+strconv.FormatInt(s.h.MaxMessageSize, 10)+" bytes)"))
 			continue
 		}

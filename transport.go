@@ -6,6 +6,8 @@ import "errors"
 // Duplex-Transport header.
 const (
 	transportWebSocket = "websocket"
+	transportStream    = "stream"
+	transportSSE       = "sse"
 )
 
 // errTooBig is returned by readMessage for a client message larger than
@@ -21,9 +23,10 @@ type transport interface {
 	// binary. It returns errTooBig for an oversize message and any other
 	// error once the connection is gone.
 	readMessage() (msg []byte, binary bool, err error)
-	// writeFrame buffers one server frame, the concatenation of a, b and
-	// c (split so a push can be written without being copied).
-	writeFrame(a, b, c []byte) error
+	// writeFrame buffers one server frame of type typ, the concatenation
+	// of a, b and c (split so a push can be written without being copied).
+	// seq is the push sequence number, 0 for other frames.
+	writeFrame(typ string, seq uint64, a, b, c []byte) error
 	// flush sends what writeFrame buffered.
 	flush() error
 	// ping sends a heartbeat.

@@ -205,7 +205,7 @@ func (c *wsConn) writeControl(f ws.Frame) error {
 	return c.flushOut()
 }
 
-func (c *wsConn) writeFrame(a, b, cc []byte) error {
+func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.setWrite(time.Now().Add(c.idle))
