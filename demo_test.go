@@ -1,0 +1,183 @@
+package duplex_test
+
+import (
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var (
+	demoOnce sync.Once
+	demoBin  string
+	demoErr  error
+	demoOut  []byte
+)
+
+// buildDemo builds ./testdata/demo/app (with -race) once per test run.
+func buildDemo(t *testing.T) string {
+	t.Helper()
+	demoOnce.Do(func() {
+		demoBin = filepath.Join(binDir, "demo-app")
+		start := time.Now()
+		demoOut, demoErr = exec.Command("go", "build", "-race", "-o", demoBin, "./testdata/demo/app").CombinedOutput()
+		t.Logf("built demo app in %s", time.Since(start).Round(time.Millisecond))
+	})
+	if demoErr != nil {
+		t.Fatalf("go build ./testdata/demo/app: %v\n%s", demoErr, demoOut)
+	}
+	return demoBin
+}
+
+// startDemoApp runs the demo app on addr, publishing to publishURL.
+func startDemoApp(t *testing.T, addr, publishURL string) {
+	t.Helper()
+	bin := buildDemo(t)
+	out := &syncBuffer{}
+	cmd := exec.Command(bin, "-listen", addr, "-publish", publishURL)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = append(os.Environ(), "DEMO_APP_LISTEN=", "DEMO_PUBLISH_URL=")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start demo app: %v", err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		select {
+		case <-done:
+		default:
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				<-done
+			}
+		}
+		logs := out.String()
+		if strings.Contains(logs, "DATA RACE") || strings.Contains(logs, "panic:") {
+			t.Errorf("demo app output contains a data race or panic")
+		}
+		if t.Failed() {
+			t.Logf("demo app output:\n%s", logs)
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			conn.Close()
+			return
+		}
+		select {
+		case <-done:
+			t.Fatalf("demo app exited at startup:\n%s", out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("demo app not listening within 30s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestDemoChat(t *testing.T) {
+	t.Parallel()
+	appAddr := "127.0.0.1:" + strconv.Itoa(freePorts(t, 1)[0])
+	// Like testdata/demo/Caddyfile, on free ports.
+	c := startCaddy(t, sub(globalOpts("")+`
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		duplex
+		reverse_proxy {{.App}}
+	}
+	reverse_proxy {{.App}}
+}
+`, "App", appAddr))
+	startDemoApp(t, appAddr, c.adminURL("/duplex/publish"))
+
+	st, body := doJSON(t, http.MethodGet, c.url("/"), nil)
+	if st != http.StatusOK || !strings.Contains(strings.ToLower(string(body)), "<html") {
+		t.Fatalf("GET / through Caddy: %d %.200q, want the demo page", st, body)
+	}
+	if st, body := doJSON(t, http.MethodGet, c.url("/healthz"), nil); st != http.StatusOK || string(body) != "ok" {
+		t.Fatalf("GET /healthz through Caddy: %d %q", st, body)
+	}
+
+	ann := openSession(t, c.wsURL("/live"), nil)
+	bob := openSession(t, c.wsURL("/live"), nil)
+	ann.name, bob.name = "ann", "bob"
+
+	for i, cl := range []*wsClient{ann, bob} {
+		id := "j" + strconv.Itoa(i)
+		f := cl.call(t, id, "/rooms/lobby/join", nil)
+		data, _ := f["data"].(map[string]any)
+		if f["type"] != "reply" || f["status"] != float64(200) || data == nil {
+			t.Fatalf("%s: join answer %v, want reply 200 with history", cl.name, f)
+		}
+		if h, ok := data["history"].([]any); !ok || len(h) != 0 {
+			t.Fatalf("%s: join history %v, want an empty list", cl.name, data["history"])
+		}
+	}
+
+	// ann says hi: her reply and the push may come in either order.
+	ann.send(t, map[string]any{"id": "m1", "path": "/rooms/lobby", "data": map[string]any{"name": "ann", "text": "hi all"}})
+	checkPush := func(cl *wsClient, f map[string]any) {
+		t.Helper()
+		if f["type"] != "push" || f["channel"] != "room:lobby" || f["seq"] != float64(1) {
+			t.Fatalf("%s: want push seq 1 on room:lobby, got %v", cl.name, f)
+		}
+		d, _ := f["data"].(map[string]any)
+		if d["name"] != "ann" || d["text"] != "hi all" {
+			t.Fatalf("%s: push data %v, want ann: hi all", cl.name, d)
+		}
+		if at, _ := d["at"].(string); at == "" {
+			t.Fatalf("%s: push data without time: %v", cl.name, d)
+		}
+	}
+	gotReply, gotPush := false, false
+	for !(gotReply && gotPush) {
+		f := ann.readFrame(t)
+		switch {
+		case f["type"] == "reply" && f["ref"] == "m1" && !gotReply:
+			expectFrame(t, f, map[string]any{"type": "reply", "ref": "m1", "status": 200, "data": map[string]any{"ok": true}})
+			gotReply = true
+		case f["type"] == "push" && !gotPush:
+			checkPush(ann, f)
+			gotPush = true
+		default:
+			t.Fatalf("ann: unexpected frame %v", f)
+		}
+	}
+	checkPush(bob, bob.readFrame(t))
+
+	// Bad input comes back as an error frame; nobody gets a push.
+	f := bob.call(t, "m2", "/rooms/lobby", map[string]any{"name": "bob", "text": "  "})
+	expectError(t, f, "m2", 400, "empty")
+
+	// A third client joining sees the history.
+	cara := openSession(t, c.wsURL("/live"), nil)
+	f = cara.call(t, "j3", "/rooms/lobby/join", nil)
+	data, _ := f["data"].(map[string]any)
+	h, _ := data["history"].([]any)
+	if len(h) != 1 {
+		t.Fatalf("history for a late joiner: %v, want the one message", data)
+	}
+
+	// bob answers; all three get it as their next frame.
+	bob.send(t, map[string]any{"path": "/rooms/lobby", "data": map[string]any{"name": "bob", "text": "hey ann"}})
+	for _, cl := range []*wsClient{ann, bob, cara} {
+		f := cl.readFrame(t)
+		d, _ := f["data"].(map[string]any)
+		if f["type"] != "push" || d["text"] != "hey ann" {
+			t.Fatalf("%s: want bob's push, got %v", cl.name, f)
+		}
+	}
+}

@@ -1,0 +1,896 @@
+package duplex_test
+
+// Black-box integration harness: every test runs the real Caddy binary built
+// from ./cmd/caddy (with -race, so server-side data races surface), a real
+// upstream app in this process, and real WebSocket / HTTP clients.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"text/template"
+	"time"
+
+	"github.com/gobwas/ws"
+	"go.uber.org/goleak"
+)
+
+// binDir holds the binaries built once for the whole test run.
+var (
+	binDir   string
+	caddyBin string
+)
+
+// httpc is the client every test uses for plain HTTP (admin API, publish,
+// non-session requests). It has its own transport so TestMain can drop its
+// idle connections before checking for leaked goroutines.
+var httpc = &http.Client{
+	Timeout:   30 * time.Second,
+	Transport: &http.Transport{Proxy: nil, DisableCompression: true},
+}
+
+func TestMain(m *testing.M) {
+	ignore := goleak.IgnoreCurrent()
+
+	dir, err := os.MkdirTemp("", "duplex-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mkdtemp:", err)
+		os.Exit(2)
+	}
+	binDir = dir
+	caddyBin = filepath.Join(dir, "caddy")
+
+	start := time.Now()
+	build := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy")
+	out, err := build.CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FATAL: go build -race ./cmd/caddy failed: %v\n%s\n", err, out)
+		os.RemoveAll(dir)
+		os.Exit(2)
+	}
+	fmt.Fprintf(os.Stderr, "built caddy (-race) in %s\n", time.Since(start).Round(time.Millisecond))
+
+	code := m.Run()
+
+	if code == 0 {
+		httpc.CloseIdleConnections()
+		if err := goleak.Find(ignore); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines left behind by the tests:\n%v\n", err)
+			code = 1
+		}
+	}
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// ---------------------------------------------------------------------------
+// Caddy process
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+type caddyProc struct {
+	HTTP  int
+	Admin int
+	Dir   string
+
+	cmd    *exec.Cmd
+	out    *syncBuffer
+	done   chan struct{}
+	waitEr error
+}
+
+// globalOpts is the global options block every test Caddyfile starts with.
+// extra is inserted inside the block (e.g. "servers { protocols h1 h2 h2c }").
+func globalOpts(extra string) string {
+	if extra != "" {
+		extra += "\n"
+	}
+	return "{\n\tadmin 127.0.0.1:{{.Admin}}\n\tauto_https off\n\tskip_install_trust\n\tstorage file_system {{.Storage}}\n" +
+		extra + "}\n"
+}
+
+// sub replaces {{.Key}} placeholders that are not known to startCaddy
+// (Upstream, Dead, ...) before the Caddyfile is rendered.
+func sub(cf string, kv ...string) string {
+	for i := 0; i+1 < len(kv); i += 2 {
+		cf = strings.ReplaceAll(cf, "{{."+kv[i]+"}}", kv[i+1])
+	}
+	return cf
+}
+
+// freePorts returns n distinct free TCP ports on 127.0.0.1.
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	var ls []net.Listener
+	var ports []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("listen: %v", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return ports
+}
+
+// deadAddr returns 127.0.0.1:<port> where nothing listens.
+func deadAddr(t testing.TB) string {
+	return "127.0.0.1:" + strconv.Itoa(freePorts(t, 1)[0])
+}
+
+// startCaddy renders the Caddyfile template ({{.HTTP}}, {{.Admin}},
+// {{.Storage}}), writes it to a temp dir and runs `caddy run` on it. env
+// entries (KEY=VALUE) are added to the process environment.
+func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
+	t.Helper()
+	dir := t.TempDir()
+	ports := freePorts(t, 2)
+	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
+
+	tpl, err := template.New("Caddyfile").Option("missingkey=error").Parse(caddyfile)
+	if err != nil {
+		t.Fatalf("Caddyfile template: %v", err)
+	}
+	var rendered bytes.Buffer
+	data := map[string]any{
+		"HTTP":    c.HTTP,
+		"Admin":   c.Admin,
+		"Storage": filepath.Join(dir, "storage"),
+	}
+	if err := tpl.Execute(&rendered, data); err != nil {
+		t.Fatalf("render Caddyfile: %v", err)
+	}
+	cfPath := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cfPath, rendered.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.Command(caddyBin, "run", "--config", cfPath, "--adapter", "caddyfile")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(),
+		"HOME="+dir,
+		"XDG_DATA_HOME="+filepath.Join(dir, "data"),
+		"XDG_CONFIG_HOME="+filepath.Join(dir, "config"),
+	)
+	cmd.Env = append(cmd.Env, env...)
+	cmd.Stdout = c.out
+	cmd.Stderr = c.out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start caddy: %v", err)
+	}
+	c.cmd = cmd
+	go func() {
+		c.waitEr = cmd.Wait()
+		close(c.done)
+	}()
+
+	t.Cleanup(func() {
+		c.stop(t)
+		logs := c.out.String()
+		if strings.Contains(logs, "DATA RACE") {
+			t.Errorf("caddy output contains a DATA RACE report")
+		}
+		if strings.Contains(logs, "panic:") {
+			t.Errorf("caddy output contains a panic")
+		}
+		if t.Failed() {
+			t.Logf("Caddyfile:\n%s", rendered.String())
+			t.Logf("caddy output (exit: %v):\n%s", c.waitEr, logs)
+		}
+	})
+
+	// Wait for the admin endpoint, then for the site's listener.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		select {
+		case <-c.done:
+			t.Fatalf("caddy exited during startup: %v\nCaddyfile:\n%s\noutput:\n%s", c.waitEr, rendered.String(), c.out.String())
+		default:
+		}
+		resp, err := httpc.Get(c.adminURL("/config/"))
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("caddy admin endpoint not ready within 30s (last error: %v)", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for {
+		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", c.HTTP), time.Second)
+		if err == nil {
+			conn.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("caddy HTTP listener not ready within 30s: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return c
+}
+
+// stop sends SIGTERM, then SIGKILL after a bounded wait, and waits for exit.
+func (c *caddyProc) stop(t *testing.T) {
+	select {
+	case <-c.done:
+		return
+	default:
+	}
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		t.Errorf("caddy did not exit within 20s of SIGTERM; killing it")
+		_ = c.cmd.Process.Kill()
+		<-c.done
+	}
+}
+
+func (c *caddyProc) logs() string { return c.out.String() }
+
+func (c *caddyProc) url(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", c.HTTP, path)
+}
+
+func (c *caddyProc) wsURL(path string) string {
+	return fmt.Sprintf("ws://127.0.0.1:%d%s", c.HTTP, path)
+}
+
+func (c *caddyProc) adminURL(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", c.Admin, path)
+}
+
+// ---------------------------------------------------------------------------
+// Plain HTTP helpers
+
+// doJSON sends body (nil, string, []byte, or a value marshalled to JSON) and
+// returns the status and the raw response body.
+func doJSON(t *testing.T, method, url string, body any, hdr ...string) (int, []byte) {
+	t.Helper()
+	var r io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		r = strings.NewReader(b)
+	case []byte:
+		r = bytes.NewReader(b)
+	default:
+		j, err := json.Marshal(b)
+		if err != nil {
+			t.Fatalf("marshal: %v", err)
+		}
+		r = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, url, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Add(hdr[i], hdr[i+1])
+	}
+	resp, err := httpc.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return resp.StatusCode, raw
+}
+
+// decode unmarshals raw JSON, failing the test if it is not JSON.
+func decode(t *testing.T, raw []byte) any {
+	t.Helper()
+	var v any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		t.Fatalf("response is not JSON (%v): %q", err, raw)
+	}
+	return v
+}
+
+// publish POSTs to the admin publish endpoint; returns status and JSON body.
+func (c *caddyProc) publish(t *testing.T, body any) (int, map[string]any) {
+	t.Helper()
+	return publishTo(t, c.adminURL("/duplex/publish"), body)
+}
+
+func publishTo(t *testing.T, url string, body any) (int, map[string]any) {
+	t.Helper()
+	st, raw := doJSON(t, http.MethodPost, url, body)
+	m, ok := decode(t, raw).(map[string]any)
+	if !ok {
+		t.Fatalf("publish answer is not a JSON object: %s", raw)
+	}
+	return st, m
+}
+
+// mustPublish publishes and asserts 200 with the given delivered count.
+func (c *caddyProc) mustPublish(t *testing.T, body any, delivered int) map[string]any {
+	t.Helper()
+	st, m := c.publish(t, body)
+	if st != http.StatusOK {
+		t.Fatalf("publish %v: status %d, body %v", body, st, m)
+	}
+	if got, ok := m["delivered"].(float64); !ok || int(got) != delivered {
+		t.Fatalf("publish %v: delivered = %v, want %d (body %v)", body, m["delivered"], delivered, m)
+	}
+	return m
+}
+
+// ---------------------------------------------------------------------------
+// Upstream app
+
+type recordedReq struct {
+	Method string
+	Path   string
+	Query  string
+	Header http.Header
+	Body   []byte
+}
+
+type testApp struct {
+	srv  *httptest.Server
+	Addr string // 127.0.0.1:port
+
+	mu   sync.Mutex
+	reqs []recordedReq
+	seq  []int // counters from /seq bodies, in arrival order
+}
+
+// newTestApp starts the upstream app. Per path:
+//
+//	/reply        200 application/json {"echo":<body>}
+//	/text         200 text/plain "hello text"
+//	/binary       200 application/octet-stream 00 01 02 ff
+//	/empty        204
+//	/notfound     404 "nope"
+//	/boom         500 "boom"
+//	/slow         blocks until the request context ends
+//	/subscribe    204 Duplex-Subscribe: room:2
+//	/subscribe-reply 200 JSON + Duplex-Subscribe: room:7 + Duplex-Other: x
+//	/unsubscribe  204 Duplex-Unsubscribe: room:2
+//	/close        200 JSON {"closing":true} + Duplex-Close: bye
+//	/echo-headers 200 JSON of the received headers
+//	/seq          records body.n; even n → 200 JSON {"n":n}, odd → 204
+//	anything else 200 text "app:<path>"
+func newTestApp(t *testing.T) *testApp {
+	t.Helper()
+	a := &testApp{}
+	a.srv = httptest.NewServer(http.HandlerFunc(a.serve))
+	a.Addr = strings.TrimPrefix(a.srv.URL, "http://")
+	t.Cleanup(a.srv.Close)
+	return a
+}
+
+func (a *testApp) serve(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	a.mu.Lock()
+	a.reqs = append(a.reqs, recordedReq{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Header: r.Header.Clone(), Body: body})
+	a.mu.Unlock()
+
+	writeJSON := func(status int, v any) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		json.NewEncoder(w).Encode(v)
+	}
+	switch r.URL.Path {
+	case "/reply":
+		var v any
+		if len(body) > 0 {
+			if err := json.Unmarshal(body, &v); err != nil {
+				v = "not json: " + string(body)
+			}
+		}
+		writeJSON(200, map[string]any{"echo": v})
+	case "/text":
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, "hello text")
+	case "/binary":
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write([]byte{0x00, 0x01, 0x02, 0xff})
+	case "/empty":
+		w.WriteHeader(http.StatusNoContent)
+	case "/notfound":
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusNotFound)
+		io.WriteString(w, "nope")
+	case "/boom":
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusInternalServerError)
+		io.WriteString(w, "boom")
+	case "/slow":
+		select {
+		case <-r.Context().Done():
+		case <-time.After(30 * time.Second):
+		}
+		io.WriteString(w, "too late")
+	case "/subscribe":
+		w.Header().Set("Duplex-Subscribe", "room:2")
+		w.WriteHeader(http.StatusNoContent)
+	case "/subscribe-reply":
+		w.Header().Set("Duplex-Subscribe", "room:7")
+		w.Header().Set("Duplex-Other", "x")
+		writeJSON(200, map[string]any{"ok": true})
+	case "/unsubscribe":
+		w.Header().Set("Duplex-Unsubscribe", "room:2")
+		w.WriteHeader(http.StatusNoContent)
+	case "/close":
+		w.Header().Set("Duplex-Close", "bye")
+		writeJSON(200, map[string]any{"closing": true})
+	case "/echo-headers":
+		writeJSON(200, r.Header)
+	case "/seq":
+		var m struct{ N int }
+		json.Unmarshal(body, &m)
+		a.mu.Lock()
+		a.seq = append(a.seq, m.N)
+		a.mu.Unlock()
+		if m.N%2 == 0 {
+			writeJSON(200, map[string]any{"n": m.N})
+		} else {
+			w.WriteHeader(http.StatusNoContent)
+		}
+	default:
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "app:"+r.URL.Path)
+	}
+}
+
+func (a *testApp) requests() []recordedReq {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]recordedReq(nil), a.reqs...)
+}
+
+func (a *testApp) seqs() []int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]int(nil), a.seq...)
+}
+
+// byMessageID returns the request the app got for the message with that id.
+func (a *testApp) byMessageID(t *testing.T, id string) recordedReq {
+	t.Helper()
+	var found []recordedReq
+	for _, r := range a.requests() {
+		if r.Header.Get("Duplex-Message-Id") == id {
+			found = append(found, r)
+		}
+	}
+	if len(found) != 1 {
+		t.Fatalf("app got %d requests with Duplex-Message-Id %q, want 1 (all: %s)", len(found), id, a.describe())
+	}
+	return found[0]
+}
+
+// byPath returns the requests the app got on that path.
+func (a *testApp) byPath(path string) []recordedReq {
+	var out []recordedReq
+	for _, r := range a.requests() {
+		if r.Path == path {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (a *testApp) describe() string {
+	var sb strings.Builder
+	for _, r := range a.requests() {
+		fmt.Fprintf(&sb, "\n  %s %s?%s %v body=%q", r.Method, r.Path, r.Query, r.Header, r.Body)
+	}
+	return sb.String()
+}
+
+// ---------------------------------------------------------------------------
+// misc
+
+func waitUntil(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket client (gobwas/ws), over an HTTP/1.1 connection or an HTTP/2
+// extended CONNECT stream. A background goroutine reads server frames into a
+// channel (answering pings), so tests can wait for the next frame with a
+// bounded timeout.
+
+const frameWait = 15 * time.Second
+
+type wsEvent struct {
+	op          ws.OpCode
+	payload     []byte
+	closeCode   ws.StatusCode
+	closeReason string
+	err         error // the connection ended (io.EOF or another read error)
+}
+
+func (e wsEvent) String() string {
+	switch {
+	case e.err != nil:
+		return fmt.Sprintf("connection ended (%v)", e.err)
+	case e.op == ws.OpClose:
+		return fmt.Sprintf("close frame %d %q", e.closeCode, e.closeReason)
+	default:
+		return fmt.Sprintf("%v frame %q", e.op, e.payload)
+	}
+}
+
+type wsClient struct {
+	name   string
+	r      io.Reader
+	w      io.Writer
+	wmu    sync.Mutex
+	closer func()
+	events chan wsEvent
+	quit   chan struct{}
+	once   sync.Once
+	exited chan struct{}
+
+	Session string // from the open frame
+	Token   string
+	seq     float64 // last push seq seen
+}
+
+func newWSClient(t *testing.T, name string, r io.Reader, w io.Writer, closer func()) *wsClient {
+	c := &wsClient{name: name, r: r, w: w, closer: closer,
+		events: make(chan wsEvent, 4096), quit: make(chan struct{}), exited: make(chan struct{})}
+	go c.readLoop()
+	t.Cleanup(c.Close)
+	return c
+}
+
+func (c *wsClient) emit(e wsEvent) bool {
+	select {
+	case c.events <- e:
+		return true
+	case <-c.quit:
+		return false
+	}
+}
+
+func (c *wsClient) readLoop() {
+	defer close(c.exited)
+	var msg []byte
+	var msgOp ws.OpCode
+	for {
+		h, err := ws.ReadHeader(c.r)
+		if err != nil {
+			c.emit(wsEvent{err: err})
+			return
+		}
+		payload := make([]byte, h.Length)
+		if _, err := io.ReadFull(c.r, payload); err != nil {
+			c.emit(wsEvent{err: err})
+			return
+		}
+		if h.Masked {
+			ws.Cipher(payload, h.Mask, 0)
+		}
+		switch h.OpCode {
+		case ws.OpPing:
+			c.writeFrame(ws.NewPongFrame(payload))
+			continue
+		case ws.OpPong:
+			continue
+		case ws.OpClose:
+			code, reason := ws.ParseCloseFrameData(payload)
+			if !c.emit(wsEvent{op: ws.OpClose, closeCode: code, closeReason: reason}) {
+				return
+			}
+			// Answer the close handshake, then keep reading until the server
+			// ends the connection.
+			c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(code, "")))
+			continue
+		case ws.OpContinuation:
+			msg = append(msg, payload...)
+		default:
+			msgOp = h.OpCode
+			msg = payload
+		}
+		if h.Fin {
+			if !c.emit(wsEvent{op: msgOp, payload: msg}) {
+				return
+			}
+			msg = nil
+		}
+	}
+}
+
+func (c *wsClient) writeFrame(f ws.Frame) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	var buf bytes.Buffer // one Write per frame (the HTTP/2 pipe sends each Write as DATA)
+	if err := ws.WriteFrame(&buf, ws.MaskFrame(f)); err != nil {
+		return err
+	}
+	_, err := c.w.Write(buf.Bytes())
+	return err
+}
+
+// Close ends the connection (a close frame first, best effort) and waits for
+// the read goroutine to exit.
+func (c *wsClient) Close() {
+	c.once.Do(func() {
+		close(c.quit)
+		c.closer()
+		<-c.exited
+	})
+}
+
+// closeGracefully sends a normal close frame and then closes the connection.
+func (c *wsClient) closeGracefully() {
+	c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
+	c.Close()
+}
+
+func (c *wsClient) next(t *testing.T) wsEvent {
+	t.Helper()
+	select {
+	case e := <-c.events:
+		return e
+	case <-time.After(frameWait):
+		t.Fatalf("%s: no frame from the server within %s", c.name, frameWait)
+		return wsEvent{}
+	}
+}
+
+// readFrame returns the next server text frame decoded as a JSON object.
+func (c *wsClient) readFrame(t *testing.T) map[string]any {
+	t.Helper()
+	e := c.next(t)
+	if e.err != nil || e.op != ws.OpText {
+		t.Fatalf("%s: want a text frame, got %v", c.name, e)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(e.payload, &m); err != nil {
+		t.Fatalf("%s: frame is not a JSON object (%v): %q", c.name, err, e.payload)
+	}
+	return m
+}
+
+func (c *wsClient) expectType(t *testing.T, typ string) map[string]any {
+	t.Helper()
+	f := c.readFrame(t)
+	if f["type"] != typ {
+		t.Fatalf("%s: want a %q frame, got %v", c.name, typ, f)
+	}
+	return f
+}
+
+// expectOpen reads the open frame and records session and token.
+func (c *wsClient) expectOpen(t *testing.T) map[string]any {
+	t.Helper()
+	f := c.expectType(t, "open")
+	sid, _ := f["session"].(string)
+	tok, _ := f["token"].(string)
+	if sid == "" || tok == "" {
+		t.Fatalf("%s: open frame without session/token: %v", c.name, f)
+	}
+	if sid == tok {
+		t.Fatalf("%s: open frame's token equals the session id: %v", c.name, f)
+	}
+	if f["resumed"] != false {
+		t.Fatalf("%s: open frame resumed = %v, want false", c.name, f["resumed"])
+	}
+	if _, ok := f["heartbeat"].(float64); !ok {
+		t.Fatalf("%s: open frame without numeric heartbeat: %v", c.name, f)
+	}
+	c.Session, c.Token = sid, tok
+	return f
+}
+
+// expectPush reads the next frame, asserts it is a push with the next seq
+// (previous + 1) and the given channel ("" = absent) and data.
+func (c *wsClient) expectPush(t *testing.T, channel string, data any) map[string]any {
+	t.Helper()
+	f := c.expectType(t, "push")
+	seq, ok := f["seq"].(float64)
+	if !ok || seq != c.seq+1 {
+		t.Fatalf("%s: push seq = %v, want %v (frame %v)", c.name, f["seq"], c.seq+1, f)
+	}
+	c.seq = seq
+	if channel == "" {
+		if ch, has := f["channel"]; has {
+			t.Fatalf("%s: push has channel %v, want none: %v", c.name, ch, f)
+		}
+	} else if f["channel"] != channel {
+		t.Fatalf("%s: push channel = %v, want %q: %v", c.name, f["channel"], channel, f)
+	}
+	if !jsonEqual(f["data"], data) {
+		t.Fatalf("%s: push data = %v, want %v", c.name, f["data"], data)
+	}
+	return f
+}
+
+// expectClosed asserts the server ends the session: a JSON close frame with
+// code and reason, then a WebSocket close frame with the same code, then the
+// connection ends.
+func (c *wsClient) expectClosed(t *testing.T, code int, reason string) {
+	t.Helper()
+	f := c.expectType(t, "close")
+	if f["code"] != float64(code) || f["reason"] != reason {
+		t.Fatalf("%s: close frame = %v, want code %d reason %q", c.name, f, code, reason)
+	}
+	if rc, has := f["reconnect"]; has && rc != false {
+		t.Fatalf("%s: close frame reconnect = %v, want false", c.name, rc)
+	}
+	e := c.next(t)
+	if e.op != ws.OpClose || e.err != nil {
+		t.Fatalf("%s: want a WebSocket close frame after the close message, got %v", c.name, e)
+	}
+	if int(e.closeCode) != code {
+		t.Fatalf("%s: WebSocket close code = %d, want %d", c.name, e.closeCode, code)
+	}
+	if e.closeReason != reason {
+		t.Fatalf("%s: WebSocket close reason = %q, want %q", c.name, e.closeReason, reason)
+	}
+	e = c.next(t)
+	if e.err == nil {
+		t.Fatalf("%s: want the connection to end after the close frame, got %v", c.name, e)
+	}
+}
+
+func (c *wsClient) sendRaw(t *testing.T, b []byte) {
+	t.Helper()
+	if err := c.writeFrame(ws.NewTextFrame(b)); err != nil {
+		t.Fatalf("%s: write: %v", c.name, err)
+	}
+}
+
+func (c *wsClient) send(t *testing.T, frame map[string]any) {
+	t.Helper()
+	b, err := json.Marshal(frame)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sendRaw(t, b)
+}
+
+// call sends a message with id and path (and data, if not nil) and returns
+// the next frame, asserting its ref is the id.
+func (c *wsClient) call(t *testing.T, id, path string, data any) map[string]any {
+	t.Helper()
+	m := map[string]any{"id": id, "path": path}
+	if data != nil {
+		m["data"] = data
+	}
+	c.send(t, m)
+	f := c.readFrame(t)
+	if f["ref"] != id {
+		t.Fatalf("%s: answer to %q has ref %v: %v", c.name, id, f["ref"], f)
+	}
+	return f
+}
+
+// dialWS opens a WebSocket over HTTP/1.1 and fails the test unless it is
+// upgraded.
+func dialWS(t *testing.T, url string, hdr http.Header) *wsClient {
+	t.Helper()
+	c, status, err := tryDialWS(t, url, hdr)
+	if err != nil {
+		t.Fatalf("dial %s: status %d, %v", url, status, err)
+	}
+	return c
+}
+
+// tryDialWS returns the client, or the HTTP status of a rejected handshake.
+func tryDialWS(t *testing.T, url string, hdr http.Header) (*wsClient, int, error) {
+	t.Helper()
+	d := ws.Dialer{Timeout: frameWait}
+	if hdr != nil {
+		d.Header = ws.HandshakeHeaderHTTP(hdr)
+	}
+	conn, br, _, err := d.Dial(context.Background(), url)
+	if err != nil {
+		var se ws.StatusError
+		if errors.As(err, &se) {
+			return nil, int(se), err
+		}
+		return nil, 0, err
+	}
+	var r io.Reader = conn
+	if br != nil {
+		r = br // holds frames the server sent right after the handshake
+	}
+	return newWSClient(t, url, r, conn, func() { conn.Close() }), http.StatusSwitchingProtocols, nil
+}
+
+// rejectedStatus dials expecting a rejected handshake and returns its status.
+func rejectedStatus(t *testing.T, url string, hdr http.Header) int {
+	t.Helper()
+	c, status, err := tryDialWS(t, url, hdr)
+	if err == nil {
+		c.Close()
+		t.Fatalf("dial %s with %v: upgraded, want the handshake rejected", url, hdr)
+	}
+	if status == 0 {
+		t.Fatalf("dial %s: %v (want an HTTP error status)", url, err)
+	}
+	return status
+}
+
+// openSession dials and reads the open frame.
+func openSession(t *testing.T, url string, hdr http.Header) *wsClient {
+	t.Helper()
+	c := dialWS(t, url, hdr)
+	c.expectOpen(t)
+	return c
+}
+
+func jsonEqual(a, b any) bool {
+	ja, err1 := json.Marshal(a)
+	jb, err2 := json.Marshal(b)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	var va, vb any
+	json.Unmarshal(ja, &va)
+	json.Unmarshal(jb, &vb)
+	ja, _ = json.Marshal(va)
+	jb, _ = json.Marshal(vb)
+	return bytes.Equal(ja, jb)
+}
+
+func hdrs(kv ...string) http.Header {
+	h := http.Header{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		h.Add(kv[i], kv[i+1])
+	}
+	return h
+}
+
+// aliases for files whose variables are named ws
+const wsOpText = ws.OpText
+
+func wsText(b []byte) ws.Frame { return ws.NewTextFrame(b) }
