@@ -53,7 +53,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	user, channels := h.identity(repl)
 	s := newSession(h, r, next, name, user)
 
-	idle := 2*time.Duration(h.Heartbeat) + 5*time.Second
+	idle := 2 * time.Duration(h.Heartbeat)
 	var t transport
 	var err error
 	switch name {
