@@ -46,6 +46,8 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		max_inflight <n>           # default 1 (strictly in order)
 //		message_timeout <duration> # default 30s
 //		send_queue <size>          # default 1MiB
+//		resume_window <duration>   # default 2m
+//		resume_buffer <n>          # default 1000
 //		allowed_origins <origin…>  # default: the request's own host only; * allows all
 //	}
 //
@@ -106,7 +108,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.Transports = append(h.Transports, t)
 			}
 
-		case "heartbeat", "message_timeout":
+		case "heartbeat", "message_timeout", "resume_window":
 			v, err := oneArg(d)
 			if err != nil {
 				return err
@@ -115,10 +117,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil || dur <= 0 {
 				return d.Errf("duplex: %s: invalid duration %q (want e.g. 25s)", name, v)
 			}
-			if name == "heartbeat" {
+			switch name {
+			case "heartbeat":
 				h.Heartbeat = caddy.Duration(dur)
-			} else {
+			case "message_timeout":
 				h.MessageTimeout = caddy.Duration(dur)
+			default:
+				h.ResumeWindow = caddy.Duration(dur)
 			}
 
 		case "max_message_size", "send_queue":
@@ -136,16 +141,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.SendQueue = int64(size)
 			}
 
-		case "max_inflight":
+		case "max_inflight", "resume_buffer":
 			v, err := oneArg(d)
 			if err != nil {
 				return err
 			}
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 {
-				return d.Errf("duplex: max_inflight: want a whole number ≥ 1, got %q", v)
+				return d.Errf("duplex: %s: want a whole number ≥ 1, got %q", name, v)
 			}
-			h.MaxInflight = n
+			if name == "max_inflight" {
+				h.MaxInflight = n
+			} else {
+				h.ResumeBuffer = n
+			}
 
 		case "allowed_origins":
 			args := d.RemainingArgs()

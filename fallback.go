@@ -43,7 +43,7 @@ type sseConn struct {
 var errInboxFull = errors.New("duplex: inbound queue full")
 
 // acceptSSE starts the event stream.
-func acceptSSE(w http.ResponseWriter, r *http.Request, token string) (*sseConn, error) {
+func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 	rc := http.NewResponseController(w)
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -57,13 +57,19 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, token string) (*sseConn, 
 		return nil, fmt.Errorf("duplex: sse: flushing headers: %w", err)
 	}
 	return &sseConn{
-		token:   token,
 		reqDone: r.Context().Done(),
 		w:       w,
 		rc:      rc,
 		notify:  make(chan struct{}, 1),
 		gone:    make(chan struct{}),
 	}, nil
+}
+
+// setToken names the session whose cursors the event ids carry.
+func (c *sseConn) setToken(token string) {
+	c.wmu.Lock()
+	c.token = token
+	c.wmu.Unlock()
 }
 
 func (c *sseConn) readMessage() ([]byte, bool, error) {
@@ -112,14 +118,15 @@ var (
 	ssePing  = []byte(": ping\n\n")
 )
 
-// writeFrame writes a frame as an event; pushes carry the resume cursor
-// <token>:<seq> as their event id.
+// writeFrame writes a frame as an event. Pushes carry the resume cursor
+// <token>:<seq> as their event id, and so does the open event (the cursor
+// the session starts at), so EventSource resumes even before a push.
 func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	var head [128]byte
 	buf := head[:0]
-	if seq > 0 {
+	if typ == framePush || typ == frameOpen {
 		buf = append(buf, sseID...)
 		buf = append(buf, c.token...)
 		buf = append(buf, ':')
@@ -167,6 +174,17 @@ func (c *sseConn) end() error {
 	return nil
 }
 
+// sseConn is the SSE transport the session is attached to, if it is.
+func (s *session) sseConn() *sseConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur == nil {
+		return nil
+	}
+	c, _ := s.cur.t.(*sseConn)
+	return c
+}
+
 // tokenKey is how the hub indexes sessions by token: by its SHA-256, so
 // looking a token up does not compare secrets byte by byte.
 func tokenKey(token string) [32]byte { return sha256.Sum256([]byte(token)) }
@@ -186,8 +204,13 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		return
 	}
 	s := h.hub.byToken(token)
-	if s == nil || s.sse == nil {
+	if s == nil {
 		reject(http.StatusUnauthorized, "unknown or ended session token")
+		return
+	}
+	sc := s.sseConn()
+	if sc == nil {
+		reject(http.StatusConflict, "the session has no event stream open: reconnect it (with Last-Event-ID) first")
 		return
 	}
 	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
@@ -235,7 +258,7 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 			return
 		}
 	}
-	switch err := s.sse.offer(frames); {
+	switch err := sc.offer(frames); {
 	case errors.Is(err, errInboxFull):
 		w.Header().Set("Retry-After", "1")
 		reject(http.StatusTooManyRequests, "the session's inbound queue is full; retry later")

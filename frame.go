@@ -30,6 +30,8 @@ const (
 	codeClosedByApp = 4000
 	// codeSlowConsumer: the session could not keep up with its pushes.
 	codeSlowConsumer = 4008
+	// codeReplaced: a newer connection resumed the session.
+	codeReplaced = 4009
 	// codeRestart: the config the session ran under was unloaded
 	// (reload or shutdown); reconnecting lands on the new config.
 	codeRestart = 4012
@@ -46,6 +48,8 @@ type closeInfo struct {
 var (
 	closeRestart = closeInfo{Type: frameClose, Code: codeRestart, Reason: "server restarting", Reconnect: true}
 	closeSlow    = closeInfo{Type: frameClose, Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
+	// closeReplaced goes to a connection whose session a newer one resumed.
+	closeReplaced = closeInfo{Type: frameClose, Code: codeReplaced, Reason: "resumed on another connection"}
 )
 
 func closedByApp(reason string) closeInfo {

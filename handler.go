@@ -19,6 +19,7 @@ import (
 // Duplex-* headers are removed from every request first.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	token := r.Header.Get("Duplex-Token")
+	resume := r.Header.Get("Duplex-Resume")
 	stripDuplexHeaders(r.Header)
 	if token != "" && r.Method == http.MethodPost && slices.Contains(h.Transports, transportSSE) {
 		h.servePost(w, r, token)
@@ -51,7 +52,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	user, channels := h.identity(repl)
-	s := newSession(h, r, next, name, user)
+	old, lastSeq := h.resumable(takeCursor(r, name, resume), user)
 
 	idle := 2 * time.Duration(h.Heartbeat)
 	var t transport
@@ -66,18 +67,80 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		t, err = acceptStream(w, r, h.MaxMessageSize)
 	case transportSSE:
 		h.extendIdleTimeouts(r, silentPeer, idle)
-		var c *sseConn
-		c, err = acceptSSE(w, r, s.token)
-		s.sse, t = c, c
+		t, err = acceptSSE(w, r)
 	}
 	if err != nil {
-		s.cancel()
 		h.logger.Debug("session opening failed", zap.String("transport", name),
 			zap.String("remote", r.RemoteAddr), zap.Error(err))
 		return nil // the client was answered already
 	}
-	s.run(t, channels)
+
+	if old != nil {
+		a := newAttachment(old, h, r, next, name, t)
+		if old.attach(a, true, lastSeq) {
+			h.logger.Info("session resumed",
+				zap.String("session", old.id),
+				zap.String("user", old.user),
+				zap.String("transport", name),
+				zap.String("remote", r.RemoteAddr),
+				zap.Uint64("from_seq", lastSeq))
+			a.run()
+			return nil
+		}
+		// Ended meanwhile, or the pushes after the cursor are gone: the
+		// client starts over with a new session (resumed:false).
+	}
+	s := newSession(h, user)
+	a := newAttachment(s, h, r, next, name, t)
+	h.hub.add(s, channels)
+	s.attach(a, false, 0)
+	h.logger.Info("session opened",
+		zap.String("session", s.id),
+		zap.String("user", s.user),
+		zap.String("transport", name),
+		zap.String("remote", r.RemoteAddr))
+	a.run()
 	return nil
+}
+
+// takeCursor returns the resume cursor of an opening: Last-Event-ID for SSE
+// (event ids are cursors), the Duplex-Resume header or the resume query
+// parameter for the others. The parameter is removed from the request, so
+// the token never reaches the app with the messages' query.
+func takeCursor(r *http.Request, transport, header string) string {
+	q := r.URL.Query()
+	param := q.Get("resume")
+	if q.Has("resume") {
+		q.Del("resume")
+		r.URL.RawQuery = q.Encode()
+	}
+	switch {
+	case header != "":
+		return header
+	case param != "":
+		return param
+	case transport == transportSSE:
+		return r.Header.Get("Last-Event-Id")
+	}
+	return ""
+}
+
+// resumable finds the session a cursor names, if the opening may resume
+// it: the token matches (compared in constant time) and the opening is by
+// the same user.
+func (h *Handler) resumable(cursor, user string) (*session, uint64) {
+	if cursor == "" {
+		return nil, 0
+	}
+	token, seq, ok := parseCursor(cursor)
+	if !ok {
+		return nil, 0
+	}
+	s := h.hub.byToken(token)
+	if s == nil || !s.tokenMatches(token) || s.user != user {
+		return nil, 0
+	}
+	return s, seq
 }
 
 // silentPeer is the read idle timeout for transports whose clients need not

@@ -175,12 +175,15 @@ func (h *hub) deliver(m *publishMsg) (int, error) {
 	if m.Close == nil {
 		p = newPush(m.Channel, m.Data)
 	}
+	var ended []*session
 	send := func(s *session) int {
 		ok := false
 		switch {
 		case s.id == m.Except:
 		case m.Close != nil:
-			ok = s.close(closedByApp(*m.Close))
+			if ok = s.end(closedByApp(*m.Close)); ok {
+				ended = append(ended, s)
+			}
 		default:
 			ok = s.push(p)
 		}
@@ -189,6 +192,11 @@ func (h *hub) deliver(m *publishMsg) (int, error) {
 		}
 		return 0
 	}
+	defer func() {
+		for _, s := range ended {
+			s.finish() // takes hub.mu: after the read lock is released
+		}
+	}()
 
 	h.mu.RLock()
 	defer h.mu.RUnlock()
@@ -220,6 +228,8 @@ type sessionInfo struct {
 	Channels  []string `json:"channels"`
 	Remote    string   `json:"remote"`
 	Opened    string   `json:"opened"`
+	// Attached is false while the session waits for its client to resume.
+	Attached bool `json:"attached"`
 }
 
 func (h *hub) infoLocked(s *session) sessionInfo {
@@ -228,14 +238,19 @@ func (h *hub) infoLocked(s *session) sessionInfo {
 		chans = append(chans, c)
 	}
 	sort.Strings(chans)
-	return sessionInfo{
-		ID:        s.id,
-		User:      s.user,
-		Transport: s.transport,
-		Channels:  chans,
-		Remote:    s.remote,
-		Opened:    s.opened.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
+	info := sessionInfo{
+		ID:       s.id,
+		User:     s.user,
+		Channels: chans,
+		Opened:   s.opened.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
 	}
+	s.mu.Lock()
+	if a := s.last; a != nil {
+		info.Transport, info.Remote = a.transport, a.remote
+	}
+	info.Attached = s.cur != nil
+	s.mu.Unlock()
+	return info
 }
 
 // info describes one session.

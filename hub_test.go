@@ -5,25 +5,39 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 )
 
-// testSession is a session that is registered with a hub but has no
-// connection: what is queued for it can be inspected.
+// testSession is a session with an attachment that has no connection:
+// what is queued for it can be inspected.
 func testSession(h *hub, id, user string, sendQueue int64) *session {
-	return &session{
-		id:   id,
-		user: user,
-		h:    &Handler{SendQueue: sendQueue},
-		hub:  h,
-		wake: make(chan struct{}, 1),
+	hd := &Handler{
+		SendQueue:    sendQueue,
+		ResumeBuffer: defaultResumeBuffer,
+		ResumeWindow: caddy.Duration(time.Minute),
+		MaxInflight:  1,
+		Heartbeat:    caddy.Duration(time.Second),
+		hub:          h,
+		logger:       zap.NewNop(),
+		live:         newAttachmentSet(),
+		cleaned:      new(atomic.Bool),
 	}
+	s := newSession(hd, user)
+	s.id = id
+	a := &attachment{s: s, h: hd, wake: make(chan struct{}, 1)}
+	s.cur, s.last = a, a
+	return s
 }
 
 // queued renders the frames queued for s as the client would see them.
 func queued(s *session) []string {
 	var out []string
-	for _, f := range s.out {
+	for _, f := range s.cur.out {
 		if f.push != nil {
 			out = append(out, string(pushPrefix)+strconv.FormatUint(f.seq, 10)+string(f.push.suffix))
 		} else {
@@ -114,11 +128,14 @@ func TestHubCloseTarget(t *testing.T) {
 	if n != 1 || err != nil {
 		t.Fatalf("delivered %d, %v", n, err)
 	}
-	if a.closing == nil || a.closing.Code != codeClosedByApp || a.closing.Reason != "logout" || a.closing.Reconnect {
-		t.Errorf("a.closing = %+v", a.closing)
+	if c := a.cur.closing; !a.ended || c == nil || c.Code != codeClosedByApp || c.Reason != "logout" || c.Reconnect {
+		t.Errorf("a: ended=%v closing=%+v", a.ended, c)
 	}
-	if b.closing != nil {
-		t.Errorf("excepted session closed: %+v", b.closing)
+	if b.ended || b.cur.closing != nil {
+		t.Errorf("excepted session closed: %+v", b.cur.closing)
+	}
+	if _, err := h.deliver(&publishMsg{Session: "a", Data: json.RawMessage(`1`)}); !errors.Is(err, errUnknownSession) {
+		t.Errorf("closed session still known: %v", err)
 	}
 }
 
@@ -133,14 +150,17 @@ func TestSlowConsumerClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if slow.closing == nil || slow.closing.Code != codeSlowConsumer || !slow.closing.Reconnect {
-		t.Errorf("slow session not closed as slow consumer: %+v", slow.closing)
+	if c := slow.cur.closing; c == nil || c.Code != codeSlowConsumer || !c.Reconnect {
+		t.Errorf("slow connection not closed as slow consumer: %+v", c)
 	}
-	if slow.outBytes > 200 {
-		t.Errorf("slow session queued %d bytes over its 200-byte send queue", slow.outBytes)
+	if slow.cur.outBytes > 200 {
+		t.Errorf("slow connection queued %d bytes over its 200-byte send queue", slow.cur.outBytes)
 	}
-	if fast.closing != nil || len(fast.out) != 10 {
-		t.Errorf("fast session affected: closing=%+v queued=%d", fast.closing, len(fast.out))
+	if slow.ended || slow.seq != 10 {
+		t.Errorf("slow session should live on for a resume: ended=%v seq=%d", slow.ended, slow.seq)
+	}
+	if fast.cur.closing != nil || len(fast.cur.out) != 10 {
+		t.Errorf("fast session affected: closing=%+v queued=%d", fast.cur.closing, len(fast.cur.out))
 	}
 }
 
@@ -162,7 +182,8 @@ func BenchmarkDeliverFanout(b *testing.B) {
 		if i%64 == 0 {
 			b.StopTimer()
 			for _, s := range sessions {
-				s.out, s.outBytes = s.out[:0], 0
+				s.cur.out, s.cur.outBytes = s.cur.out[:0], 0
+				s.log, s.logBytes = s.log[:0], 0
 			}
 			b.StartTimer()
 		}

@@ -22,10 +22,10 @@ import (
 // (its socket is not read while the inbox is full).
 const inboxSize = 64
 
-// inbox hands a session's client messages to the route, at most
-// max_inflight at a time, in arrival order.
+// inbox hands a connection's client messages to the route, at most
+// max_inflight at a time (counted per session), in arrival order.
 type inbox struct {
-	s  *session
+	a  *attachment
 	ch chan inMsg
 }
 
@@ -34,16 +34,16 @@ type inMsg struct {
 	binary bool
 }
 
-func newInbox(s *session) *inbox {
-	return &inbox{s: s, ch: make(chan inMsg, inboxSize)}
+func newInbox(a *attachment) *inbox {
+	return &inbox{a: a, ch: make(chan inMsg, inboxSize)}
 }
 
-// put queues a message; it reports false once the session has ended.
+// put queues a message; it reports false once the connection has ended.
 func (in *inbox) put(b []byte, binary bool) bool {
 	select {
 	case in.ch <- inMsg{b, binary}:
 		return true
-	case <-in.s.ctx.Done():
+	case <-in.a.ctx.Done():
 		return false
 	}
 }
@@ -52,51 +52,50 @@ func (in *inbox) put(b []byte, binary bool) bool {
 func (in *inbox) stop() { close(in.ch) }
 
 // dispatch serves queued messages until the inbox is stopped. It returns
-// once every message it started is done.
+// once every message it started is done. Messages already taken keep
+// running if the connection drops (their answers go to the connection
+// the session has then, if any); those still queued are dropped with it.
 func (in *inbox) dispatch() {
-	s := in.s
+	a, s := in.a, in.a.s
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	sem := make(chan struct{}, s.h.MaxInflight)
 	for m := range in.ch {
-		if s.ctx.Err() != nil {
-			continue // the session ended: nobody to answer
+		if a.ctx.Err() != nil || s.ctx.Err() != nil {
+			continue // the connection or session ended
 		}
-		if m.binary {
-			// Binary messages are fire-and-forget.
-			sem <- struct{}{}
-			wg.Go(func() {
-				defer func() { <-sem }()
-				s.serve(nil, m.b, "application/octet-stream")
-			})
+		var f *clientFrame
+		body, contentType := m.b, "application/octet-stream"
+		if !m.binary {
+			frame, ferr := decodeClientFrame(m.b)
+			if ferr != nil {
+				s.send(frameErr, encodeError(frame.ID, ferr.status, ferr.msg))
+				continue
+			}
+			if frame.Type == frameAck {
+				s.ack(frame.Seq)
+				continue
+			}
+			f, body, contentType = &frame, frame.Data, "application/json"
+		}
+		// A slot of the session's max_inflight; taking it in arrival
+		// order keeps messages in order when max_inflight is 1.
+		select {
+		case s.sem <- struct{}{}:
+		case <-s.ctx.Done():
 			continue
 		}
-		f, ferr := decodeClientFrame(m.b)
-		if ferr != nil {
-			s.send(frameErr, encodeError(f.ID, ferr.status, ferr.msg))
-			continue
-		}
-		if f.Type == frameAck {
-			// The client confirms pushes up to f.Seq; nothing is
-			// buffered for resume yet, so there is nothing to trim.
-			continue
-		}
-		if s.h.MaxInflight == 1 {
-			s.serve(&f, f.Data, "application/json")
-			continue
-		}
-		sem <- struct{}{}
 		wg.Go(func() {
-			defer func() { <-sem }()
-			s.serve(&f, f.Data, "application/json")
+			defer func() { <-s.sem }()
+			a.serve(f, body, contentType)
 		})
 	}
 }
 
 // serve runs one client message through the rest of the route as an
 // ordinary HTTP request and sends the answer back on the session. f is nil
-// for binary messages, which get no answer.
-func (s *session) serve(f *clientFrame, body []byte, contentType string) {
+// for binary messages, which are fire-and-forget.
+func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
+	s := a.s
 	var ref []byte
 	method, target := http.MethodPost, ""
 	if f != nil {
@@ -113,27 +112,37 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 			s.send(typ, b)
 		}
 	}
+	if a.h.cleaned.Load() {
+		// Caddy unloaded this config: its handler chain is gone.
+		answer(frameErr, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
+		return
+	}
 
-	req, err := s.messageRequest(method, target, f, body, contentType)
+	req, err := a.messageRequest(method, target, f, body, contentType)
 	if err != nil {
 		answer(frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
 		return
 	}
-	ctx, cancel := context.WithTimeout(req.Context(), time.Duration(s.h.MessageTimeout))
+	// The opening request's context values (server, placeholders…), but
+	// not its cancellation: a message outlives a dropped connection; it
+	// ends with the session or at message_timeout.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.r.Context()), time.Duration(a.h.MessageTimeout))
 	defer cancel()
+	stop := context.AfterFunc(s.ctx, cancel)
+	defer stop()
 	req = req.WithContext(ctx)
-	rec := newRecorder(s.h.SendQueue)
-	req = s.prepare(req, rec)
+	rec := newRecorder(a.h.SendQueue)
+	req = a.prepare(req, rec)
 
 	done := make(chan error, 1)
 	go func() {
 		defer func() {
 			if p := recover(); p != nil {
-				s.logger().Error("panic serving message", zap.String("session", s.id), zap.Any("panic", p))
+				a.h.logger.Error("panic serving message", zap.String("session", s.id), zap.Any("panic", p))
 				done <- caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("panic: %v", p))
 			}
 		}()
-		done <- s.next.ServeHTTP(rec, req)
+		done <- a.next.ServeHTTP(rec, req)
 	}()
 	select {
 	case err = <-done:
@@ -152,7 +161,7 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 		if errors.As(err, &he) && he.StatusCode != 0 {
 			status = he.StatusCode
 		}
-		s.logger().Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
+		a.h.logger.Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
 		answer(frameErr, encodeError(ref, status, ""))
 		return
 	}
@@ -172,17 +181,19 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 		answer(frameReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
 	if closeAfter {
-		s.close(closedByApp(closeReason))
+		s.terminate(closedByApp(closeReason))
 	}
 }
 
 // messageRequest builds the request a client message becomes: method and
-// path from the frame, query and headers from the opening request.
-func (s *session) messageRequest(method, target string, f *clientFrame, body []byte, contentType string) (*http.Request, error) {
+// path from the frame, query and headers from the connection's opening
+// request.
+func (a *attachment) messageRequest(method, target string, f *clientFrame, body []byte, contentType string) (*http.Request, error) {
+	s, opening := a.s, a.r
 	if !validMethod(method) {
 		return nil, fmt.Errorf("invalid method %q", method)
 	}
-	u := &url.URL{Path: s.opening.URL.Path, RawPath: s.opening.URL.RawPath, RawQuery: s.opening.URL.RawQuery}
+	u := &url.URL{Path: opening.URL.Path, RawPath: opening.URL.RawPath, RawQuery: opening.URL.RawQuery}
 	if target != "" {
 		if target[0] != '/' {
 			return nil, fmt.Errorf("path must start with /")
@@ -193,13 +204,13 @@ func (s *session) messageRequest(method, target string, f *clientFrame, body []b
 		}
 		u = &url.URL{Path: pu.Path, RawPath: pu.RawPath, RawQuery: pu.RawQuery}
 		if u.RawQuery == "" {
-			u.RawQuery = s.opening.URL.RawQuery
+			u.RawQuery = opening.URL.RawQuery
 		}
 	}
 
-	hdr := messageHeader(s.opening.Header)
+	hdr := messageHeader(opening.Header)
 	hdr.Set("Duplex-Session", s.id)
-	hdr.Set("Duplex-Transport", s.transport)
+	hdr.Set("Duplex-Transport", a.transport)
 	if s.user != "" {
 		hdr.Set("Duplex-User", s.user)
 	}
@@ -220,29 +231,29 @@ func (s *session) messageRequest(method, target string, f *clientFrame, body []b
 		Header:        hdr,
 		Body:          rb,
 		ContentLength: int64(len(body)),
-		Host:          s.opening.Host,
-		RemoteAddr:    s.opening.RemoteAddr,
+		Host:          opening.Host,
+		RemoteAddr:    opening.RemoteAddr,
 		RequestURI:    u.RequestURI(),
-		TLS:           s.opening.TLS,
+		TLS:           opening.TLS,
 	}
 	if len(body) > 0 {
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	}
-	return req.WithContext(s.ctx), nil
+	return req, nil
 }
 
 // prepare gives the message request its own replacer and vars, as Caddy's
 // server does for every request, and makes the placeholders and vars set
 // while the session was opened (e.g. {http.auth.user.id}) available too.
-func (s *session) prepare(req *http.Request, w http.ResponseWriter) *http.Request {
-	srv, _ := s.opening.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+func (a *attachment) prepare(req *http.Request, w http.ResponseWriter) *http.Request {
+	srv, _ := a.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	repl := caddy.NewReplacer()
 	req = caddyhttp.PrepareRequest(req, repl, w, srv)
-	if s.repl != nil {
-		opening := s.repl
+	if a.repl != nil {
+		opening := a.repl
 		repl.Map(func(key string) (any, bool) { return opening.Get(key) })
 	}
-	if openVars, ok := s.opening.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+	if openVars, ok := a.r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		vars, _ := req.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
 		for k, v := range openVars {
 			if _, set := vars[k]; !set && vars != nil {

@@ -9,6 +9,7 @@ package duplex
 import (
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -30,6 +31,8 @@ const (
 	defaultMaxInflight    = 1
 	defaultMessageTimeout = 30 * time.Second
 	defaultSendQueue      = 1 << 20
+	defaultResumeWindow   = 2 * time.Minute
+	defaultResumeBuffer   = 1000
 	// maxPublishBody bounds a publish API request body.
 	maxPublishBody = 1 << 20
 )
@@ -127,6 +130,16 @@ type Handler struct {
 	// keep up is closed with code 4008 and reconnect:true. Default: 1 MiB.
 	SendQueue int64 `json:"send_queue,omitempty"`
 
+	// ResumeWindow is how long a session whose connection dropped stays
+	// alive, buffering pushes, for the client to resume it with its cursor.
+	// Default: 2m.
+	ResumeWindow caddy.Duration `json:"resume_window,omitempty"`
+
+	// ResumeBuffer is how many of its latest pushes a session keeps for a
+	// resume (also capped at send_queue bytes); pushes the client acked are
+	// dropped earlier. Default: 1000.
+	ResumeBuffer int `json:"resume_buffer,omitempty"`
+
 	// AllowedOrigins lists the origins (scheme://host[:port]) browsers may
 	// open sessions from, in addition to the request's own host; "*"
 	// allows every origin. Requests without an Origin header (non-browser
@@ -136,9 +149,12 @@ type Handler struct {
 	auth   caddyhttp.MatcherSet
 	hub    *hub
 	logger *zap.Logger
-	// live tracks the sessions this handler instance serves, so Cleanup can
-	// end them when Caddy unloads the config they run under.
-	live *sessionSet
+	// live tracks the connections this handler instance serves, so they
+	// can be closed when Caddy unloads the config they run under.
+	live *attachmentSet
+	// cleaned is set once Caddy cleaned the handler up: its handler chain
+	// must not serve messages any more.
+	cleaned *atomic.Bool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -179,8 +195,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.SendQueue == 0 {
 		h.SendQueue = defaultSendQueue
 	}
+	if h.ResumeWindow == 0 {
+		h.ResumeWindow = caddy.Duration(defaultResumeWindow)
+	}
+	if h.ResumeBuffer == 0 {
+		h.ResumeBuffer = defaultResumeBuffer
+	}
 	h.hub = globalHub
-	h.live = newSessionSet()
+	h.live = newAttachmentSet()
+	h.cleaned = new(atomic.Bool)
 	// A server shutting down (reload or stop) waits for open requests
 	// forever with the default grace period; an SSE or stream session is
 	// one. End this handler's sessions as soon as the shutdown starts.
@@ -209,6 +232,10 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("duplex: message_timeout must be positive")
 	case h.SendQueue < 0:
 		return fmt.Errorf("duplex: send_queue must be positive")
+	case h.ResumeWindow < 0:
+		return fmt.Errorf("duplex: resume_window must be positive")
+	case h.ResumeBuffer < 0:
+		return fmt.Errorf("duplex: resume_buffer must be positive")
 	}
 	return nil
 }
@@ -219,6 +246,7 @@ func (h *Handler) Validate() error {
 // them on the new config. The hub itself lives on. (Usually the server's
 // shutdown hook, registered in Provision, has closed them already.)
 func (h *Handler) Cleanup() error {
+	h.cleaned.Store(true)
 	h.live.closeAll(closeRestart)
 	return nil
 }

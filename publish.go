@@ -169,7 +169,7 @@ func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string)
 		}
 		writeJSON(w, http.StatusOK, info)
 	case sub == "" && r.Method == http.MethodDelete:
-		s.close(closedByApp("deleted"))
+		s.terminate(closedByApp("deleted"))
 		w.WriteHeader(http.StatusNoContent)
 	case sub == "channels" && r.Method == http.MethodPost:
 		var change struct {

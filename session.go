@@ -3,10 +3,12 @@ package duplex
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/base64"
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,54 +17,81 @@ import (
 	"go.uber.org/zap"
 )
 
-// closeGrace is how long a closing session waits for the client to
-// acknowledge the close before the connection is dropped.
+// closeGrace is how long a closing WebSocket waits for the client to
+// answer the close before the connection is dropped.
 const closeGrace = 2 * time.Second
 
 // session is one client's duplex session: its identity, its channels (kept
-// by the hub), the frames queued for it and the messages it sends.
+// by the hub), its push sequence and resume buffer. A session outlives its
+// connections: when one drops, the session is detached and keeps buffering
+// pushes for resume_window; a client that resumes with its cursor gets a
+// new attachment on the same session.
 //
-// Frames for the client are only ever queued (push, send, close); a single
-// writer goroutine drains the queue into the transport, so publishers never
-// wait on a socket.
+// Frames for the client are only ever queued; the attachment's writer
+// goroutine drains the queue into the transport, so publishers never wait
+// on a socket.
 type session struct {
 	id, token string
 	user      string
-	transport string
-	remote    string
 	opened    time.Time
-
-	h    *Handler
-	hub  *hub
-	next caddyhttp.Handler
-	// opening is the request that opened the session; messages are served
-	// as copies of it.
-	opening *http.Request
-	repl    *caddy.Replacer
+	hub       *hub
+	// sem bounds the messages served at once (max_inflight), across
+	// attachments, so a resumed session keeps its inbound ordering.
+	sem chan struct{}
 
 	// channels is guarded by hub.mu.
 	channels map[string]struct{}
-	// sse is the transport of an SSE session, which takes posted frames.
-	sse *sseConn
 
-	mu       sync.Mutex
-	seq      uint64     // last push sequence number assigned
+	// ctx ends when the session ends for good; messages run under it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu        sync.Mutex
+	seq       uint64     // last push sequence number assigned
+	log       []logEntry // resume buffer: the latest pushes, oldest first
+	logBytes  int64
+	cur       *attachment // nil while detached
+	last      *attachment // the latest attachment, for its settings
+	gen       uint64      // counts attachments; guards the expiry timer
+	expiry    *time.Timer
+	ended     bool
+	endReason string
+	// counters for the session's log lines
+	received, pushed, resumes int64
+}
+
+// logEntry is a push kept for resume.
+type logEntry struct {
+	seq  uint64
+	push *push
+}
+
+// attachment is one connection serving a session.
+type attachment struct {
+	s         *session
+	h         *Handler
+	r         *http.Request // its opening request: headers and placeholders for messages
+	repl      *caddy.Replacer
+	next      caddyhttp.Handler
+	t         transport
+	transport string
+	remote    string
+
+	// guarded by s.mu
 	out      []outFrame // frames waiting for the writer
 	outBytes int64
-	closing  *closeInfo // set once the session must end
+	closing  *closeInfo // set once the connection must end
 	wake     chan struct{}
 
-	ctx    context.Context // ends when the session ends
+	ctx    context.Context // ends with the connection
 	cancel context.CancelFunc
-	// counters for the session's log line
-	received, pushed int64
 }
 
 // outFrame is a frame waiting to be written: a push (shared payload plus
 // this session's sequence number) or an already encoded frame.
 type outFrame struct {
 	push *push
-	seq  uint64
+	seq  uint64 // of a push; the cursor of an open frame
 	typ  string // of b
 	b    []byte
 }
@@ -84,126 +113,359 @@ func randomID(n int) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-func newSession(h *Handler, r *http.Request, next caddyhttp.Handler, transport, user string) *session {
+func newSession(h *Handler, user string) *session {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &session{
+		id:     randomID(16), // 128 bits
+		token:  randomID(24), // 192 bits
+		user:   user,
+		opened: time.Now(),
+		hub:    h.hub,
+		sem:    make(chan struct{}, h.MaxInflight),
+		ctx:    ctx,
+		cancel: cancel,
+	}
+}
+
+// newAttachment prepares a connection for s, opened by r.
+func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handler, transport string, t transport) *attachment {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	ctx, cancel := context.WithCancel(r.Context())
-	return &session{
-		id:        randomID(16), // 128 bits
-		token:     randomID(24), // 192 bits
-		user:      user,
+	return &attachment{
+		s:         s,
+		h:         h,
+		r:         r,
+		repl:      repl,
+		next:      next,
+		t:         t,
 		transport: transport,
 		remote:    r.RemoteAddr,
-		opened:    time.Now(),
-		h:         h,
-		hub:       h.hub,
-		next:      next,
-		opening:   r,
-		repl:      repl,
 		wake:      make(chan struct{}, 1),
 		ctx:       ctx,
 		cancel:    cancel,
 	}
 }
 
-// enqueue queues f for the writer. A session whose queue would exceed
-// send_queue is closed as a slow consumer instead.
-func (s *session) enqueueLocked(f outFrame) bool {
-	if s.closing != nil {
+// parseCursor splits a resume cursor <token>:<seq>.
+func parseCursor(c string) (token string, seq uint64, ok bool) {
+	i := strings.LastIndexByte(c, ':')
+	if i <= 0 {
+		return "", 0, false
+	}
+	seq, err := strconv.ParseUint(c[i+1:], 10, 64)
+	if err != nil {
+		return "", 0, false
+	}
+	return c[:i], seq, true
+}
+
+// attach makes a the session's connection and queues the open frame. For
+// a resume (resumed true), the pushes after lastSeq follow it, then live
+// ones: all under one lock, so there is no gap and no duplicate. A
+// connection still attached is closed in favour of the new one. It
+// reports false if the session cannot take a (it ended, or lastSeq is not
+// resumable).
+func (s *session) attach(a *attachment, resumed bool, lastSeq uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended {
 		return false
 	}
-	n := f.size()
-	if s.outBytes+n > s.h.SendQueue {
-		s.closeLocked(closeSlow)
+	if resumed && !s.resumableLocked(lastSeq) {
 		return false
 	}
-	s.out = append(s.out, f)
-	s.outBytes += n
-	s.wakeWriter()
+	if old := s.cur; old != nil {
+		old.closeLocked(closeReplaced)
+	}
+	if s.expiry != nil {
+		s.expiry.Stop()
+		s.expiry = nil
+	}
+	s.gen++
+	s.cur, s.last = a, a
+	if c, ok := a.t.(*sseConn); ok {
+		c.setToken(s.token)
+	}
+	cursor := s.seq
+	if resumed {
+		cursor = lastSeq
+		s.resumes++
+		s.trimLocked(lastSeq) // the client has everything up to lastSeq
+	}
+	open := outFrame{typ: frameOpen, seq: cursor, b: encodeOpen(openFrame{
+		Session:   s.id,
+		Token:     s.token,
+		Resumed:   resumed,
+		Heartbeat: int64(time.Duration(a.h.Heartbeat) / time.Second),
+	})}
+	a.out = append(a.out, open)
+	a.outBytes += open.size()
+	for _, e := range s.log {
+		if e.seq > cursor {
+			f := outFrame{push: e.push, seq: e.seq}
+			a.out = append(a.out, f)
+			a.outBytes += f.size()
+		}
+	}
+	a.wakeWriter()
 	return true
 }
 
-func (s *session) wakeWriter() {
+// resumableLocked reports whether a client that has every push up to
+// lastSeq can continue: the pushes after it are all still buffered.
+func (s *session) resumableLocked(lastSeq uint64) bool {
+	if lastSeq > s.seq {
+		return false
+	}
+	if lastSeq == s.seq {
+		return true
+	}
+	return len(s.log) > 0 && s.log[0].seq <= lastSeq+1
+}
+
+// trimLocked forgets buffered pushes up to seq (the client has them).
+func (s *session) trimLocked(seq uint64) {
+	i := 0
+	for i < len(s.log) && s.log[i].seq <= seq {
+		s.logBytes -= int64(s.log[i].push.frameSize(s.log[i].seq))
+		i++
+	}
+	if i > 0 {
+		clear(s.log[:i])
+		s.log = s.log[i:]
+	}
+}
+
+// ack is the client's {"type":"ack","seq":N}.
+func (s *session) ack(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.trimLocked(seq)
+}
+
+// push gives the session the next push: it is buffered for resume and, if a
+// connection is attached, queued for it. It reports whether the session
+// took it (false once the session has ended). A detached session takes it:
+// it gets it when it resumes.
+func (s *session) push(p *push) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended {
+		return false
+	}
+	s.seq++
+	s.pushed++
+	e := logEntry{seq: s.seq, push: p}
+	s.log = append(s.log, e)
+	s.logBytes += int64(p.frameSize(s.seq))
+	if h := s.settings(); h != nil {
+		for len(s.log) > 1 && (len(s.log) > h.ResumeBuffer || s.logBytes > h.SendQueue) {
+			s.trimLocked(s.log[0].seq)
+		}
+	}
+	if a := s.cur; a != nil {
+		a.enqueueLocked(outFrame{push: p, seq: e.seq})
+	}
+	return true
+}
+
+// settings is the handler whose options apply to the session now.
+func (s *session) settings() *Handler {
+	if s.last == nil {
+		return nil
+	}
+	return s.last.h
+}
+
+// send queues an encoded frame (ack, reply, error) for the connection
+// attached now; a detached session drops it.
+func (s *session) send(typ string, b []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if a := s.cur; a != nil {
+		a.enqueueLocked(outFrame{typ: typ, b: b})
+	}
+}
+
+// end ends the session for good with close frame c, if it has not ended
+// yet; the caller then removes it from the hub. It reports whether this
+// call ended it.
+func (s *session) end(c closeInfo) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.endLocked(c)
+}
+
+func (s *session) endLocked(c closeInfo) bool {
+	if s.ended {
+		return false
+	}
+	s.ended = true
+	s.endReason = c.Reason
+	if s.expiry != nil {
+		s.expiry.Stop()
+		s.expiry = nil
+	}
+	if a := s.cur; a != nil {
+		a.closeLocked(c)
+	}
+	s.log, s.logBytes = nil, 0
+	s.cancel()
+	return true
+}
+
+// ending reports whether the session has ended.
+func (s *session) ending() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ended
+}
+
+// detach is called when a's connection is gone. Unless the session ended
+// or a newer connection took over, it stays for resume_window, buffering
+// pushes; with no window it ends now. It reports whether this call ended
+// the session (the caller then calls finish).
+func (s *session) detach(a *attachment, reason string) (endedNow bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended || s.cur != a {
+		return false
+	}
+	s.cur = nil
+	window := time.Duration(a.h.ResumeWindow)
+	if window <= 0 {
+		return s.endLocked(closeInfo{Reason: reason})
+	}
+	gen := s.gen
+	s.expiry = time.AfterFunc(window, func() { s.expire(gen) })
+	return false
+}
+
+// expire ends a session still detached since attachment gen.
+func (s *session) expire(gen uint64) {
+	s.mu.Lock()
+	ended := s.cur == nil && s.gen == gen && s.endLocked(closeInfo{Reason: "resume window expired"})
+	s.mu.Unlock()
+	if ended {
+		s.finish()
+	}
+}
+
+// terminate ends the session for good with close frame c and unregisters
+// it. It must not be called with hub.mu held.
+func (s *session) terminate(c closeInfo) bool {
+	if !s.end(c) {
+		return false
+	}
+	s.finish()
+	return true
+}
+
+// finish unregisters an ended session and logs its end. It must not be
+// called with hub.mu held.
+func (s *session) finish() {
+	s.hub.remove(s)
+	s.logEnd()
+}
+
+func (s *session) logEnd() {
+	s.mu.Lock()
+	h := s.settings()
+	fields := []zap.Field{
+		zap.String("session", s.id),
+		zap.String("user", s.user),
+		zap.Duration("duration", time.Since(s.opened)),
+		zap.Int64("messages", s.received),
+		zap.Int64("pushes", s.pushed),
+		zap.Int64("resumes", s.resumes),
+		zap.String("reason", s.endReason),
+	}
+	if s.last != nil {
+		fields = append(fields, zap.String("transport", s.last.transport), zap.String("remote", s.last.remote))
+	}
+	s.mu.Unlock()
+	if h != nil {
+		h.logger.Info("session closed", fields...)
+	}
+}
+
+// enqueueLocked queues f for the writer. A connection whose queue would
+// exceed send_queue is closed as a slow consumer instead; the session
+// stays and can resume from its buffer.
+func (a *attachment) enqueueLocked(f outFrame) {
+	if a.closing != nil {
+		return
+	}
+	n := f.size()
+	if a.outBytes+n > a.h.SendQueue {
+		a.closeLocked(closeSlow)
+		return
+	}
+	a.out = append(a.out, f)
+	a.outBytes += n
+	a.wakeWriter()
+}
+
+func (a *attachment) wakeWriter() {
 	select {
-	case s.wake <- struct{}{}:
+	case a.wake <- struct{}{}:
 	default:
 	}
 }
 
-// push queues a push with the session's next sequence number. It reports
-// whether the session took it (false once the session is ending).
-func (s *session) push(p *push) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing != nil {
-		return false
-	}
-	s.seq++
-	if s.enqueueLocked(outFrame{push: p, seq: s.seq}) {
-		s.pushed++
-		return true
-	}
-	return false
+// close ends the connection with close frame c (the session stays unless
+// it was ended).
+func (a *attachment) close(c closeInfo) {
+	a.s.mu.Lock()
+	defer a.s.mu.Unlock()
+	a.closeLocked(c)
 }
 
-// ending reports whether the session is closing or closed.
-func (s *session) ending() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.closing != nil
-}
-
-// send queues an encoded frame of type typ (open, ack, reply, error).
-func (s *session) send(typ string, b []byte) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.enqueueLocked(outFrame{typ: typ, b: b})
-}
-
-// close ends the session: frames already queued are written, then the
-// close frame, then the connection is closed. The first reason wins.
-// It reports whether this call closed it (false if it was ending already).
-func (s *session) close(c closeInfo) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.closeLocked(c)
-}
-
-func (s *session) closeLocked(c closeInfo) bool {
-	if s.closing != nil {
-		return false
+func (a *attachment) closeLocked(c closeInfo) {
+	if a.closing != nil {
+		return
 	}
 	c.Type = frameClose
-	s.closing = &c
-	s.wakeWriter()
-	return true
+	a.closing = &c
+	a.wakeWriter()
 }
 
 // take hands the queued frames to the writer.
-func (s *session) take(buf []outFrame) ([]outFrame, *closeInfo) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	buf = append(buf[:0], s.out...)
-	clear(s.out)
-	s.out = s.out[:0]
-	s.outBytes = 0
-	return buf, s.closing
+func (a *attachment) take(buf []outFrame) ([]outFrame, *closeInfo) {
+	a.s.mu.Lock()
+	defer a.s.mu.Unlock()
+	buf = append(buf[:0], a.out...)
+	clear(a.out)
+	a.out = a.out[:0]
+	a.outBytes = 0
+	return buf, a.closing
 }
 
-// writeLoop drains the queue into the transport until the session closes
-// or its context ends. It pings every heartbeat.
-func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
-	hb := time.Duration(s.h.Heartbeat)
-	ticker := time.NewTicker(hb)
+// closeReason is why the connection is closing, "" if it is not.
+func (a *attachment) closeReason() string {
+	a.s.mu.Lock()
+	defer a.s.mu.Unlock()
+	if a.closing != nil {
+		return a.closing.Reason
+	}
+	return ""
+}
+
+// writeLoop drains the queue into the transport until the connection
+// closes or fails. It pings every heartbeat.
+func (a *attachment) writeLoop(readerDone <-chan struct{}) {
+	t := a.t
+	ticker := time.NewTicker(time.Duration(a.h.Heartbeat))
 	defer ticker.Stop()
 	var frames []outFrame
 	var seqBuf [20]byte
 	fail := func() {
 		_ = t.end()
-		s.cancel()
+		a.cancel()
 	}
 	for {
 		select {
-		case <-s.ctx.Done():
+		case <-a.ctx.Done():
 			return
 		case <-ticker.C:
 			if err := t.ping(); err != nil {
@@ -211,28 +473,25 @@ func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
 				return
 			}
 			continue
-		case <-s.wake:
+		case <-a.wake:
 		}
 		var closing *closeInfo
-		frames, closing = s.take(frames)
+		frames, closing = a.take(frames)
 		for _, f := range frames {
 			var err error
 			if f.push != nil {
 				err = t.writeFrame(framePush, f.seq, pushPrefix, strconv.AppendUint(seqBuf[:0], f.seq, 10), f.push.suffix)
 			} else {
-				err = t.writeFrame(f.typ, 0, f.b, nil, nil)
+				err = t.writeFrame(f.typ, f.seq, f.b, nil, nil)
 			}
 			if err != nil {
-				s.logger().Debug("write failed", zap.String("session", s.id), zap.Error(err))
+				a.h.logger.Debug("write failed", zap.String("session", a.s.id), zap.Error(err))
 				fail()
 				return
 			}
 		}
 		clear(frames)
 		if closing != nil {
-			// From now on the session is unknown to publishers and the
-			// sessions API, before the client sees it end.
-			s.hub.remove(s)
 			_ = t.writeFrame(frameClose, 0, encodeClose(*closing), nil, nil)
 			_ = t.flush()
 			_ = t.close(closing.Code, closing.Reason)
@@ -244,8 +503,7 @@ func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
 			case <-timer.C:
 			}
 			timer.Stop()
-			_ = t.end()
-			s.cancel()
+			fail()
 			return
 		}
 		if err := t.flush(); err != nil {
@@ -255,119 +513,107 @@ func (s *session) writeLoop(t transport, readerDone <-chan struct{}) {
 	}
 }
 
-// closeReason is the reason logged for the session's end.
-func (s *session) closeReason() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing != nil {
-		return s.closing.Reason
-	}
-	return ""
-}
-
-func (s *session) logger() *zap.Logger { return s.h.logger }
-
-// run serves the session on t until it ends: the open frame, then the
-// client's messages (read here) and the queued frames (written by a
-// writer goroutine).
-func (s *session) run(t transport, channels []string) {
-	defer s.cancel()
-	s.hub.add(s, channels)
-	s.h.live.add(s)
-	s.logger().Info("session opened",
-		zap.String("session", s.id),
-		zap.String("user", s.user),
-		zap.String("transport", s.transport),
-		zap.String("remote", s.remote))
-
-	s.send(frameOpen, encodeOpen(openFrame{
-		Session:   s.id,
-		Token:     s.token,
-		Heartbeat: int64(time.Duration(s.h.Heartbeat) / time.Second),
-	}))
-
+// run serves the attachment until its connection ends: client messages are
+// read here, queued frames written by a writer goroutine, messages served
+// by a dispatcher goroutine.
+func (a *attachment) run() {
+	s := a.s
+	a.h.live.add(a)
 	readerDone := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() { s.writeLoop(t, readerDone) })
-
-	in := newInbox(s)
+	wg.Go(func() { a.writeLoop(readerDone) })
+	in := newInbox(a)
 	wg.Go(in.dispatch)
 
-	s.readLoop(t, in)
-	s.hub.remove(s)
+	a.readLoop(in)
 	close(readerDone)
 	in.stop()
-	if s.closeReason() == "" {
+	if a.closeReason() == "" {
 		// The client went away: nothing more can be written.
-		_ = t.end()
-		s.cancel()
+		_ = a.t.end()
+		a.cancel()
 	}
 	wg.Wait()
-	s.cancel()
-	_ = t.close(1001, "going away")
-	_ = t.end()
-	s.h.live.remove(s)
-	s.close(closeInfo{Reason: "client went away"}) // drops later pushes
+	a.cancel()
+	_ = a.t.close(1001, "going away")
+	_ = a.t.end()
+	a.h.live.remove(a)
 
-	s.mu.Lock()
-	pushed := s.pushed
-	s.mu.Unlock()
-	s.logger().Info("session closed",
-		zap.String("session", s.id),
-		zap.String("user", s.user),
-		zap.String("transport", s.transport),
-		zap.String("remote", s.remote),
-		zap.Duration("duration", time.Since(s.opened)),
-		zap.Int64("messages", s.received),
-		zap.Int64("pushes", pushed),
-		zap.String("reason", s.closeReason()))
+	reason := a.closeReason()
+	if reason == "" {
+		reason = "connection lost"
+	}
+	if s.detach(a, reason) {
+		s.finish()
+		return
+	}
+	if !s.ending() {
+		a.h.logger.Info("session detached",
+			zap.String("session", s.id),
+			zap.String("transport", a.transport),
+			zap.String("remote", a.remote),
+			zap.String("reason", reason))
+	}
 }
 
-// readLoop reads client messages until the connection fails or the session
-// ends.
-func (s *session) readLoop(t transport, in *inbox) {
+// readLoop reads client messages until the connection fails or closes.
+func (a *attachment) readLoop(in *inbox) {
 	for {
-		msg, binary, err := t.readMessage()
+		msg, binary, err := a.t.readMessage()
 		if errors.Is(err, errTooBig) {
-			s.send(frameErr, encodeError(nil, http.StatusRequestEntityTooLarge,
-				"message larger than max_message_size ("+strconv.FormatInt(s.h.MaxMessageSize, 10)+" bytes)"))
+			a.s.send(frameErr, encodeError(nil, http.StatusRequestEntityTooLarge,
+				"message larger than max_message_size ("+strconv.FormatInt(a.h.MaxMessageSize, 10)+" bytes)"))
 			continue
 		}
 		if err != nil {
+			if errors.Is(err, errClientClosed) {
+				// A WebSocket close from the client ends the session.
+				a.s.terminate(closeInfo{Reason: "closed by the client"})
+			}
 			return
 		}
-		s.received++
+		a.s.mu.Lock()
+		a.s.received++
+		a.s.mu.Unlock()
 		if !in.put(msg, binary) {
 			return
 		}
 	}
 }
 
-// sessionSet is the set of sessions a handler instance serves.
-type sessionSet struct {
+// tokenMatches compares a presented token with the session's in constant
+// time.
+func (s *session) tokenMatches(token string) bool {
+	return subtle.ConstantTimeCompare([]byte(s.token), []byte(token)) == 1
+}
+
+// attachmentSet is the set of connections a handler instance serves.
+type attachmentSet struct {
 	mu sync.Mutex
-	m  map[*session]struct{}
+	m  map[*attachment]struct{}
 }
 
-func newSessionSet() *sessionSet { return &sessionSet{m: make(map[*session]struct{})} }
-
-func (ss *sessionSet) add(s *session) {
-	ss.mu.Lock()
-	ss.m[s] = struct{}{}
-	ss.mu.Unlock()
+func newAttachmentSet() *attachmentSet {
+	return &attachmentSet{m: make(map[*attachment]struct{})}
 }
 
-func (ss *sessionSet) remove(s *session) {
-	ss.mu.Lock()
-	delete(ss.m, s)
-	ss.mu.Unlock()
+func (as *attachmentSet) add(a *attachment) {
+	as.mu.Lock()
+	as.m[a] = struct{}{}
+	as.mu.Unlock()
 }
 
-// closeAll asks every session to close; it does not wait for them.
-func (ss *sessionSet) closeAll(c closeInfo) {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	for s := range ss.m {
-		s.close(c)
+func (as *attachmentSet) remove(a *attachment) {
+	as.mu.Lock()
+	delete(as.m, a)
+	as.mu.Unlock()
+}
+
+// closeAll asks every connection to close; it does not wait for them.
+func (as *attachmentSet) closeAll(c closeInfo) {
+	as.mu.Lock()
+	defer as.mu.Unlock()
+	for a := range as.m {
+		a.close(c)
 	}
 }

@@ -15,6 +15,11 @@ const (
 // usable.
 var errTooBig = errors.New("duplex: message too big")
 
+// errClientClosed is returned by readMessage when the client closed the
+// session on purpose (a WebSocket close frame), rather than losing its
+// connection: the session ends instead of waiting for a resume.
+var errClientClosed = errors.New("duplex: closed by the client")
+
 // transport moves frames over one client connection. A session reads from
 // it in one goroutine and writes to it from another; implementations make
 // control writes (pongs, pings, close) safe to call alongside writeFrame.
@@ -25,7 +30,8 @@ type transport interface {
 	readMessage() (msg []byte, binary bool, err error)
 	// writeFrame buffers one server frame of type typ, the concatenation
 	// of a, b and c (split so a push can be written without being copied).
-	// seq is the push sequence number, 0 for other frames.
+	// seq is the push's sequence number, or for an open frame the cursor
+	// the client is at (SSE sends both as event ids).
 	writeFrame(typ string, seq uint64, a, b, c []byte) error
 	// flush sends what writeFrame buffered.
 	flush() error

@@ -181,7 +181,7 @@ func (c *wsConn) control(hdr ws.Header) error {
 		c.closeOnce.Do(func() {
 			_ = c.writeControl(ws.NewCloseFrame(ws.NewCloseFrameBody(code, "")))
 		})
-		return io.EOF
+		return errClientClosed
 	}
 	return nil // pong: reading it already proved the peer alive
 }

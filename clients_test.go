@@ -1,0 +1,1195 @@
+package duplex_test
+
+// Clients for the three transports (websocket, stream, sse) behind one
+// small interface, so the same scenarios run over each of them, over
+// HTTP/1.1, TLS HTTP/2 and h2c; plus a WHATWG Server-Sent Events parser and
+// the Caddy setup (plain HTTP site + `tls internal` HTTPS site) they run
+// against.
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+	"golang.org/x/net/http2"
+)
+
+// ---------------------------------------------------------------------------
+// Server-Sent Events parser (WHATWG HTML, "Parsing an event stream")
+
+// sseEvent is one dispatched event.
+type sseEvent struct {
+	Type string // the event field, "message" if none
+	Data string // data lines joined with \n
+	ID   string // the last event ID in effect when it was dispatched
+	// HasID reports whether this event's own block carried an (accepted)
+	// id field, as opposed to inheriting the last event ID.
+	HasID bool
+	// Retry is the reconnection time in effect at dispatch (-1: none yet).
+	Retry int
+}
+
+// sseParser parses an event stream fed in arbitrary chunks. Lines end with
+// \n, \r\n or \r; a \r\n split across two chunks is one line ending.
+type sseParser struct {
+	// OnComment, if set, is called with the text after ':' of comment lines.
+	OnComment func(string)
+	// Retry is the last valid retry field (-1 until one is seen).
+	Retry int
+	// LastID is the last event ID buffer.
+	LastID string
+
+	line    []byte
+	afterCR bool
+	started bool
+	data    strings.Builder
+	typ     string
+	idSet   bool
+}
+
+func newSSEParser() *sseParser { return &sseParser{Retry: -1} }
+
+// Feed parses b and returns the events it completed.
+func (p *sseParser) Feed(b []byte) []sseEvent {
+	var evs []sseEvent
+	for _, c := range b {
+		if p.afterCR {
+			p.afterCR = false
+			if c == '\n' {
+				continue // the \n of a \r\n
+			}
+		}
+		switch c {
+		case '\r':
+			p.afterCR = true
+			evs = p.processLine(evs)
+		case '\n':
+			evs = p.processLine(evs)
+		default:
+			p.line = append(p.line, c)
+		}
+	}
+	return evs
+}
+
+func (p *sseParser) processLine(evs []sseEvent) []sseEvent {
+	line := string(p.line)
+	p.line = p.line[:0]
+	if !p.started {
+		p.started = true
+		line = strings.TrimPrefix(line, "\uFEFF") // one leading BOM
+	}
+	if line == "" {
+		return p.dispatch(evs)
+	}
+	if line[0] == ':' {
+		if p.OnComment != nil {
+			p.OnComment(line[1:])
+		}
+		return evs
+	}
+	field, value := line, ""
+	if i := strings.IndexByte(line, ':'); i >= 0 {
+		field, value = line[:i], line[i+1:]
+		value = strings.TrimPrefix(value, " ") // only one space
+	}
+	switch field {
+	case "event":
+		p.typ = value
+	case "data":
+		p.data.WriteString(value)
+		p.data.WriteByte('\n')
+	case "id":
+		if !strings.ContainsRune(value, 0) {
+			p.LastID = value
+			p.idSet = true
+		}
+	case "retry":
+		if value != "" && strings.Trim(value, "0123456789") == "" {
+			if n, err := strconv.Atoi(value); err == nil {
+				p.Retry = n
+			}
+		}
+	default:
+		// unknown fields are ignored
+	}
+	return evs
+}
+
+func (p *sseParser) dispatch(evs []sseEvent) []sseEvent {
+	data := p.data.String()
+	typ, idSet := p.typ, p.idSet
+	p.data.Reset()
+	p.typ, p.idSet = "", false
+	if data == "" {
+		return evs
+	}
+	data = strings.TrimSuffix(data, "\n")
+	if typ == "" {
+		typ = "message"
+	}
+	return append(evs, sseEvent{Type: typ, Data: data, ID: p.LastID, HasID: idSet, Retry: p.Retry})
+}
+
+// ---------------------------------------------------------------------------
+// Caddy with a plain HTTP site (HTTP/1.1 and h2c) and a `tls internal`
+// HTTPS site (HTTP/2 over TLS) serving the same routes.
+
+type duplexEnv struct {
+	c     *caddyProc
+	HTTPS int
+	roots *x509.CertPool
+}
+
+// startDuplexEnv starts Caddy with routes (a Caddyfile fragment, using
+// {{.Upstream}}-style placeholders already substituted by the caller)
+// served on http://127.0.0.1:{{.HTTP}} and https://127.0.0.1:{{.HTTPS}}.
+// serverExtra goes inside the global `servers` block (protocols h1 h2 h2c
+// are always on).
+func startDuplexEnv(t *testing.T, routes, serverExtra string, env ...string) *duplexEnv {
+	t.Helper()
+	httpsPort := freePorts(t, 1)[0]
+	cf := `{
+	admin 127.0.0.1:{{.Admin}}
+	auto_https disable_redirects
+	skip_install_trust
+	storage file_system {{.Storage}}
+	servers {
+		protocols h1 h2 h2c
+` + serverExtra + `
+	}
+}
+(routes) {
+` + routes + `
+}
+http://127.0.0.1:{{.HTTP}} {
+	import routes
+}
+https://127.0.0.1:{{.HTTPS}} {
+	tls internal
+	import routes
+}
+`
+	c := startCaddy(t, sub(cf, "HTTPS", strconv.Itoa(httpsPort)), env...)
+	e := &duplexEnv{c: c, HTTPS: httpsPort}
+
+	// Trust Caddy's local root, then wait for the site certificate.
+	rootPath := filepath.Join(c.Dir, "storage", "pki", "authorities", "local", "root.crt")
+	var lastErr error
+	waitUntil(t, "the HTTPS site with a certificate from Caddy's local CA", 30*time.Second, func() bool {
+		pem, err := os.ReadFile(rootPath)
+		if err != nil {
+			lastErr = err
+			return false
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			lastErr = fmt.Errorf("no certificate in %s", rootPath)
+			return false
+		}
+		d := tls.Dialer{Config: &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}}}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, err := d.DialContext(ctx, "tcp", fmt.Sprintf("127.0.0.1:%d", httpsPort))
+		if err != nil {
+			lastErr = err
+			return false
+		}
+		conn.Close()
+		e.roots = pool
+		return true
+	})
+	_ = lastErr
+	return e
+}
+
+// target says how a client reaches Caddy: over HTTP/1.1, TLS HTTP/2 or h2c.
+type target struct {
+	proto string // "h1", "h2" (TLS) or "h2c"
+	base  string // scheme://host:port
+	roots *x509.CertPool
+}
+
+func (e *duplexEnv) target(proto string) target {
+	switch proto {
+	case "h2":
+		return target{proto: proto, base: fmt.Sprintf("https://127.0.0.1:%d", e.HTTPS), roots: e.roots}
+	case "h1", "h2c":
+		return target{proto: proto, base: fmt.Sprintf("http://127.0.0.1:%d", e.c.HTTP)}
+	}
+	panic("unknown proto " + proto)
+}
+
+func (tg target) url(path string) string { return tg.base + path }
+
+// protoMajor is the HTTP major version responses must come with.
+func (tg target) protoMajor() int {
+	if tg.proto == "h1" {
+		return 1
+	}
+	return 2
+}
+
+func (tg target) tlsConfig() *tls.Config {
+	return &tls.Config{RootCAs: tg.roots, NextProtos: []string{"h2"}}
+}
+
+// connTracker remembers the connections a test's transport dialed, so they
+// can all be closed at the end whatever state their streams are in.
+type connTracker struct {
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (ct *connTracker) add(c net.Conn) net.Conn {
+	ct.mu.Lock()
+	ct.conns = append(ct.conns, c)
+	ct.mu.Unlock()
+	return c
+}
+
+func (ct *connTracker) closeAll() {
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	for _, c := range ct.conns {
+		c.Close()
+	}
+	ct.conns = nil
+}
+
+// roundTripper returns a transport speaking tg.proto (and nothing else);
+// it and every connection it made are closed when the test ends.
+// transparentGzip leaves Go's own Accept-Encoding/gunzip on (HTTP/1.1
+// only).
+func (tg target) roundTripper(t *testing.T, transparentGzip bool) http.RoundTripper {
+	ct := &connTracker{}
+	var d net.Dialer
+	plainDial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return ct.add(c), nil
+	}
+	var rt http.RoundTripper
+	var closeIdle func()
+	switch tg.proto {
+	case "h1":
+		tr := &http.Transport{
+			Proxy:              nil,
+			DialContext:        plainDial,
+			DisableCompression: !transparentGzip,
+			ForceAttemptHTTP2:  false,
+			TLSNextProto:       map[string]func(string, *tls.Conn) http.RoundTripper{},
+		}
+		rt, closeIdle = tr, tr.CloseIdleConnections
+	case "h2":
+		tr := &http2.Transport{
+			TLSClientConfig:    tg.tlsConfig(),
+			DisableCompression: true,
+			DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+				td := tls.Dialer{Config: cfg}
+				c, err := td.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return ct.add(c), nil
+			},
+		}
+		rt, closeIdle = tr, tr.CloseIdleConnections
+	case "h2c":
+		tr := &http2.Transport{
+			AllowHTTP:          true,
+			DisableCompression: true,
+			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+				return plainDial(ctx, network, addr)
+			},
+		}
+		rt, closeIdle = tr, tr.CloseIdleConnections
+	default:
+		t.Fatalf("unknown proto %q", tg.proto)
+	}
+	t.Cleanup(func() {
+		closeIdle()
+		ct.closeAll()
+	})
+	return rt
+}
+
+func (tg target) httpClient(t *testing.T) *http.Client {
+	return &http.Client{Transport: tg.roundTripper(t, false)}
+}
+
+// ---------------------------------------------------------------------------
+// The client interface
+
+// dxEvent is what a client connection yields, in order: server frames, for
+// WebSocket the close frame, and finally the end of the connection.
+type dxEvent struct {
+	frame map[string]any
+	raw   []byte
+	sse   *sseEvent // the event that carried the frame (sse)
+	// wsClose is the code of a WebSocket close frame (websocket), 0 if none.
+	wsClose  int
+	wsReason string
+	// end is set on the last event: the connection or stream ended.
+	end error
+}
+
+func (e dxEvent) String() string {
+	switch {
+	case e.end != nil:
+		return fmt.Sprintf("end of connection (%v)", e.end)
+	case e.wsClose != 0:
+		return fmt.Sprintf("WebSocket close frame %d %q", e.wsClose, e.wsReason)
+	default:
+		return fmt.Sprintf("frame %s", e.raw)
+	}
+}
+
+// duplexConn is one client connection of any transport.
+type duplexConn interface {
+	// frames yields the server's frames, then one event with end set.
+	frames() <-chan dxEvent
+	// send sends one client frame (a JSON object).
+	send(frame []byte) error
+	// close ends the connection and waits for its reader.
+	close()
+	// protoMajor is the HTTP version the session was opened over.
+	protoMajor() int
+}
+
+// eventPump is the reading half shared by the implementations.
+type eventPump struct {
+	events chan dxEvent
+	quit   chan struct{}
+	exited chan struct{}
+	once   sync.Once
+}
+
+func newEventPump() eventPump {
+	return eventPump{events: make(chan dxEvent, 4096), quit: make(chan struct{}), exited: make(chan struct{})}
+}
+
+func (p *eventPump) emit(e dxEvent) bool {
+	select {
+	case p.events <- e:
+		return true
+	case <-p.quit:
+		return false
+	}
+}
+
+func (p *eventPump) frames() <-chan dxEvent { return p.events }
+
+// shutdown runs closer once and waits for the reader to exit.
+func (p *eventPump) shutdown(closer func()) {
+	p.once.Do(func() {
+		close(p.quit)
+		closer()
+		<-p.exited
+	})
+}
+
+// emitFrame decodes a server frame and emits it.
+func (p *eventPump) emitFrame(raw []byte, sse *sseEvent) bool {
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return p.emit(dxEvent{raw: raw, sse: sse, end: fmt.Errorf("server frame is not a JSON object (%v): %q", err, raw)})
+	}
+	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse})
+}
+
+// --- websocket ---------------------------------------------------------------
+
+type wsDuplex struct {
+	eventPump
+	r      io.Reader
+	w      io.Writer
+	wmu    sync.Mutex
+	closer func()
+	major  int
+}
+
+func (c *wsDuplex) protoMajor() int { return c.major }
+
+func (c *wsDuplex) writeFrame(f ws.Frame) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	var buf bytes.Buffer // one Write per frame
+	if err := ws.WriteFrame(&buf, ws.MaskFrame(f)); err != nil {
+		return err
+	}
+	_, err := c.w.Write(buf.Bytes())
+	return err
+}
+
+func (c *wsDuplex) send(b []byte) error { return c.writeFrame(ws.NewTextFrame(b)) }
+
+func (c *wsDuplex) close() {
+	c.shutdown(func() {
+		c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
+		c.closer()
+	})
+}
+
+func (c *wsDuplex) readLoop() {
+	defer close(c.exited)
+	var msg []byte
+	for {
+		h, err := ws.ReadHeader(c.r)
+		if err != nil {
+			c.emit(dxEvent{end: err})
+			return
+		}
+		payload := make([]byte, h.Length)
+		if _, err := io.ReadFull(c.r, payload); err != nil {
+			c.emit(dxEvent{end: err})
+			return
+		}
+		if h.Masked {
+			ws.Cipher(payload, h.Mask, 0)
+		}
+		switch h.OpCode {
+		case ws.OpPing:
+			c.writeFrame(ws.NewPongFrame(payload))
+			continue
+		case ws.OpPong:
+			continue
+		case ws.OpClose:
+			code, reason := ws.ParseCloseFrameData(payload)
+			if !c.emit(dxEvent{wsClose: int(code), wsReason: reason}) {
+				return
+			}
+			c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(code, "")))
+			continue
+		case ws.OpContinuation:
+			msg = append(msg, payload...)
+		default:
+			msg = payload
+		}
+		if h.Fin {
+			if !c.emitFrame(msg, nil) {
+				return
+			}
+			msg = nil
+		}
+	}
+}
+
+// dialWSConn opens a WebSocket over HTTP/1.1 (h1) or an HTTP/2 extended
+// CONNECT stream (h2, h2c). It returns the HTTP status of a refused
+// opening.
+func dialWSConn(t *testing.T, tg target, path string, hdr http.Header) (io.Reader, io.Writer, func(), int, error) {
+	t.Helper()
+	if tg.proto == "h1" {
+		d := ws.Dialer{Timeout: frameWait}
+		if hdr != nil {
+			d.Header = ws.HandshakeHeaderHTTP(hdr)
+		}
+		conn, br, _, err := d.Dial(context.Background(), "ws"+strings.TrimPrefix(tg.url(path), "http"))
+		if err != nil {
+			var se ws.StatusError
+			if errors.As(err, &se) {
+				return nil, nil, nil, int(se), err
+			}
+			return nil, nil, nil, 0, err
+		}
+		var r io.Reader = conn
+		if br != nil {
+			r = br
+		}
+		return r, conn, func() { conn.Close() }, http.StatusSwitchingProtocols, nil
+	}
+
+	// RFC 8441 over a transport of its own, closed with the connection.
+	ct := &connTracker{}
+	tr := &http2.Transport{
+		AllowHTTP:       tg.proto == "h2c",
+		TLSClientConfig: tg.tlsConfig(),
+		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
+			if tg.proto == "h2c" {
+				var d net.Dialer
+				c, err := d.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return ct.add(c), nil
+			}
+			td := tls.Dialer{Config: cfg}
+			c, err := td.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return ct.add(c), nil
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	req, err := http.NewRequestWithContext(ctx, http.MethodConnect, tg.url(path), pr)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	req.Header.Set(":protocol", "websocket")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	release := func() {
+		pw.Close()
+		cancel()
+		tr.CloseIdleConnections()
+		ct.closeAll()
+	}
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		resp, err := tr.RoundTrip(req)
+		rc <- result{resp, err}
+	}()
+	var res result
+	select {
+	case res = <-rc:
+	case <-time.After(frameWait):
+		release()
+		<-rc
+		return nil, nil, nil, 0, fmt.Errorf("extended CONNECT: no response within %s", frameWait)
+	}
+	if res.err != nil {
+		release()
+		return nil, nil, nil, 0, fmt.Errorf("extended CONNECT: %w", res.err)
+	}
+	if res.resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(res.resp.Body, 4096))
+		res.resp.Body.Close()
+		release()
+		return nil, nil, nil, res.resp.StatusCode, fmt.Errorf("extended CONNECT: status %d (%q)", res.resp.StatusCode, b)
+	}
+	return res.resp.Body, pw, func() { res.resp.Body.Close(); release() }, http.StatusOK, nil
+}
+
+func openWSDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
+	t.Helper()
+	r, w, closer, status, err := dialWSConn(t, tg, path, hdr)
+	if err != nil {
+		t.Fatalf("websocket %s %s: status %d, %v", tg.proto, path, status, err)
+	}
+	c := &wsDuplex{eventPump: newEventPump(), r: r, w: w, closer: closer, major: tg.protoMajor()}
+	go c.readLoop()
+	t.Cleanup(c.close)
+	return c
+}
+
+// --- stream ------------------------------------------------------------------
+
+type streamDuplex struct {
+	eventPump
+	pw     *io.PipeWriter
+	wmu    sync.Mutex
+	resp   *http.Response
+	cancel context.CancelFunc
+	pings  atomic.Int64
+	major  int
+}
+
+func (c *streamDuplex) protoMajor() int { return c.major }
+
+// send writes one line of the request body.
+func (c *streamDuplex) send(b []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	line := append(append([]byte(nil), b...), '\n')
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.pw.Write(line)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(frameWait):
+		c.pw.CloseWithError(errors.New("write timed out"))
+		<-done
+		return fmt.Errorf("stream: request body not consumed within %s", frameWait)
+	}
+}
+
+// halfClose ends the request body; the response goes on.
+func (c *streamDuplex) halfClose() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.pw.Close()
+}
+
+func (c *streamDuplex) close() {
+	c.shutdown(func() {
+		c.pw.CloseWithError(errors.New("client closed"))
+		c.cancel()
+		c.resp.Body.Close()
+	})
+}
+
+func (c *streamDuplex) readLoop(body io.Reader) {
+	defer close(c.exited)
+	br := bufio.NewReaderSize(body, 64<<10)
+	for {
+		line, err := br.ReadBytes('\n')
+		if t := bytes.TrimSpace(line); len(t) > 0 {
+			if bytes.Equal(t, []byte(`{"type":"ping"}`)) {
+				c.pings.Add(1)
+			} else if !c.emitFrame(t, nil) {
+				return
+			}
+		}
+		if err != nil {
+			c.emit(dxEvent{end: err})
+			return
+		}
+	}
+}
+
+// startStream sends the stream opening request and returns the response
+// (whatever its status) with the body writer.
+func startStream(t *testing.T, hc *http.Client, url string, hdr http.Header) (*http.Response, *io.PipeWriter, context.CancelFunc, error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, pr)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	req.Header.Set("Content-Type", "application/x-ndjson")
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		resp, err := hc.Do(req)
+		rc <- result{resp, err}
+	}()
+	select {
+	case res := <-rc:
+		if res.err != nil {
+			pw.Close()
+			cancel()
+			return nil, nil, nil, res.err
+		}
+		return res.resp, pw, cancel, nil
+	case <-time.After(frameWait):
+		pw.CloseWithError(errors.New("timeout"))
+		cancel()
+		<-rc
+		return nil, nil, nil, fmt.Errorf("stream: no response headers within %s", frameWait)
+	}
+}
+
+func openStreamDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
+	t.Helper()
+	return openStreamWith(t, tg.httpClient(t), tg, path, hdr)
+}
+
+func openStreamWith(t *testing.T, hc *http.Client, tg target, path string, hdr http.Header) *streamDuplex {
+	t.Helper()
+	resp, pw, cancel, err := startStream(t, hc, tg.url(path), hdr)
+	if err != nil {
+		t.Fatalf("stream %s %s: %v", tg.proto, path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		pw.Close()
+		cancel()
+		t.Fatalf("stream %s %s: status %d %q, want 200", tg.proto, path, resp.StatusCode, b)
+	}
+	if ct := mediaTypeOf(resp.Header.Get("Content-Type")); ct != "application/x-ndjson" {
+		t.Errorf("stream %s %s: response Content-Type %q, want application/x-ndjson", tg.proto, path, resp.Header.Get("Content-Type"))
+	}
+	c := &streamDuplex{eventPump: newEventPump(), pw: pw, resp: resp, cancel: cancel, major: resp.ProtoMajor}
+	body, err := decodedBody(resp)
+	if err != nil {
+		c.close()
+		t.Fatalf("stream %s %s: %v", tg.proto, path, err)
+	}
+	go c.readLoop(body)
+	t.Cleanup(c.close)
+	return c
+}
+
+// decodedBody undoes a Content-Encoding the client asked for itself (Go
+// only decompresses transparently when it set Accept-Encoding). The gzip
+// header is read lazily, by the reader goroutine.
+func decodedBody(resp *http.Response) (io.Reader, error) {
+	switch ce := strings.ToLower(resp.Header.Get("Content-Encoding")); ce {
+	case "", "identity":
+		return resp.Body, nil
+	case "gzip":
+		return &lazyGzip{src: resp.Body}, nil
+	default:
+		return nil, fmt.Errorf("unexpected Content-Encoding %q", ce)
+	}
+}
+
+type lazyGzip struct {
+	src io.Reader
+	zr  *gzip.Reader
+}
+
+func (l *lazyGzip) Read(p []byte) (int, error) {
+	if l.zr == nil {
+		zr, err := gzip.NewReader(l.src)
+		if err != nil {
+			return 0, err
+		}
+		l.zr = zr
+	}
+	return l.zr.Read(p)
+}
+
+func mediaTypeOf(v string) string {
+	mt, _, _ := strings.Cut(v, ";")
+	return strings.ToLower(strings.TrimSpace(mt))
+}
+
+// --- sse ---------------------------------------------------------------------
+
+type sseDuplex struct {
+	eventPump
+	hc       *http.Client
+	url      string
+	resp     *http.Response
+	cancel   context.CancelFunc
+	comments atomic.Int64
+	retry    atomic.Int64
+	major    int
+
+	mu    sync.Mutex
+	token string
+}
+
+func (c *sseDuplex) protoMajor() int { return c.major }
+
+func (c *sseDuplex) getToken() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.token
+}
+
+// post POSTs body for the session with its token; it returns status,
+// response body and headers.
+func (c *sseDuplex) post(contentType string, body []byte, hdr ...string) (int, []byte, http.Header, error) {
+	return ssePost(c.hc, c.url, c.getToken(), contentType, body, hdr...)
+}
+
+func ssePost(hc *http.Client, url, token, contentType string, body []byte, hdr ...string) (int, []byte, http.Header, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	if token != "" {
+		req.Header.Set("Duplex-Token", token)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, raw, resp.Header, err
+}
+
+// send posts one frame as application/json and wants 202.
+func (c *sseDuplex) send(b []byte) error {
+	if c.getToken() == "" {
+		return errors.New("sse: no token yet (open event not seen)")
+	}
+	st, raw, _, err := c.post("application/json", b)
+	if err != nil {
+		return err
+	}
+	if st != http.StatusAccepted {
+		return fmt.Errorf("sse POST: status %d %q, want 202", st, raw)
+	}
+	return nil
+}
+
+func (c *sseDuplex) close() {
+	c.shutdown(func() {
+		c.cancel()
+		c.resp.Body.Close()
+	})
+}
+
+func (c *sseDuplex) readLoop(body io.Reader) {
+	defer close(c.exited)
+	p := newSSEParser()
+	p.OnComment = func(string) { c.comments.Add(1) }
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := body.Read(buf)
+		if n > 0 {
+			for _, ev := range p.Feed(buf[:n]) {
+				c.retry.Store(int64(p.Retry))
+				ev := ev
+				var m map[string]any
+				if json.Unmarshal([]byte(ev.Data), &m) == nil && m["type"] == "open" {
+					if tok, _ := m["token"].(string); tok != "" {
+						c.mu.Lock()
+						c.token = tok
+						c.mu.Unlock()
+					}
+				}
+				if !c.emitFrame([]byte(ev.Data), &ev) {
+					return
+				}
+			}
+			c.retry.Store(int64(p.Retry))
+		}
+		if err != nil {
+			c.emit(dxEvent{end: err})
+			return
+		}
+	}
+}
+
+// startSSE sends the event-stream opening request.
+func startSSE(t *testing.T, hc *http.Client, url string, hdr http.Header) (*http.Response, context.CancelFunc, error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		resp, err := hc.Do(req)
+		rc <- result{resp, err}
+	}()
+	select {
+	case res := <-rc:
+		if res.err != nil {
+			cancel()
+			return nil, nil, res.err
+		}
+		return res.resp, cancel, nil
+	case <-time.After(frameWait):
+		cancel()
+		<-rc
+		return nil, nil, fmt.Errorf("sse: no response headers within %s", frameWait)
+	}
+}
+
+func openSSEDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
+	t.Helper()
+	return openSSEWith(t, tg.httpClient(t), tg, path, hdr)
+}
+
+func openSSEWith(t *testing.T, hc *http.Client, tg target, path string, hdr http.Header) *sseDuplex {
+	t.Helper()
+	resp, cancel, err := startSSE(t, hc, tg.url(path), hdr)
+	if err != nil {
+		t.Fatalf("sse %s %s: %v", tg.proto, path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		resp.Body.Close()
+		cancel()
+		t.Fatalf("sse %s %s: status %d %q, want 200", tg.proto, path, resp.StatusCode, b)
+	}
+	if ct := mediaTypeOf(resp.Header.Get("Content-Type")); ct != "text/event-stream" {
+		t.Errorf("sse %s %s: response Content-Type %q, want text/event-stream", tg.proto, path, resp.Header.Get("Content-Type"))
+	}
+	c := &sseDuplex{eventPump: newEventPump(), hc: hc, url: tg.url(path), resp: resp, cancel: cancel, major: resp.ProtoMajor}
+	c.retry.Store(-1)
+	body, err := decodedBody(resp)
+	if err != nil {
+		c.close()
+		t.Fatalf("sse %s %s: %v", tg.proto, path, err)
+	}
+	go c.readLoop(body)
+	t.Cleanup(c.close)
+	return c
+}
+
+// ---------------------------------------------------------------------------
+// A session over any transport, with the assertions the scenarios use.
+
+type dxSession struct {
+	name      string
+	transport string
+	conn      duplexConn
+
+	Session, Token string
+	seq            float64
+	ended          bool
+}
+
+var transports = []string{"websocket", "stream", "sse"}
+
+// openDX opens a session of the given transport and reads its open frame.
+func openDX(t *testing.T, transport string, tg target, path string, hdr http.Header) *dxSession {
+	t.Helper()
+	s := dialDX(t, transport, tg, path, hdr)
+	s.expectOpen(t)
+	return s
+}
+
+// dialDX opens the connection without reading anything.
+func dialDX(t *testing.T, transport string, tg target, path string, hdr http.Header) *dxSession {
+	t.Helper()
+	var c duplexConn
+	switch transport {
+	case "websocket":
+		c = openWSDuplex(t, tg, path, hdr)
+	case "stream":
+		c = openStreamDuplex(t, tg, path, hdr)
+	case "sse":
+		c = openSSEDuplex(t, tg, path, hdr)
+	default:
+		t.Fatalf("unknown transport %q", transport)
+	}
+	if got := c.protoMajor(); got != tg.protoMajor() {
+		t.Fatalf("%s over %s: the session was opened over HTTP/%d, want HTTP/%d", transport, tg.proto, got, tg.protoMajor())
+	}
+	return &dxSession{name: transport + "/" + tg.proto + path, transport: transport, conn: c}
+}
+
+func (s *dxSession) next(t *testing.T) dxEvent {
+	t.Helper()
+	return s.nextWithin(t, frameWait)
+}
+
+func (s *dxSession) nextWithin(t *testing.T, d time.Duration) dxEvent {
+	t.Helper()
+	select {
+	case e := <-s.conn.frames():
+		if e.end != nil {
+			s.ended = true
+		}
+		return e
+	case <-time.After(d):
+		t.Fatalf("%s: nothing from the server within %s", s.name, d)
+		return dxEvent{}
+	}
+}
+
+// readFrame returns the next server frame.
+func (s *dxSession) readFrame(t *testing.T) map[string]any {
+	t.Helper()
+	e := s.next(t)
+	if e.frame == nil {
+		t.Fatalf("%s: want a frame, got %v", s.name, e)
+	}
+	if e.sse != nil && e.sse.Type != e.frame["type"] {
+		t.Fatalf("%s: SSE event type %q does not match the frame type %v: %s", s.name, e.sse.Type, e.frame["type"], e.raw)
+	}
+	return e.frame
+}
+
+func (s *dxSession) expectType(t *testing.T, typ string) map[string]any {
+	t.Helper()
+	f := s.readFrame(t)
+	if f["type"] != typ {
+		t.Fatalf("%s: want a %q frame, got %v", s.name, typ, f)
+	}
+	return f
+}
+
+func (s *dxSession) expectOpen(t *testing.T) map[string]any {
+	t.Helper()
+	f := s.expectType(t, "open")
+	sid, _ := f["session"].(string)
+	tok, _ := f["token"].(string)
+	if sid == "" || tok == "" || sid == tok {
+		t.Fatalf("%s: open frame without distinct session and token: %v", s.name, f)
+	}
+	if f["resumed"] != false {
+		t.Fatalf("%s: open frame resumed = %v, want false", s.name, f["resumed"])
+	}
+	if _, ok := f["heartbeat"].(float64); !ok {
+		t.Fatalf("%s: open frame without numeric heartbeat: %v", s.name, f)
+	}
+	s.Session, s.Token = sid, tok
+	return f
+}
+
+// expectPush reads the next frame: a push with the next seq, the channel
+// ("" = absent) and data. Over SSE the event must carry id <token>:<seq>.
+func (s *dxSession) expectPush(t *testing.T, channel string, data any) map[string]any {
+	t.Helper()
+	e := s.next(t)
+	if e.frame == nil || e.frame["type"] != "push" {
+		t.Fatalf("%s: want a push, got %v", s.name, e)
+	}
+	f := e.frame
+	seq, ok := f["seq"].(float64)
+	if !ok || seq != s.seq+1 {
+		t.Fatalf("%s: push seq = %v, want %v (frame %v)", s.name, f["seq"], s.seq+1, f)
+	}
+	s.seq = seq
+	if channel == "" {
+		if ch, has := f["channel"]; has {
+			t.Fatalf("%s: push has channel %v, want none", s.name, ch)
+		}
+	} else if f["channel"] != channel {
+		t.Fatalf("%s: push channel = %v, want %q", s.name, f["channel"], channel)
+	}
+	if !jsonEqual(f["data"], data) {
+		t.Fatalf("%s: push data = %v, want %v", s.name, f["data"], data)
+	}
+	if e.sse != nil {
+		want := s.Token + ":" + strconv.Itoa(int(seq))
+		if e.sse.Type != "push" || !e.sse.HasID || e.sse.ID != want {
+			t.Fatalf("%s: push event: type %q, id %q (own id field: %v), want type push with id %q", s.name, e.sse.Type, e.sse.ID, e.sse.HasID, want)
+		}
+	}
+	return f
+}
+
+func (s *dxSession) sendRaw(t *testing.T, b []byte) {
+	t.Helper()
+	if err := s.conn.send(b); err != nil {
+		t.Fatalf("%s: send %s: %v", s.name, b, err)
+	}
+}
+
+func (s *dxSession) send(t *testing.T, frame map[string]any) {
+	t.Helper()
+	b, err := json.Marshal(frame)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.sendRaw(t, b)
+}
+
+// call sends a message with id and path (and data unless nil) and returns
+// the next frame, which must answer it.
+func (s *dxSession) call(t *testing.T, id, path string, data any) map[string]any {
+	t.Helper()
+	m := map[string]any{"id": id, "path": path}
+	if data != nil {
+		m["data"] = data
+	}
+	s.send(t, m)
+	f := s.readFrame(t)
+	if f["ref"] != id {
+		t.Fatalf("%s: answer to %q has ref %v: %v", s.name, id, f["ref"], f)
+	}
+	return f
+}
+
+// expectClose reads the close frame (code, reason unless "", reconnect),
+// then — WebSocket only — a close frame with the same code, then the end of
+// the connection.
+func (s *dxSession) expectClose(t *testing.T, code int, reason string, reconnect bool) {
+	t.Helper()
+	f := s.expectType(t, "close")
+	if f["code"] != float64(code) {
+		t.Fatalf("%s: close frame %v, want code %d", s.name, f, code)
+	}
+	if reason != "" && f["reason"] != reason {
+		t.Fatalf("%s: close frame %v, want reason %q", s.name, f, reason)
+	}
+	rc, _ := f["reconnect"].(bool)
+	if rc != reconnect {
+		t.Fatalf("%s: close frame %v, want reconnect %v", s.name, f, reconnect)
+	}
+	s.expectEnd(t, code)
+}
+
+// expectEnd asserts the connection ends next (after a WebSocket close frame
+// with code, for websocket).
+func (s *dxSession) expectEnd(t *testing.T, code int) {
+	t.Helper()
+	e := s.next(t)
+	if s.transport == "websocket" {
+		if e.wsClose != code {
+			t.Fatalf("%s: want a WebSocket close frame %d, got %v", s.name, code, e)
+		}
+		e = s.next(t)
+	}
+	if e.end == nil {
+		t.Fatalf("%s: want the connection to end, got %v", s.name, e)
+	}
+}
+
+func (s *dxSession) close() { s.conn.close() }
+
+// ---------------------------------------------------------------------------
+// misc
+
+// sessionExists asks the admin API whether the session is listed.
+func sessionExists(t *testing.T, c *caddyProc, id string) bool {
+	t.Helper()
+	st, raw := doJSON(t, http.MethodGet, c.adminURL("/duplex/sessions/"+id), nil)
+	switch st {
+	case http.StatusOK:
+		return true
+	case http.StatusNotFound:
+		return false
+	}
+	t.Fatalf("GET /duplex/sessions/%s: %d %s", id, st, raw)
+	return false
+}
+
+// sessionsOfUser lists the ids of a user's sessions.
+func sessionsOfUser(t *testing.T, c *caddyProc, user string) []string {
+	t.Helper()
+	st, raw := doJSON(t, http.MethodGet, c.adminURL("/duplex/sessions?user="+user), nil)
+	if st != http.StatusOK {
+		t.Fatalf("GET /duplex/sessions?user=%s: %d %s", user, st, raw)
+	}
+	var l []map[string]any
+	if err := json.Unmarshal(raw, &l); err != nil {
+		t.Fatalf("sessions list: %v: %s", err, raw)
+	}
+	var ids []string
+	for _, s := range l {
+		id, _ := s["id"].(string)
+		ids = append(ids, id)
+	}
+	return ids
+}
