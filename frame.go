@@ -43,6 +43,8 @@ type closeInfo struct {
 	Code      int    `json:"code"`
 	Reason    string `json:"reason"`
 	Reconnect bool   `json:"reconnect"`
+	// kind is the reason's metric label when the close ends the session.
+	kind string
 }
 
 var (
@@ -53,7 +55,7 @@ var (
 )
 
 func closedByApp(reason string) closeInfo {
-	return closeInfo{Type: frameClose, Code: codeClosedByApp, Reason: reason}
+	return closeInfo{Type: frameClose, Code: codeClosedByApp, Reason: reason, kind: "app"}
 }
 
 // openFrame is the first frame of every session.

@@ -52,7 +52,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	user, channels := h.identity(repl)
-	old, lastSeq := h.resumable(takeCursor(r, name, resume), user)
+	cursor := takeCursor(r, name, resume)
+	resumeAsked := cursor != ""
+	old, lastSeq := h.resumable(cursor, user)
 
 	idle := 2 * time.Duration(h.Heartbeat)
 	var t transport
@@ -78,6 +80,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if old != nil {
 		a := newAttachment(old, h, r, next, name, t)
 		if old.attach(a, true, lastSeq) {
+			metrics.resumes.WithLabelValues("resumed").Inc()
 			h.logger.Info("session resumed",
 				zap.String("session", old.id),
 				zap.String("user", old.user),
@@ -90,10 +93,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// Ended meanwhile, or the pushes after the cursor are gone: the
 		// client starts over with a new session (resumed:false).
 	}
+	if resumeAsked {
+		metrics.resumes.WithLabelValues("failed").Inc()
+	}
 	s := newSession(h, user)
 	a := newAttachment(s, h, r, next, name, t)
 	h.hub.add(s, channels)
 	s.attach(a, false, 0)
+	metrics.opened.WithLabelValues(name).Inc()
 	h.logger.Info("session opened",
 		zap.String("session", s.id),
 		zap.String("user", s.user),

@@ -68,6 +68,7 @@ func (in *inbox) dispatch() {
 		if !m.binary {
 			frame, ferr := decodeClientFrame(m.b)
 			if ferr != nil {
+				metrics.messages.WithLabelValues("bad_frame").Inc()
 				s.send(frameErr, encodeError(frame.ID, ferr.status, ferr.msg))
 				continue
 			}
@@ -107,20 +108,23 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 		}
 		target = f.Path
 	}
-	answer := func(typ string, b []byte) {
-		if f != nil {
+	answer := func(result string, typ string, b []byte) {
+		if f == nil {
+			result = "fire_and_forget"
+		} else {
 			s.send(typ, b)
 		}
+		metrics.messages.WithLabelValues(result).Inc()
 	}
 	if a.h.cleaned.Load() {
 		// Caddy unloaded this config: its handler chain is gone.
-		answer(frameErr, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
+		answer("app_error", frameErr, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
 		return
 	}
 
 	req, err := a.messageRequest(method, target, f, body, contentType)
 	if err != nil {
-		answer(frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
+		answer("bad_frame", frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
 		return
 	}
 	// The opening request's context values (server, placeholders…), but
@@ -135,6 +139,7 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 	req = a.prepare(req, rec)
 
 	done := make(chan error, 1)
+	start := time.Now()
 	go func() {
 		defer func() {
 			if p := recover(); p != nil {
@@ -148,11 +153,12 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 	case err = <-done:
 	case <-ctx.Done():
 	}
+	metrics.appLatency.Observe(time.Since(start).Seconds())
 	if s.ctx.Err() != nil {
 		return // the session ended meanwhile
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		answer(frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
+		answer("timeout", frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
 		return
 	}
 	if err != nil {
@@ -162,7 +168,7 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 			status = he.StatusCode
 		}
 		a.h.logger.Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
-		answer(frameErr, encodeError(ref, status, ""))
+		answer("app_error", frameErr, encodeError(ref, status, ""))
 		return
 	}
 
@@ -170,15 +176,16 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 	status := rec.statusCode()
 	switch {
 	case rec.overflow:
-		answer(frameErr, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
+		answer("app_error", frameErr, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
 	case status >= 400:
-		answer(frameErr, encodeError(ref, status, errorText(status, rec.body.Bytes())))
+		answer("app_error", frameErr, encodeError(ref, status, errorText(status, rec.body.Bytes())))
 	case ref == nil:
 		// no id: the client asked for no answer
+		metrics.messages.WithLabelValues("served").Inc()
 	case rec.body.Len() == 0:
-		answer(frameAck, encodeAck(ref))
+		answer("ack", frameAck, encodeAck(ref))
 	default:
-		answer(frameReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
+		answer("reply", frameReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
 	if closeAfter {
 		s.terminate(closedByApp(closeReason))

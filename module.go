@@ -201,6 +201,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.ResumeBuffer == 0 {
 		h.ResumeBuffer = defaultResumeBuffer
 	}
+	if err := metrics.register(ctx); err != nil {
+		return fmt.Errorf("duplex: registering metrics: %w", err)
+	}
 	h.hub = globalHub
 	h.live = newAttachmentSet()
 	h.cleaned = new(atomic.Bool)
@@ -268,8 +271,11 @@ func (Publish) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision attaches the handler to the session hub.
-func (p *Publish) Provision(caddy.Context) error {
+func (p *Publish) Provision(ctx caddy.Context) error {
 	p.hub = globalHub
+	if err := metrics.register(ctx); err != nil {
+		return fmt.Errorf("duplex: registering metrics: %w", err)
+	}
 	return nil
 }
 

@@ -91,6 +91,8 @@ type publishResult struct {
 // batch 200 {"delivered":total,"results":[…]}; 400 for a bad body, 404 for
 // an unknown session (single publish).
 func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
+	result := "bad_request"
+	defer func() { metrics.publishes.WithLabelValues(result).Inc() }()
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use POST"})
@@ -118,12 +120,14 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case errors.Is(err, errUnknownSession):
 			if !batch {
+				result = "unknown_session"
 				writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + m.Session})
 				return
 			}
 			results = append(results, publishResult{Status: http.StatusNotFound, Error: "unknown session " + m.Session})
 		case err != nil:
 			if !batch {
+				result = "error"
 				writeAPIError(w, &apiError{status: http.StatusBadGateway, msg: err.Error()})
 				return
 			}
@@ -133,6 +137,7 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 			results = append(results, publishResult{Delivered: &n})
 		}
 	}
+	result = "ok"
 	answer := map[string]any{"delivered": total}
 	if batch {
 		answer["results"] = results

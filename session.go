@@ -56,6 +56,7 @@ type session struct {
 	expiry    *time.Timer
 	ended     bool
 	endReason string
+	endKind   string // metric label
 	// counters for the session's log lines
 	received, pushed, resumes int64
 }
@@ -263,8 +264,13 @@ func (s *session) push(p *push) bool {
 			s.trimLocked(s.log[0].seq)
 		}
 	}
-	if a := s.cur; a != nil {
-		a.enqueueLocked(outFrame{push: p, seq: e.seq})
+	switch a := s.cur; {
+	case a == nil:
+		metrics.pushes.WithLabelValues("buffered").Inc()
+	case a.enqueueLocked(outFrame{push: p, seq: e.seq}):
+		metrics.pushes.WithLabelValues("delivered").Inc()
+	default:
+		metrics.pushes.WithLabelValues("dropped").Inc()
 	}
 	return true
 }
@@ -302,6 +308,7 @@ func (s *session) endLocked(c closeInfo) bool {
 	}
 	s.ended = true
 	s.endReason = c.Reason
+	s.endKind = c.kind
 	if s.expiry != nil {
 		s.expiry.Stop()
 		s.expiry = nil
@@ -334,7 +341,7 @@ func (s *session) detach(a *attachment, reason string) (endedNow bool) {
 	s.cur = nil
 	window := time.Duration(a.h.ResumeWindow)
 	if window <= 0 {
-		return s.endLocked(closeInfo{Reason: reason})
+		return s.endLocked(closeInfo{Reason: reason, kind: "connection_lost"})
 	}
 	gen := s.gen
 	s.expiry = time.AfterFunc(window, func() { s.expire(gen) })
@@ -344,7 +351,7 @@ func (s *session) detach(a *attachment, reason string) (endedNow bool) {
 // expire ends a session still detached since attachment gen.
 func (s *session) expire(gen uint64) {
 	s.mu.Lock()
-	ended := s.cur == nil && s.gen == gen && s.endLocked(closeInfo{Reason: "resume window expired"})
+	ended := s.cur == nil && s.gen == gen && s.endLocked(closeInfo{Reason: "resume window expired", kind: "expired"})
 	s.mu.Unlock()
 	if ended {
 		s.finish()
@@ -365,6 +372,13 @@ func (s *session) terminate(c closeInfo) bool {
 // called with hub.mu held.
 func (s *session) finish() {
 	s.hub.remove(s)
+	s.mu.Lock()
+	kind := s.endKind
+	s.mu.Unlock()
+	if kind == "" {
+		kind = "other"
+	}
+	metrics.ended.WithLabelValues(kind).Inc()
 	s.logEnd()
 }
 
@@ -389,21 +403,23 @@ func (s *session) logEnd() {
 	}
 }
 
-// enqueueLocked queues f for the writer. A connection whose queue would
-// exceed send_queue is closed as a slow consumer instead; the session
-// stays and can resume from its buffer.
-func (a *attachment) enqueueLocked(f outFrame) {
+// enqueueLocked queues f for the writer and reports whether it did. A
+// connection whose queue would exceed send_queue is closed as a slow
+// consumer instead; the session stays and can resume from its buffer.
+func (a *attachment) enqueueLocked(f outFrame) bool {
 	if a.closing != nil {
-		return
+		return false
 	}
 	n := f.size()
 	if a.outBytes+n > a.h.SendQueue {
 		a.closeLocked(closeSlow)
-		return
+		metrics.slowClosures.Inc()
+		return false
 	}
 	a.out = append(a.out, f)
 	a.outBytes += n
 	a.wakeWriter()
+	return true
 }
 
 func (a *attachment) wakeWriter() {
@@ -519,6 +535,9 @@ func (a *attachment) writeLoop(readerDone <-chan struct{}) {
 func (a *attachment) run() {
 	s := a.s
 	a.h.live.add(a)
+	gauge := metrics.connections.WithLabelValues(a.transport)
+	gauge.Inc()
+	defer gauge.Dec()
 	readerDone := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() { a.writeLoop(readerDone) })
@@ -561,14 +580,17 @@ func (a *attachment) readLoop(in *inbox) {
 	for {
 		msg, binary, err := a.t.readMessage()
 		if errors.Is(err, errTooBig) {
+			metrics.messages.WithLabelValues("too_large").Inc()
 			a.s.send(frameErr, encodeError(nil, http.StatusRequestEntityTooLarge,
 				"message larger than max_message_size ("+strconv.FormatInt(a.h.MaxMessageSize, 10)+" bytes)"))
 			continue
 		}
 		if err != nil {
-			if errors.Is(err, errClientClosed) {
-				// A WebSocket close from the client ends the session.
-				a.s.terminate(closeInfo{Reason: "closed by the client"})
+			if errors.Is(err, errClientClosed) && a.closeReason() == "" {
+				// A WebSocket close started by the client ends the
+				// session; one answering our close only ends the
+				// connection (the session may be resumable).
+				a.s.terminate(closeInfo{Reason: "closed by the client", kind: "client"})
 			}
 			return
 		}

@@ -1,0 +1,123 @@
+package duplex_test
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// scrape reads the admin endpoint's /metrics and returns the value of each
+// caddy_duplex_* sample, keyed by its name and labels as printed.
+func scrape(t *testing.T, c *caddyProc) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(c.adminURL("/metrics"))
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics: %d %s", resp.StatusCode, body)
+	}
+	out := map[string]float64{}
+	sample := regexp.MustCompile(`^(caddy_duplex_[^ ]+) ([0-9.e+-]+)$`)
+	for _, line := range strings.Split(string(body), "\n") {
+		if m := sample.FindStringSubmatch(line); m != nil {
+			v, err := strconv.ParseFloat(m[2], 64)
+			if err != nil {
+				t.Fatalf("metric %q: %v", line, err)
+			}
+			out[m[1]] = v
+		}
+	}
+	return out
+}
+
+// TestMetrics checks the Prometheus metrics on the admin endpoint follow
+// what sessions do, and survive a config reload.
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	app := newTestApp(t)
+	cf := sub(globalOpts("")+siteLive, "Upstream", app.Addr)
+	c := startCaddy(t, cf)
+
+	ws := openSession(t, c.wsURL("/live"), nil)
+	expectAnswer(t, ws.call(t, "m1", "/reply", map[string]any{"x": 1}), "reply")
+	expectAnswer(t, ws.call(t, "m2", "/empty", nil), "ack")
+	expectAnswer(t, ws.call(t, "m3", "/boom", nil), "error")
+	ws.sendRaw(t, []byte("not json"))
+	ws.expectType(t, "error")
+	c.mustPublish(t, map[string]any{"channel": "lobby", "data": 1}, 1)
+	ws.expectPush(t, "lobby", 1.0)
+	if st, _ := c.publish(t, map[string]any{"session": "nope", "data": 1}); st != http.StatusNotFound {
+		t.Fatalf("publish to unknown session: %d", st)
+	}
+
+	m := scrape(t, c)
+	want := map[string]float64{
+		`caddy_duplex_connections{transport="websocket"}`:               1,
+		`caddy_duplex_sessions_opened_total{transport="websocket"}`:     1,
+		`caddy_duplex_messages_total{result="reply"}`:                   1,
+		`caddy_duplex_messages_total{result="ack"}`:                     1,
+		`caddy_duplex_messages_total{result="app_error"}`:               1,
+		`caddy_duplex_messages_total{result="bad_frame"}`:               1,
+		`caddy_duplex_pushes_total{result="delivered"}`:                 1,
+		`caddy_duplex_publish_requests_total{result="ok"}`:              1,
+		`caddy_duplex_publish_requests_total{result="unknown_session"}`: 1,
+		`caddy_duplex_app_latency_seconds_count`:                        3,
+	}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v", k, m[k], v)
+		}
+	}
+
+	// A reload (of a changed config: Caddy ignores an unchanged one) keeps
+	// the counters (and the series) going.
+	changed := strings.Replace(renderedConfig(t, c), "duplex {", "duplex {\n\t\t\theartbeat 20s", 1)
+	resp, err := http.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d", resp.StatusCode)
+	}
+	ws.expectType(t, "close") // the connection of the old config is told to reconnect
+	ws2 := openSession(t, c.wsURL("/live"), nil)
+	expectAnswer(t, ws2.call(t, "m4", "/reply", map[string]any{"x": 2}), "reply")
+	waitUntil(t, "metrics after reload", 10*time.Second, func() bool {
+		m = scrape(t, c)
+		return m[`caddy_duplex_messages_total{result="reply"}`] == 2 &&
+			m[`caddy_duplex_sessions_opened_total{transport="websocket"}`] == 2 &&
+			m[`caddy_duplex_connections{transport="websocket"}`] == 1
+	})
+	ws2.closeGracefully()
+	waitUntil(t, "session end counted", 10*time.Second, func() bool {
+		return scrape(t, c)[`caddy_duplex_sessions_ended_total{reason="client"}`] == 1
+	})
+}
+
+// renderedConfig is the Caddyfile c runs, as written by startCaddy.
+func renderedConfig(t *testing.T, c *caddyProc) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(c.Dir, "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// expectAnswer asserts the type of an answer frame.
+func expectAnswer(t *testing.T, f map[string]any, typ string) {
+	t.Helper()
+	if f["type"] != typ {
+		t.Fatalf("answer %v, want type %s", f, typ)
+	}
+}
