@@ -3,7 +3,10 @@ GO      ?= go
 BIN     := bin
 DEMO_UI := http://localhost:8080
 
-.PHONY: build demo test test-short bench clean
+FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish
+FUZZTIME     ?= 60s
+
+.PHONY: build demo test fuzz bench clean
 
 ## build: Caddy with the duplex plugin (bin/caddy) and the demo app (bin/demo-app)
 build:
@@ -17,10 +20,19 @@ demo: build
 	trap 'kill $$app 2>/dev/null; wait $$app 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/caddy run --config testdata/demo/Caddyfile
 
-## test: vet, then every test with the race detector (builds a -race Caddy once)
+## test: vet, every test with the race detector (builds a -race Caddy once),
+## then each fuzz target for a few seconds
 test:
 	$(GO) vet ./... ./testdata/demo/app
 	$(GO) test -race -count=1 -timeout 30m ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=4s
+
+## fuzz: each fuzz target for FUZZTIME (default 60s)
+fuzz:
+	@for f in $(FUZZ_TARGETS); do \
+		echo ">> $$f ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; \
+	done
 
 ## bench: Go micro-benchmarks (frame encoding, hub fan-out)
 bench:
