@@ -3,6 +3,7 @@ package duplex
 import (
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -49,6 +50,8 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		resume_window <duration>   # default 2m
 //		resume_buffer <n>          # default 1000
 //		allowed_origins <origin…>  # default: the request's own host only; * allows all
+//		connect                    # run the opening through the route first (app accepts/rejects)
+//		disconnect <path>          # POST {"reason":…} here when a session ends for good
 //	}
 //
 // Every subdirective may appear once, except channels and
@@ -155,6 +158,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				h.ResumeBuffer = n
 			}
+
+		case "connect":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Connect = true
+
+		case "disconnect":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if !strings.HasPrefix(v, "/") {
+				return d.Errf("duplex: disconnect: want a path starting with /, got %q", v)
+			}
+			h.Disconnect = v
 
 		case "allowed_origins":
 			args := d.RemainingArgs()

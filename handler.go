@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"encoding/json"
 	"fmt"
 	"mime"
 	"net/http"
@@ -53,53 +54,85 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	user, channels := h.identity(repl)
 	cursor := takeCursor(r, name, resume)
-	resumeAsked := cursor != ""
-	old, lastSeq := h.resumable(cursor, user)
+	old, lastSeq := h.hub.resumable(cursor)
+	next = h.keepNext(next)
 
+	var openData json.RawMessage
+	if h.Connect {
+		target := old
+		if target == nil {
+			target = newSession(h, user)
+		}
+		res := h.runConnect(r, next, target, name, old != nil)
+		if !res.accepted() {
+			if old == nil {
+				target.end(closeInfo{Reason: "rejected by the connect hook"})
+			}
+			h.logger.Debug("opening rejected by the connect hook",
+				zap.String("remote", r.RemoteAddr), zap.Int("status", res.status), zap.Bool("timeout", res.timedOut))
+			rejectOpening(w, res)
+			return nil
+		}
+		if u := strings.TrimSpace(res.header.Get("Duplex-User")); u != "" {
+			user = u
+		} else if old != nil {
+			user = old.user // the app accepted the resume as it is
+		}
+		channels = append(channels, headerList(res.header.Values("Duplex-Subscribe"))...)
+		if !res.streaming && len(res.body) > 0 {
+			openData, _ = embedBody(res.header.Get("Content-Type"), res.body)
+		}
+		if old == nil {
+			target.user = user
+			return h.open(w, r, next, name, target, channels, openData)
+		}
+	}
+	if old != nil && old.user != user {
+		old = nil // a session of another user: open a new one
+	}
+	if old != nil {
+		if done := h.resume(w, r, next, name, old, lastSeq, channels, openData); done {
+			return nil
+		}
+		// The session ended meanwhile, or the pushes after the cursor are
+		// gone: the client starts over with a new session (resumed:false).
+	}
+	if cursor != "" {
+		metrics.resumes.WithLabelValues("failed").Inc()
+	}
+	return h.open(w, r, next, name, newSession(h, user), channels, openData)
+}
+
+// accept completes the opening handshake of the transport. On error the
+// client was answered already.
+func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (transport, error) {
 	idle := 2 * time.Duration(h.Heartbeat)
-	var t transport
-	var err error
 	switch name {
 	case transportWebSocket:
 		h.extendIdleTimeouts(r, idle, idle)
-		t, err = acceptWebSocket(w, r, h.MaxMessageSize, idle)
+		return acceptWebSocket(w, r, h.MaxMessageSize, idle)
 	case transportStream:
 		// The client need not send anything; liveness comes from writes.
 		h.extendIdleTimeouts(r, silentPeer, idle)
-		t, err = acceptStream(w, r, h.MaxMessageSize)
-	case transportSSE:
+		return acceptStream(w, r, h.MaxMessageSize)
+	default:
 		h.extendIdleTimeouts(r, silentPeer, idle)
-		t, err = acceptSSE(w, r)
+		return acceptSSE(w, r)
 	}
+}
+
+// open serves a new session s on this request until its connection ends.
+func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, channels []string, data json.RawMessage) error {
+	t, err := h.accept(w, r, name)
 	if err != nil {
+		s.end(closeInfo{Reason: "opening failed"})
 		h.logger.Debug("session opening failed", zap.String("transport", name),
 			zap.String("remote", r.RemoteAddr), zap.Error(err))
-		return nil // the client was answered already
+		return nil
 	}
-
-	if old != nil {
-		a := newAttachment(old, h, r, next, name, t)
-		if old.attach(a, true, lastSeq) {
-			metrics.resumes.WithLabelValues("resumed").Inc()
-			h.logger.Info("session resumed",
-				zap.String("session", old.id),
-				zap.String("user", old.user),
-				zap.String("transport", name),
-				zap.String("remote", r.RemoteAddr),
-				zap.Uint64("from_seq", lastSeq))
-			a.run()
-			return nil
-		}
-		// Ended meanwhile, or the pushes after the cursor are gone: the
-		// client starts over with a new session (resumed:false).
-	}
-	if resumeAsked {
-		metrics.resumes.WithLabelValues("failed").Inc()
-	}
-	s := newSession(h, user)
 	a := newAttachment(s, h, r, next, name, t)
 	h.hub.add(s, channels)
-	s.attach(a, false, 0)
+	s.attach(a, false, 0, data)
 	metrics.opened.WithLabelValues(name).Inc()
 	h.logger.Info("session opened",
 		zap.String("session", s.id),
@@ -108,6 +141,55 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		zap.String("remote", r.RemoteAddr))
 	a.run()
 	return nil
+}
+
+// resume serves session s on this request, from the client's lastSeq. It
+// reports false if s can no longer be resumed from there (nothing was
+// written to the client then).
+func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, channels []string, data json.RawMessage) bool {
+	s.mu.Lock()
+	ok := !s.ended && s.resumableLocked(lastSeq)
+	s.mu.Unlock()
+	if !ok {
+		return false
+	}
+	t, err := h.accept(w, r, name)
+	if err != nil {
+		h.logger.Debug("session resume failed", zap.String("transport", name),
+			zap.String("remote", r.RemoteAddr), zap.Error(err))
+		return true
+	}
+	a := newAttachment(s, h, r, next, name, t)
+	if !s.attach(a, true, lastSeq, data) {
+		// Lost a race with the session's end: the connection is open
+		// already, so tell the client to start over.
+		_ = t.writeFrame(frameClose, 0, encodeClose(closeInfo{Code: codeRestart, Reason: "session ended", Reconnect: true}), nil, nil)
+		_ = t.flush()
+		_ = t.close(codeRestart, "session ended")
+		_ = t.end()
+		return true
+	}
+	if h.Connect && len(channels) > 0 {
+		h.hub.subscribe(s, channels, nil)
+	}
+	metrics.resumes.WithLabelValues("resumed").Inc()
+	h.logger.Info("session resumed",
+		zap.String("session", s.id),
+		zap.String("user", s.user),
+		zap.String("transport", name),
+		zap.String("remote", r.RemoteAddr),
+		zap.Uint64("from_seq", lastSeq))
+	a.run()
+	return true
+}
+
+// keepNext remembers the handler chain after duplex (it is the same for
+// every request through this handler), for hooks run outside a request.
+func (h *Handler) keepNext(next caddyhttp.Handler) caddyhttp.Handler {
+	if h.next.Load() == nil {
+		h.next.CompareAndSwap(nil, &next)
+	}
+	return next
 }
 
 // takeCursor returns the resume cursor of an opening: Last-Event-ID for SSE
@@ -130,24 +212,6 @@ func takeCursor(r *http.Request, transport, header string) string {
 		return r.Header.Get("Last-Event-Id")
 	}
 	return ""
-}
-
-// resumable finds the session a cursor names, if the opening may resume
-// it: the token matches (compared in constant time) and the opening is by
-// the same user.
-func (h *Handler) resumable(cursor, user string) (*session, uint64) {
-	if cursor == "" {
-		return nil, 0
-	}
-	token, seq, ok := parseCursor(cursor)
-	if !ok {
-		return nil, 0
-	}
-	s := h.hub.byToken(token)
-	if s == nil || !s.tokenMatches(token) || s.user != user {
-		return nil, 0
-	}
-	return s, seq
 }
 
 // silentPeer is the read idle timeout for transports whose clients need not

@@ -51,6 +51,9 @@ type hub struct {
 	channels map[string]map[*session]struct{}
 
 	broker broker
+	// handlers maps handler config keys to the handler of the running
+	// config with that key.
+	handlers map[string]*Handler
 	// app is the duplex app of the running config, if it has one; it
 	// holds the global options.
 	app atomic.Pointer[App]
@@ -65,6 +68,7 @@ func newHub() *hub {
 		tokens:   make(map[[32]byte]*session),
 		users:    make(map[string]map[*session]struct{}),
 		channels: make(map[string]map[*session]struct{}),
+		handlers: make(map[string]*Handler),
 	}
 	h.broker = memoryBroker{h}
 	return h
@@ -113,6 +117,68 @@ func (h *hub) remove(s *session) {
 		removeMember(h.channels, c, s)
 	}
 	s.channels = nil
+}
+
+// register makes h the handler for its config key; unregister undoes it
+// if h still holds the key.
+func (h *hub) register(hd *Handler) {
+	h.mu.Lock()
+	h.handlers[hd.key] = hd
+	h.mu.Unlock()
+}
+
+func (h *hub) unregister(hd *Handler) {
+	h.mu.Lock()
+	if h.handlers[hd.key] == hd {
+		delete(h.handlers, hd.key)
+	}
+	h.mu.Unlock()
+}
+
+// successor is the handler of the running config with the given key.
+func (h *hub) successor(key string) *Handler {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	hd := h.handlers[key]
+	if hd == nil || hd.cleaned.Load() {
+		return nil
+	}
+	return hd
+}
+
+// endSessionsOf ends for good every session last served by handler hd.
+func (h *hub) endSessionsOf(hd *Handler, c closeInfo) {
+	h.mu.RLock()
+	var ended []*session
+	for _, s := range h.sessions {
+		s.mu.Lock()
+		mine := s.last != nil && s.last.h == hd
+		s.mu.Unlock()
+		if mine && s.end(c) {
+			ended = append(ended, s)
+		}
+	}
+	h.mu.RUnlock()
+	for _, s := range ended {
+		s.finish()
+	}
+}
+
+// resumable finds the open session a resume cursor <token>:<seq> names,
+// comparing the token in constant time.
+func (h *hub) resumable(cursor string) (*session, uint64) {
+	if cursor == "" {
+		return nil, 0
+	}
+	token, seq, ok := parseCursor(cursor)
+	if !ok {
+		return nil, 0
+	}
+	s := h.byToken(token)
+	if s == nil || !s.tokenMatches(token) {
+		return nil, 0
+	}
+	return s, seq
 }
 
 // byToken finds an open session by its token.

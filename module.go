@@ -7,8 +7,10 @@
 package duplex
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -140,6 +142,25 @@ type Handler struct {
 	// dropped earlier. Default: 1000.
 	ResumeBuffer int `json:"resume_buffer,omitempty"`
 
+	// Connect runs the opening request (method and path unchanged, upgrade
+	// headers removed, no body) through the rest of the route once before
+	// the session opens, also when a session is resumed. A 2xx answer
+	// accepts: its Duplex-User and Duplex-Subscribe headers set the
+	// session's user and add channels, its body becomes the open frame's
+	// data, and a text/event-stream or application/x-ndjson answer that
+	// stays open is relayed as pushes to the session. Any other answer
+	// rejects the opening with the app's status, headers and body. An app
+	// that does not answer within message_timeout rejects it with 504.
+	// Default: off.
+	Connect bool `json:"connect,omitempty"`
+
+	// Disconnect is a path the session's end is POSTed to through the rest
+	// of the route, once per session, when it ends for good (closed by
+	// either side, resume window over, shutdown), with Duplex-Session,
+	// Duplex-User and a body {"reason":"…"}; retried with backoff while the
+	// app fails. Default: none.
+	Disconnect string `json:"disconnect,omitempty"`
+
 	// AllowedOrigins lists the origins (scheme://host[:port]) browsers may
 	// open sessions from, in addition to the request's own host; "*"
 	// allows every origin. Requests without an Origin header (non-browser
@@ -155,6 +176,14 @@ type Handler struct {
 	// cleaned is set once Caddy cleaned the handler up: its handler chain
 	// must not serve messages any more.
 	cleaned *atomic.Bool
+	// key identifies the handler's configuration across reloads, so a
+	// session detached under an unloaded config can reach the handler that
+	// replaced it (for its disconnect hook).
+	key string
+	// next is the handler chain after duplex, kept from the first request.
+	next *atomic.Pointer[caddyhttp.Handler]
+	// hooks counts disconnect hooks under way.
+	hooks *sync.WaitGroup
 }
 
 // CaddyModule returns the Caddy module information.
@@ -207,12 +236,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.hub = globalHub
 	h.live = newAttachmentSet()
 	h.cleaned = new(atomic.Bool)
+	h.next = new(atomic.Pointer[caddyhttp.Handler])
+	h.hooks = new(sync.WaitGroup)
+	if key, err := json.Marshal(h); err == nil {
+		h.key = string(key)
+	}
+	h.hub.register(h)
 	// A server shutting down (reload or stop) waits for open requests
 	// forever with the default grace period; an SSE or stream session is
 	// one. End this handler's sessions as soon as the shutdown starts.
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
-		live := h.live
-		srv.RegisterOnShutdown(func() { live.closeAll(closeRestart) })
+		srv.RegisterOnShutdown(h.shutdown)
 	}
 	return nil
 }
@@ -249,9 +283,33 @@ func (h *Handler) Validate() error {
 // them on the new config. The hub itself lives on. (Usually the server's
 // shutdown hook, registered in Provision, has closed them already.)
 func (h *Handler) Cleanup() error {
+	h.shutdown()
 	h.cleaned.Store(true)
-	h.live.closeAll(closeRestart)
+	h.hub.unregister(h)
+	if caddy.Exiting() {
+		// Let the disconnect hooks of the sessions that ended reach the
+		// app before the process exits (bounded).
+		done := make(chan struct{})
+		go func() { h.hooks.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			h.logger.Warn("exiting before every disconnect hook was delivered")
+		}
+	}
 	return nil
+}
+
+// shutdown runs when the server this handler belongs to starts shutting
+// down (reload or exit), and again at Cleanup. On a reload, connections
+// are closed with 4012 and reconnect:true, so their sessions resume on the
+// new config. When the process exits, sessions cannot resume here: they
+// end for good (and their disconnect hooks run).
+func (h *Handler) shutdown() {
+	if caddy.Exiting() {
+		h.hub.endSessionsOf(h, closeShutdown)
+	}
+	h.live.closeAll(closeRestart)
 }
 
 // Publish is the `duplex_publish` handler: it serves the publish API

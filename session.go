@@ -5,11 +5,13 @@ import (
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -45,6 +47,8 @@ type session struct {
 	// ctx ends when the session ends for good; messages run under it.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// upstream is set while a connect hook stream relays pushes.
+	upstream atomic.Bool
 
 	mu        sync.Mutex
 	seq       uint64     // last push sequence number assigned
@@ -166,7 +170,7 @@ func parseCursor(c string) (token string, seq uint64, ok bool) {
 // connection still attached is closed in favour of the new one. It
 // reports false if the session cannot take a (it ended, or lastSeq is not
 // resumable).
-func (s *session) attach(a *attachment, resumed bool, lastSeq uint64) bool {
+func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.RawMessage) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ended {
@@ -187,7 +191,7 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64) bool {
 	if c, ok := a.t.(*sseConn); ok {
 		c.setToken(s.token)
 	}
-	cursor := s.seq
+	cursor := uint64(0) // a new session: pushes from a connect stream
 	if resumed {
 		cursor = lastSeq
 		s.resumes++
@@ -198,6 +202,7 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64) bool {
 		Token:     s.token,
 		Resumed:   resumed,
 		Heartbeat: int64(time.Duration(a.h.Heartbeat) / time.Second),
+		Data:      data,
 	})}
 	a.out = append(a.out, open)
 	a.outBytes += open.size()
@@ -373,8 +378,11 @@ func (s *session) terminate(c closeInfo) bool {
 func (s *session) finish() {
 	s.hub.remove(s)
 	s.mu.Lock()
-	kind := s.endKind
+	kind, reason, last := s.endKind, s.endReason, s.last
 	s.mu.Unlock()
+	if last != nil && last.h.Disconnect != "" {
+		last.h.sendDisconnect(last, s, reason)
+	}
 	if kind == "" {
 		kind = "other"
 	}

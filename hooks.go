@@ -1,0 +1,340 @@
+package duplex
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// The app's hooks: `connect` runs the opening request through the rest of
+// the route once before the session opens (the app accepts, rejects, names
+// the user, subscribes, or streams pushes); `disconnect` tells the app when
+// a session has ended for good.
+
+// connectResult is the app's answer to the connect hook.
+type connectResult struct {
+	status   int
+	header   http.Header
+	body     []byte
+	err      error // the route failed (status from the error)
+	timedOut bool
+	// streaming: the answer is an open event stream now relaying pushes.
+	streaming bool
+}
+
+func (c *connectResult) accepted() bool {
+	return c.err == nil && !c.timedOut && c.status >= 200 && c.status < 300
+}
+
+// runConnect serves the connect hook for an opening of s through next. It
+// waits at most message_timeout for the app's answer; a streaming answer
+// keeps relaying pushes to s until the stream or the session ends.
+func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session, transport string, resumed bool) *connectResult {
+	hdr := messageHeader(r.Header)
+	hdr.Set("Duplex-Session", s.id)
+	hdr.Set("Duplex-Transport", transport)
+	if s.user != "" {
+		hdr.Set("Duplex-User", s.user)
+	}
+	if resumed {
+		hdr.Set("Duplex-Connect", "resume")
+	} else {
+		hdr.Set("Duplex-Connect", "open")
+	}
+	method := r.Method
+	if method == http.MethodConnect {
+		method = http.MethodGet // an RFC 8441 WebSocket opening
+	}
+	u := *r.URL
+	req := &http.Request{
+		Method:     method,
+		URL:        &u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     hdr,
+		Body:       http.NoBody,
+		Host:       r.Host,
+		RemoteAddr: r.RemoteAddr,
+		RequestURI: r.URL.RequestURI(),
+		TLS:        r.TLS,
+	}
+	// The hook lives as long as the session (a stream may stay open), but
+	// must answer within message_timeout.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	stopOnEnd := context.AfterFunc(s.ctx, cancel)
+	w := newHookWriter(s, h.SendQueue)
+	a := &attachment{s: s, h: h, r: r, next: next}
+	a.repl, _ = r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	req = a.prepare(req.WithContext(ctx), w)
+
+	done := make(chan error, 1)
+	go func() {
+		defer stopOnEnd()
+		defer cancel()
+		defer func() {
+			if p := recover(); p != nil {
+				h.logger.Error("panic in connect hook", zap.String("session", s.id), zap.Any("panic", p))
+				done <- caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("panic: %v", p))
+			}
+		}()
+		err := next.ServeHTTP(w, req)
+		w.finish()
+		done <- err
+	}()
+
+	timer := time.NewTimer(time.Duration(h.MessageTimeout))
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		res := w.result()
+		res.err = err
+		return res
+	case <-w.decided:
+		// A stream: it goes on in the goroutine, unless the session has
+		// one already (a resume's connect answer).
+		if !s.upstream.CompareAndSwap(false, true) {
+			cancel()
+			return w.result()
+		}
+		go func() {
+			<-done
+			s.upstream.Store(false)
+		}()
+		return w.result()
+	case <-timer.C:
+		cancel()
+		return &connectResult{timedOut: true}
+	}
+}
+
+// hookWriter is the ResponseWriter of the connect hook: it keeps a plain
+// answer, or relays a streaming one (SSE or NDJSON) as pushes to the
+// session.
+type hookWriter struct {
+	s       *session
+	limit   int64
+	header  http.Header
+	decided chan struct{} // closed when a streaming answer started
+
+	mu        sync.Mutex
+	status    int
+	body      bytes.Buffer
+	streaming bool
+	sse       bool
+	pending   []byte // a partial line of the stream
+	event     []string
+	overflow  bool
+}
+
+func newHookWriter(s *session, limit int64) *hookWriter {
+	return &hookWriter{s: s, limit: limit, header: make(http.Header), decided: make(chan struct{})}
+}
+
+func (w *hookWriter) Header() http.Header { return w.header }
+
+func (w *hookWriter) WriteHeader(code int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.status != 0 || (code >= 100 && code < 200) {
+		return
+	}
+	w.status = code
+	mt, _, _ := mime.ParseMediaType(w.header.Get("Content-Type"))
+	if code >= 200 && code < 300 && (mt == "text/event-stream" || mt == "application/x-ndjson") {
+		w.streaming, w.sse = true, mt == "text/event-stream"
+		close(w.decided)
+	}
+}
+
+func (w *hookWriter) Write(p []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.streaming {
+		if int64(w.body.Len()+len(p)) > w.limit {
+			w.overflow = true
+			return len(p), nil
+		}
+		return w.body.Write(p)
+	}
+	w.pending = append(w.pending, p...)
+	for {
+		i := bytes.IndexByte(w.pending, '\n')
+		if i < 0 {
+			break
+		}
+		line := strings.TrimRight(string(w.pending[:i]), "\r")
+		w.pending = w.pending[i+1:]
+		w.line(line)
+	}
+	if int64(len(w.pending)) > w.limit {
+		return 0, errors.New("duplex: connect stream line larger than send_queue")
+	}
+	return len(p), nil
+}
+
+// line handles one line of a streaming answer: an NDJSON line is a push;
+// SSE lines are gathered into events whose data is a push.
+func (w *hookWriter) line(line string) {
+	if !w.sse {
+		if strings.TrimSpace(line) != "" {
+			w.s.pushData(pushValue([]byte(line)))
+		}
+		return
+	}
+	switch {
+	case line == "":
+		if len(w.event) > 0 {
+			w.s.pushData(pushValue([]byte(strings.Join(w.event, "\n"))))
+			w.event = w.event[:0]
+		}
+	case strings.HasPrefix(line, ":"):
+		// comment
+	case line == "data" || strings.HasPrefix(line, "data:"):
+		v := strings.TrimPrefix(strings.TrimPrefix(line, "data"), ":")
+		w.event = append(w.event, strings.TrimPrefix(v, " "))
+	}
+}
+
+// pushValue is a streamed payload as push data: JSON as is, anything else
+// as a JSON string.
+func pushValue(b []byte) json.RawMessage {
+	b = bytes.TrimSpace(b)
+	if json.Valid(b) {
+		return b
+	}
+	return mustJSON(string(b))
+}
+
+// Flush is a no-op: stream lines are handled as they are written.
+func (w *hookWriter) Flush() {}
+
+// finish is called when the hook's handler returned.
+func (w *hookWriter) finish() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.streaming && w.sse && len(w.event) > 0 {
+		w.s.pushData(pushValue([]byte(strings.Join(w.event, "\n"))))
+		w.event = nil
+	}
+}
+
+func (w *hookWriter) result() *connectResult {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	status := w.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	res := &connectResult{status: status, header: w.header.Clone(), streaming: w.streaming}
+	if !w.streaming {
+		if w.overflow {
+			res.status, res.err = http.StatusBadGateway, errors.New("connect answer larger than send_queue")
+		}
+		res.body = bytes.Clone(w.body.Bytes())
+	}
+	return res
+}
+
+// rejectOpening answers an opening the connect hook refused with the app's
+// status, headers and body.
+func rejectOpening(w http.ResponseWriter, res *connectResult) {
+	switch {
+	case res.timedOut:
+		http.Error(w, "duplex: the app did not answer the connect hook within message_timeout", http.StatusGatewayTimeout)
+		return
+	case res.err != nil:
+		status := http.StatusBadGateway
+		var he caddyhttp.HandlerError
+		if errors.As(res.err, &he) && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+		http.Error(w, http.StatusText(status), status)
+		return
+	}
+	for k, v := range res.header {
+		if isDuplexHeader(k) || k == "Content-Length" || k == "Connection" || k == "Transfer-Encoding" {
+			continue
+		}
+		w.Header()[k] = v
+	}
+	w.WriteHeader(res.status)
+	_, _ = w.Write(res.body)
+}
+
+// pushData pushes data to this session only (the connect stream's pushes).
+func (s *session) pushData(data json.RawMessage) {
+	s.push(newPush("", data))
+}
+
+// sendDisconnect tells the app that s ended for good: POST path through
+// the rest of the route, with Duplex-Session, Duplex-User and
+// {"reason":…}; retried with backoff while the app fails. It runs in its
+// own goroutine and never blocks the session's teardown.
+func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
+	if a.h.cleaned.Load() {
+		// The config it ran under is gone: use the handler that took its
+		// place in the running config, if there is one.
+		succ := a.h.hub.successor(a.h.key)
+		if succ == nil {
+			h.logger.Warn("disconnect hook not sent: its handler was unloaded", zap.String("session", s.id))
+			return
+		}
+		next := succ.next.Load()
+		if next == nil {
+			h.logger.Warn("disconnect hook not sent: its handler has served nothing yet", zap.String("session", s.id))
+			return
+		}
+		a = &attachment{s: s, h: succ, r: a.r, repl: a.repl, next: *next, transport: a.transport}
+		h = succ
+	}
+	body := mustJSON(map[string]string{"reason": reason})
+	h.hooks.Go(func() {
+		backoff := 250 * time.Millisecond
+		for attempt := 1; ; attempt++ {
+			status, err := a.post(h.Disconnect, body)
+			if err == nil && status < 300 {
+				return
+			}
+			if attempt == disconnectAttempts {
+				h.logger.Warn("disconnect hook failed",
+					zap.String("session", s.id), zap.Int("attempts", attempt),
+					zap.Int("status", status), zap.Error(err))
+				return
+			}
+			time.Sleep(backoff)
+			backoff *= 2
+		}
+	})
+}
+
+const disconnectAttempts = 6
+
+// post serves one request through the rest of the route and returns its
+// status (used by the disconnect hook).
+func (a *attachment) post(path string, body []byte) (int, error) {
+	req, err := a.messageRequest(http.MethodPost, path, nil, body, "application/json")
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.r.Context()), time.Duration(a.h.MessageTimeout))
+	defer cancel()
+	rec := newRecorder(1 << 16)
+	req = a.prepare(req.WithContext(ctx), rec)
+	if err := a.next.ServeHTTP(rec, req); err != nil {
+		return 0, fmt.Errorf("duplex: disconnect hook: %w", err)
+	}
+	return rec.statusCode(), nil
+}
