@@ -51,7 +51,7 @@ var (
 	closeRestart = closeInfo{Type: frameClose, Code: codeRestart, Reason: "server restarting", Reconnect: true}
 	// closeShutdown ends sessions for good when the process exits.
 	closeShutdown = closeInfo{Type: frameClose, Code: codeRestart, Reason: "shutdown", Reconnect: true, kind: "shutdown"}
-	closeSlow    = closeInfo{Type: frameClose, Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
+	closeSlow     = closeInfo{Type: frameClose, Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
 	// closeReplaced goes to a connection whose session a newer one resumed.
 	closeReplaced = closeInfo{Type: frameClose, Code: codeReplaced, Reason: "resumed on another connection"}
 )
