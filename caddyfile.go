@@ -50,6 +50,10 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		resume_window <duration>   # default 2m
 //		resume_buffer <n>          # default 1000
 //		allowed_origins <origin…>  # default: the request's own host only; * allows all
+//		rate <n>/s [burst <m>]     # client messages per session; default 100/s burst 200; "rate off"
+//		max_sessions_per_user <n>  # default 0 = unlimited; the oldest is closed
+//		max_sessions <n>           # sessions in the process; default 0 = unlimited
+//		max_age <duration>         # per connection; default 0 = unlimited
 //		connect                    # run the opening through the route first (app accepts/rejects)
 //		disconnect <path>          # POST {"reason":…} here when a session ends for good
 //	}
@@ -111,13 +115,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.Transports = append(h.Transports, t)
 			}
 
-		case "heartbeat", "message_timeout", "resume_window":
+		case "rate":
+			if err := h.parseRate(d); err != nil {
+				return err
+			}
+
+		case "max_sessions_per_user", "max_sessions":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				return d.Errf("duplex: %s: want a whole number ≥ 0, got %q", name, v)
+			}
+			if name == "max_sessions" {
+				h.MaxSessions = n
+			} else {
+				h.MaxSessionsPerUser = n
+			}
+
+		case "heartbeat", "message_timeout", "resume_window", "max_age":
 			v, err := oneArg(d)
 			if err != nil {
 				return err
 			}
 			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
+			if err != nil || dur < 0 || (dur == 0 && name != "max_age") {
 				return d.Errf("duplex: %s: invalid duration %q (want e.g. 25s)", name, v)
 			}
 			switch name {
@@ -125,6 +149,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.Heartbeat = caddy.Duration(dur)
 			case "message_timeout":
 				h.MessageTimeout = caddy.Duration(dur)
+			case "max_age":
+				h.MaxAge = caddy.Duration(dur)
 			default:
 				h.ResumeWindow = caddy.Duration(dur)
 			}
@@ -185,6 +211,39 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		default:
 			return d.Errf("duplex: unknown subdirective %q", name)
 		}
+	}
+	return nil
+}
+
+// parseRate parses `rate <n>/s [burst <m>]` (also /m) or `rate off`.
+func (h *Handler) parseRate(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 1 && args[0] == "off" {
+		h.Rate = -1
+		return nil
+	}
+	if len(args) != 1 && !(len(args) == 3 && args[1] == "burst") {
+		return d.Err("duplex: rate: want <n>/s [burst <m>] or off")
+	}
+	num, per, ok := strings.Cut(args[0], "/")
+	n, err := strconv.ParseFloat(num, 64)
+	if !ok || err != nil || n <= 0 {
+		return d.Errf("duplex: rate: want e.g. 100/s, got %q", args[0])
+	}
+	switch per {
+	case "s":
+		h.Rate = n
+	case "m":
+		h.Rate = n / 60
+	default:
+		return d.Errf("duplex: rate: per second (/s) or per minute (/m), got %q", args[0])
+	}
+	if len(args) == 3 {
+		b, err := strconv.Atoi(args[2])
+		if err != nil || b < 1 {
+			return d.Errf("duplex: rate: burst: want a whole number ≥ 1, got %q", args[2])
+		}
+		h.Burst = b
 	}
 	return nil
 }

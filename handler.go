@@ -123,6 +123,11 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (t
 
 // open serves a new session s on this request until its connection ends.
 func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, channels []string, data json.RawMessage) error {
+	if h.MaxSessions > 0 && h.hub.count() >= h.MaxSessions {
+		s.end(closeInfo{Reason: "max_sessions reached"})
+		w.Header().Set("Retry-After", "5")
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("duplex: max_sessions (%d) reached", h.MaxSessions))
+	}
 	t, err := h.accept(w, r, name)
 	if err != nil {
 		s.end(closeInfo{Reason: "opening failed"})
@@ -133,6 +138,11 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 	a := newAttachment(s, h, r, next, name, t)
 	h.hub.add(s, channels)
 	s.attach(a, false, 0, data)
+	if h.MaxSessionsPerUser > 0 && s.user != "" {
+		for _, old := range h.hub.oldestOf(s.user, h.MaxSessionsPerUser) {
+			old.terminate(closeTooMany)
+		}
+	}
 	metrics.opened.WithLabelValues(name).Inc()
 	h.logger.Info("session opened",
 		zap.String("session", s.id),

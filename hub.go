@@ -8,6 +8,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // errUnknownSession is returned for a session id that is not (or no longer)
@@ -20,6 +21,9 @@ type publishMsg struct {
 	Channel string          `json:"channel,omitempty"`
 	User    string          `json:"user,omitempty"`
 	Session string          `json:"session,omitempty"`
+	// ID makes the publish idempotent: a repeat within 2 minutes is not
+	// applied again.
+	ID string `json:"id,omitempty"`
 	Data    json.RawMessage `json:"data,omitempty"`
 	Except  string          `json:"except,omitempty"`
 	Close   *string         `json:"close,omitempty"`
@@ -51,6 +55,8 @@ type hub struct {
 	channels map[string]map[*session]struct{}
 
 	broker broker
+	// idem remembers publish ids.
+	idem *idempotency
 	// handlers maps handler config keys to the handler of the running
 	// config with that key.
 	handlers map[string]*Handler
@@ -69,6 +75,7 @@ func newHub() *hub {
 		users:    make(map[string]map[*session]struct{}),
 		channels: make(map[string]map[*session]struct{}),
 		handlers: make(map[string]*Handler),
+		idem:     newIdempotency(),
 	}
 	h.broker = memoryBroker{h}
 	return h
@@ -80,9 +87,13 @@ func (h *hub) adminPublish() bool {
 	return a == nil || a.AdminPublish == nil || *a.AdminPublish
 }
 
-// publish hands m to the broker.
+// publish hands m to the broker, unless a publish with the same id was
+// applied within the idempotency window: then it returns that one's count.
 func (h *hub) publish(ctx context.Context, m *publishMsg) (int, error) {
-	return h.broker.publish(ctx, m)
+	if m.ID == "" {
+		return h.broker.publish(ctx, m)
+	}
+	return h.idem.do(m.ID, time.Now(), func() (int, error) { return h.broker.publish(ctx, m) })
 }
 
 // add registers an opened session with its initial channels.
@@ -162,6 +173,30 @@ func (h *hub) endSessionsOf(hd *Handler, c closeInfo) {
 	for _, s := range ended {
 		s.finish()
 	}
+}
+
+// count is the number of sessions in the hub.
+func (h *hub) count() int {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.sessions)
+}
+
+// oldestOf returns the sessions of user beyond the newest keep, oldest
+// first.
+func (h *hub) oldestOf(user string, keep int) []*session {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	set := h.users[user]
+	if len(set) <= keep {
+		return nil
+	}
+	all := make([]*session, 0, len(set))
+	for s := range set {
+		all = append(all, s)
+	}
+	slices.SortFunc(all, func(a, b *session) int { return a.opened.Compare(b.opened) })
+	return all[:len(all)-keep]
 }
 
 // resumable finds the open session a resume cursor <token>:<seq> names,

@@ -3,6 +3,7 @@ package duplex
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -65,6 +66,21 @@ func (in *inbox) dispatch() {
 		}
 		var f *clientFrame
 		body, contentType := m.b, "application/octet-stream"
+		if ok, abuse := s.gate.allow(); !ok {
+			if abuse {
+				s.terminate(closeRateAbuse)
+				continue
+			}
+			metrics.messages.WithLabelValues("rate_limited").Inc()
+			var ref json.RawMessage
+			if !m.binary {
+				if frame, ferr := decodeClientFrame(m.b); ferr == nil && hasID(frame.ID) {
+					ref = frame.ID
+				}
+			}
+			s.send(frameErr, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
+			continue
+		}
 		if !m.binary {
 			frame, ferr := decodeClientFrame(m.b)
 			if ferr != nil {

@@ -142,6 +142,32 @@ type Handler struct {
 	// dropped earlier. Default: 1000.
 	ResumeBuffer int `json:"resume_buffer,omitempty"`
 
+	// Rate is how many client messages per second one session may send
+	// (a token bucket of Burst). A message over it is answered with an
+	// error frame of status 429; a client that sends a burst's worth of
+	// messages in a row over it is closed with code 1008. Negative turns
+	// the limit off. Default: 100.
+	Rate float64 `json:"rate,omitempty"`
+
+	// Burst is the token bucket's size for Rate. Default: 200.
+	Burst int `json:"burst,omitempty"`
+
+	// MaxSessionsPerUser caps the open sessions of one user; opening one
+	// more closes that user's oldest session (code 4001). 0 is unlimited.
+	// Default: 0.
+	MaxSessionsPerUser int `json:"max_sessions_per_user,omitempty"`
+
+	// MaxSessions caps the sessions open in the whole process (every
+	// handler); an opening over it is answered 503. 0 is unlimited.
+	// Default: 0.
+	MaxSessions int `json:"max_sessions,omitempty"`
+
+	// MaxAge closes a connection this long after it opened, with code 4003
+	// and reconnect:true: the client reconnects through the auth handlers
+	// (and the connect hook) again and resumes its session. 0 is
+	// unlimited. Default: 0.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+
 	// Connect runs the opening request (method and path unchanged, upgrade
 	// headers removed, no body) through the rest of the route once before
 	// the session opens, also when a session is resumed. A 2xx answer
@@ -230,6 +256,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.ResumeBuffer == 0 {
 		h.ResumeBuffer = defaultResumeBuffer
 	}
+	if h.Rate == 0 {
+		h.Rate = defaultRate
+	}
+	if h.Burst == 0 {
+		h.Burst = defaultBurst
+	}
 	if err := metrics.register(ctx); err != nil {
 		return fmt.Errorf("duplex: registering metrics: %w", err)
 	}
@@ -273,6 +305,8 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("duplex: resume_window must be positive")
 	case h.ResumeBuffer < 0:
 		return fmt.Errorf("duplex: resume_buffer must be positive")
+	case h.Burst < 0, h.MaxSessionsPerUser < 0, h.MaxSessions < 0, h.MaxAge < 0:
+		return fmt.Errorf("duplex: burst, max_sessions_per_user, max_sessions and max_age must not be negative")
 	}
 	return nil
 }

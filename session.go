@@ -49,6 +49,8 @@ type session struct {
 	cancel context.CancelFunc
 	// upstream is set while a connect hook stream relays pushes.
 	upstream atomic.Bool
+	// gate applies the rate limit to the client's messages.
+	gate *rateGate
 
 	mu        sync.Mutex
 	seq       uint64     // last push sequence number assigned
@@ -127,6 +129,7 @@ func newSession(h *Handler, user string) *session {
 		opened: time.Now(),
 		hub:    h.hub,
 		sem:    make(chan struct{}, h.MaxInflight),
+		gate:   newRateGate(h.Rate, h.Burst),
 		ctx:    ctx,
 		cancel: cancel,
 	}
@@ -543,6 +546,10 @@ func (a *attachment) writeLoop(readerDone <-chan struct{}) {
 func (a *attachment) run() {
 	s := a.s
 	a.h.live.add(a)
+	if age := time.Duration(a.h.MaxAge); age > 0 {
+		timer := time.AfterFunc(age, func() { a.close(closeMaxAge) })
+		defer timer.Stop()
+	}
 	gauge := metrics.connections.WithLabelValues(a.transport)
 	gauge.Inc()
 	defer gauge.Dec()

@@ -367,6 +367,8 @@ http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
 			max_inflight 1
+			# 1,000 messages back to back: over the default rate limit
+			rate off
 		}
 		reverse_proxy {{.Upstream}}
 	}

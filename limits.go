@@ -1,0 +1,115 @@
+package duplex
+
+import (
+	"container/list"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Abuse limits: a token bucket of client messages per session, caps on
+// sessions per user and in the process, a maximum connection age, and the
+// idempotency window of publish ids.
+
+// Defaults of the limits.
+const (
+	defaultRate  = 100 // client messages per second per session
+	defaultBurst = 200
+	// idempotencyWindow is how long a publish id is remembered.
+	idempotencyWindow = 2 * time.Minute
+)
+
+// Close codes of the limits.
+const (
+	// codePolicy: the client kept sending over its rate (WebSocket 1008).
+	codePolicy = 1008
+	// codeTooMany: the user opened more sessions than allowed.
+	codeTooMany = 4001
+	// codeMaxAge: the connection reached max_age; reconnecting passes the
+	// auth chain (and connect hook) again and resumes the session.
+	codeMaxAge = 4003
+)
+
+var (
+	closeRateAbuse = closeInfo{Type: frameClose, Code: codePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
+	closeTooMany   = closeInfo{Type: frameClose, Code: codeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
+	closeMaxAge    = closeInfo{Type: frameClose, Code: codeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
+)
+
+// rateGate applies the rate option to one session's messages.
+type rateGate struct {
+	mu       sync.Mutex
+	lim      *rate.Limiter
+	rejected int // consecutive messages refused
+	burst    int
+}
+
+func newRateGate(perSecond float64, burst int) *rateGate {
+	if perSecond <= 0 {
+		return nil
+	}
+	return &rateGate{lim: rate.NewLimiter(rate.Limit(perSecond), burst), burst: burst}
+}
+
+// allow reports whether a message may be served now, and whether the
+// client has kept sending over its rate for so long (a burst's worth of
+// refusals in a row) that the session should be closed.
+func (g *rateGate) allow() (ok, abuse bool) {
+	if g == nil {
+		return true, false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.lim.Allow() {
+		g.rejected = 0
+		return true, false
+	}
+	g.rejected++
+	return false, g.rejected > g.burst
+}
+
+// idempotency remembers publish ids for idempotencyWindow.
+type idempotency struct {
+	mu    sync.Mutex
+	seen  map[string]*list.Element
+	order *list.List // of seenID, oldest first
+}
+
+type seenID struct {
+	id        string
+	at        time.Time
+	delivered int
+}
+
+func newIdempotency() *idempotency {
+	return &idempotency{seen: make(map[string]*list.Element), order: list.New()}
+}
+
+// do runs publish unless a publish with id succeeded within the window, in
+// which case it returns that one's count. Publishes with ids are applied
+// one at a time, so two copies racing are still applied once.
+func (c *idempotency) do(id string, now time.Time, publish func() (int, error)) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pruneLocked(now)
+	if e, ok := c.seen[id]; ok {
+		return e.Value.(*seenID).delivered, nil
+	}
+	n, err := publish()
+	if err == nil {
+		c.seen[id] = c.order.PushBack(&seenID{id: id, at: now, delivered: n})
+	}
+	return n, err
+}
+
+func (c *idempotency) pruneLocked(now time.Time) {
+	for e := c.order.Front(); e != nil; e = c.order.Front() {
+		s := e.Value.(*seenID)
+		if now.Sub(s.at) < idempotencyWindow {
+			return
+		}
+		delete(c.seen, s.id)
+		c.order.Remove(e)
+	}
+}
