@@ -18,15 +18,15 @@ var errUnknownSession = errors.New("unknown session")
 // publishMsg is one publish: exactly one target, and data to push or a
 // close reason.
 type publishMsg struct {
-	Channel string          `json:"channel,omitempty"`
-	User    string          `json:"user,omitempty"`
-	Session string          `json:"session,omitempty"`
+	Channel string `json:"channel,omitempty"`
+	User    string `json:"user,omitempty"`
+	Session string `json:"session,omitempty"`
 	// ID makes the publish idempotent: a repeat within 2 minutes is not
 	// applied again.
-	ID string `json:"id,omitempty"`
-	Data    json.RawMessage `json:"data,omitempty"`
-	Except  string          `json:"except,omitempty"`
-	Close   *string         `json:"close,omitempty"`
+	ID     string          `json:"id,omitempty"`
+	Data   json.RawMessage `json:"data,omitempty"`
+	Except string          `json:"except,omitempty"`
+	Close  *string         `json:"close,omitempty"`
 }
 
 // broker carries publishes to the sessions they target, wherever they are.
