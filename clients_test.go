@@ -963,8 +963,8 @@ type dxSession struct {
 	conn      duplexConn
 
 	Session, Token string
+	open           map[string]any // the open frame
 	seq            float64
-	ended          bool
 }
 
 var transports = []string{"websocket", "stream", "sse"}
@@ -1006,9 +1006,6 @@ func (s *dxSession) nextWithin(t *testing.T, d time.Duration) dxEvent {
 	t.Helper()
 	select {
 	case e := <-s.conn.frames():
-		if e.end != nil {
-			s.ended = true
-		}
 		return e
 	case <-time.After(d):
 		t.Fatalf("%s: nothing from the server within %s", s.name, d)
@@ -1052,7 +1049,7 @@ func (s *dxSession) expectOpen(t *testing.T) map[string]any {
 	if _, ok := f["heartbeat"].(float64); !ok {
 		t.Fatalf("%s: open frame without numeric heartbeat: %v", s.name, f)
 	}
-	s.Session, s.Token = sid, tok
+	s.Session, s.Token, s.open = sid, tok, f
 	return f
 }
 

@@ -252,6 +252,10 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(http.StatusBadRequest, "no frame in the body")
 		return
 	}
+	if len(frames) > inboxSize {
+		reject(http.StatusRequestEntityTooLarge, fmt.Sprintf("at most %d frames per POST", inboxSize))
+		return
+	}
 	for i, f := range frames {
 		if _, ferr := decodeClientFrame(f); ferr != nil {
 			reject(http.StatusBadRequest, fmt.Sprintf("frame %d: %s", i, ferr.msg))

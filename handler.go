@@ -31,6 +31,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if name == "" {
 		return next.ServeHTTP(w, r)
 	}
+	if name == transportStream && r.ProtoMajor == 1 {
+		// Otherwise Go's HTTP/1.1 server holds any answer (also a
+		// refusal below) until the client has finished its body, which a
+		// stream client never does.
+		_ = http.NewResponseController(w).EnableFullDuplex()
+	}
 	if !slices.Contains(h.Transports, name) {
 		// Say which transports are enabled, so a client can fall back.
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
