@@ -7,6 +7,7 @@
 package duplex
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -235,33 +236,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(h.Transports) == 0 {
 		h.Transports = slices.Clone(knownTransports)
 	}
-	if h.Heartbeat == 0 {
-		h.Heartbeat = caddy.Duration(defaultHeartbeat)
-	}
-	if h.MaxMessageSize == 0 {
-		h.MaxMessageSize = defaultMaxMessageSize
-	}
-	if h.MaxInflight == 0 {
-		h.MaxInflight = defaultMaxInflight
-	}
-	if h.MessageTimeout == 0 {
-		h.MessageTimeout = caddy.Duration(defaultMessageTimeout)
-	}
-	if h.SendQueue == 0 {
-		h.SendQueue = defaultSendQueue
-	}
-	if h.ResumeWindow == 0 {
-		h.ResumeWindow = caddy.Duration(defaultResumeWindow)
-	}
-	if h.ResumeBuffer == 0 {
-		h.ResumeBuffer = defaultResumeBuffer
-	}
-	if h.Rate == 0 {
-		h.Rate = defaultRate
-	}
-	if h.Burst == 0 {
-		h.Burst = defaultBurst
-	}
+	h.Heartbeat = cmp.Or(h.Heartbeat, caddy.Duration(defaultHeartbeat))
+	h.MaxMessageSize = cmp.Or(h.MaxMessageSize, defaultMaxMessageSize)
+	h.MaxInflight = cmp.Or(h.MaxInflight, defaultMaxInflight)
+	h.MessageTimeout = cmp.Or(h.MessageTimeout, caddy.Duration(defaultMessageTimeout))
+	h.SendQueue = cmp.Or(h.SendQueue, defaultSendQueue)
+	h.ResumeWindow = cmp.Or(h.ResumeWindow, caddy.Duration(defaultResumeWindow))
+	h.ResumeBuffer = cmp.Or(h.ResumeBuffer, defaultResumeBuffer)
+	h.Rate = cmp.Or(h.Rate, defaultRate)
+	h.Burst = cmp.Or(h.Burst, defaultBurst)
 	if err := metrics.register(ctx); err != nil {
 		return fmt.Errorf("duplex: registering metrics: %w", err)
 	}
