@@ -2,6 +2,7 @@ package duplex
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net/http"
@@ -40,16 +41,20 @@ func headerHasToken(h http.Header, name, token string) bool {
 
 // wsConn is the WebSocket transport, framed with gobwas/ws over a hijacked
 // HTTP/1.1 connection or over an HTTP/2 (or HTTP/3) stream.
+//
+// An idle session holds no buffers: frames are read straight from the
+// connection, and a pooled write buffer is taken for each burst of writes.
 type wsConn struct {
-	br       *bufio.Reader
+	br       io.Reader
 	maxSize  int64
 	idle     time.Duration // a peer silent this long is dead
 	setRead  func(time.Time) error
 	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex // guards bw and the write deadline
-	bw  *bufio.Writer
+	wmu sync.Mutex    // guards bw and the write deadline
+	out io.Writer     // the connection or response
+	bw  *bufio.Writer // from writerPool while a burst is being written
 	// flushOut pushes buffered bytes to the peer (HTTP/2 needs a flush of
 	// the response, not only of bw).
 	flushOut func() error
@@ -65,9 +70,17 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		if err != nil {
 			return nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
 		}
+		// Frames the client sent right behind its handshake may be in the
+		// server's read buffer; read those first, then the connection, and
+		// let both of the server's 4 KiB buffers go.
+		var br io.Reader = conn
+		if n := rw.Reader.Buffered(); n > 0 {
+			early, _ := rw.Reader.Peek(n)
+			br = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
+		}
 		return &wsConn{
-			br:       rw.Reader,
-			bw:       rw.Writer,
+			br:       br,
+			out:      conn,
 			maxSize:  maxSize,
 			idle:     idle,
 			setRead:  conn.SetReadDeadline,
@@ -90,8 +103,8 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}
 	body := r.Body
 	return &wsConn{
-		br:       bufio.NewReader(body),
-		bw:       bufio.NewWriter(w),
+		br:       body,
+		out:      w,
 		maxSize:  maxSize,
 		idle:     idle,
 		setRead:  rc.SetReadDeadline,
@@ -196,10 +209,33 @@ func (c *wsConn) writeControl(f ws.Frame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.setWrite(time.Now().Add(c.idle))
-	if err := ws.WriteFrame(c.bw, f); err != nil {
+	if err := ws.WriteFrame(c.buffer(), f); err != nil {
 		return err
 	}
-	if err := c.bw.Flush(); err != nil {
+	return c.flushLocked()
+}
+
+var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
+
+// buffer returns the write buffer of the current burst.
+func (c *wsConn) buffer() *bufio.Writer {
+	if c.bw == nil {
+		c.bw = writerPool.Get().(*bufio.Writer)
+		c.bw.Reset(c.out)
+	}
+	return c.bw
+}
+
+// flushLocked sends the burst and gives its buffer back.
+func (c *wsConn) flushLocked() error {
+	if c.bw == nil {
+		return c.flushOut()
+	}
+	err := c.bw.Flush()
+	c.bw.Reset(nil)
+	writerPool.Put(c.bw)
+	c.bw = nil
+	if err != nil {
 		return err
 	}
 	return c.flushOut()
@@ -210,11 +246,12 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	defer c.wmu.Unlock()
 	_ = c.setWrite(time.Now().Add(c.idle))
 	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
-	if err := ws.WriteHeader(c.bw, hdr); err != nil {
+	bw := c.buffer()
+	if err := ws.WriteHeader(bw, hdr); err != nil {
 		return err
 	}
 	for _, p := range [3][]byte{a, b, cc} {
-		if _, err := c.bw.Write(p); err != nil {
+		if _, err := bw.Write(p); err != nil {
 			return err
 		}
 	}
@@ -224,10 +261,7 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 func (c *wsConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if err := c.bw.Flush(); err != nil {
-		return err
-	}
-	return c.flushOut()
+	return c.flushLocked()
 }
 
 func (c *wsConn) ping() error {
