@@ -24,10 +24,16 @@ import (
 const inboxSize = 64
 
 // inbox hands a connection's client messages to the route, at most
-// max_inflight at a time (counted per session), in arrival order.
+// max_inflight at a time (counted per session), in arrival order. A
+// goroutine drains it only while it holds messages, so an idle session
+// costs no goroutine and no buffer here.
 type inbox struct {
-	a  *attachment
-	ch chan inMsg
+	a        *attachment
+	mu       sync.Mutex
+	q        []inMsg
+	draining bool
+	space    chan struct{}  // signalled when a queued message is taken
+	wg       sync.WaitGroup // the drain goroutine and the messages it started
 }
 
 type inMsg struct {
@@ -36,76 +42,115 @@ type inMsg struct {
 }
 
 func newInbox(a *attachment) *inbox {
-	return &inbox{a: a, ch: make(chan inMsg, inboxSize)}
+	return &inbox{a: a, space: make(chan struct{}, 1)}
 }
 
-// put queues a message; it reports false once the connection has ended.
+// put queues a message, waiting while inboxSize messages wait already; it
+// reports false once the connection has ended.
 func (in *inbox) put(b []byte, binary bool) bool {
-	select {
-	case in.ch <- inMsg{b, binary}:
-		return true
-	case <-in.a.ctx.Done():
-		return false
+	for {
+		in.mu.Lock()
+		if len(in.q) < inboxSize {
+			in.q = append(in.q, inMsg{b, binary})
+			if !in.draining {
+				in.draining = true
+				in.wg.Go(in.drain)
+			}
+			in.mu.Unlock()
+			return true
+		}
+		in.mu.Unlock()
+		select {
+		case <-in.space:
+		case <-in.a.ctx.Done():
+			return false
+		}
 	}
 }
 
-// stop is called by the reader when it will put no more.
-func (in *inbox) stop() { close(in.ch) }
-
-// dispatch serves queued messages until the inbox is stopped. It returns
-// once every message it started is done. Messages already taken keep
-// running if the connection drops (their answers go to the connection
-// the session has then, if any); those still queued are dropped with it.
-func (in *inbox) dispatch() {
-	a, s := in.a, in.a.s
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for m := range in.ch {
-		if a.ctx.Err() != nil || s.ctx.Err() != nil {
-			continue // the connection or session ended
-		}
-		var f *clientFrame
-		body, contentType := m.b, "application/octet-stream"
-		if ok, abuse := s.gate.allow(); !ok {
-			if abuse {
-				s.terminate(closeRateAbuse)
-				continue
-			}
-			metrics.messages.WithLabelValues("rate_limited").Inc()
-			var ref json.RawMessage
-			if !m.binary {
-				if frame, ferr := decodeClientFrame(m.b); ferr == nil && hasID(frame.ID) {
-					ref = frame.ID
-				}
-			}
-			s.send(frameErr, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
-			continue
-		}
-		if !m.binary {
-			frame, ferr := decodeClientFrame(m.b)
-			if ferr != nil {
-				metrics.messages.WithLabelValues("bad_frame").Inc()
-				s.send(frameErr, encodeError(frame.ID, ferr.status, ferr.msg))
-				continue
-			}
-			if frame.Type == frameAck {
-				s.ack(frame.Seq)
-				continue
-			}
-			f, body, contentType = &frame, frame.Data, "application/json"
-		}
-		// A slot of the session's max_inflight; taking it in arrival
-		// order keeps messages in order when max_inflight is 1.
-		select {
-		case s.sem <- struct{}{}:
-		case <-s.ctx.Done():
-			continue
-		}
-		wg.Go(func() {
-			defer func() { <-s.sem }()
-			a.serve(f, body, contentType)
-		})
+// take pops the next message; when there is none, the drain goroutine
+// ends.
+func (in *inbox) take() (inMsg, bool) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if len(in.q) == 0 {
+		in.draining, in.q = false, nil
+		return inMsg{}, false
 	}
+	m := in.q[0]
+	in.q[0] = inMsg{}
+	in.q = in.q[1:]
+	select {
+	case in.space <- struct{}{}:
+	default:
+	}
+	return m, true
+}
+
+// stop waits, once the reader puts no more, for the queued messages and
+// those under way. Messages already taken keep running if the connection
+// drops (their answers go to the connection the session has then, if
+// any); those still queued are dropped with it.
+func (in *inbox) stop() { in.wg.Wait() }
+
+func (in *inbox) drain() {
+	for {
+		m, ok := in.take()
+		if !ok {
+			return
+		}
+		in.handle(m)
+	}
+}
+
+// handle checks a message against the rate limit and decodes it, then
+// starts serving it once the session has a max_inflight slot.
+func (in *inbox) handle(m inMsg) {
+	a, s := in.a, in.a.s
+	if a.ctx.Err() != nil || s.ctx.Err() != nil {
+		return // the connection or session ended
+	}
+	var f *clientFrame
+	body, contentType := m.b, "application/octet-stream"
+	if ok, abuse := s.gate.allow(); !ok {
+		if abuse {
+			s.terminate(closeRateAbuse)
+			return
+		}
+		metrics.messages.WithLabelValues("rate_limited").Inc()
+		var ref json.RawMessage
+		if !m.binary {
+			if frame, ferr := decodeClientFrame(m.b); ferr == nil && hasID(frame.ID) {
+				ref = frame.ID
+			}
+		}
+		s.send(frameErr, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
+		return
+	}
+	if !m.binary {
+		frame, ferr := decodeClientFrame(m.b)
+		if ferr != nil {
+			metrics.messages.WithLabelValues("bad_frame").Inc()
+			s.send(frameErr, encodeError(frame.ID, ferr.status, ferr.msg))
+			return
+		}
+		if frame.Type == frameAck {
+			s.ack(frame.Seq)
+			return
+		}
+		f, body, contentType = &frame, frame.Data, "application/json"
+	}
+	// A slot of the session's max_inflight; taking it in arrival
+	// order keeps messages in order when max_inflight is 1.
+	select {
+	case s.sem <- struct{}{}:
+	case <-s.ctx.Done():
+		return
+	}
+	in.wg.Go(func() {
+		defer func() { <-s.sem }()
+		a.serve(f, body, contentType)
+	})
 }
 
 // serve runs one client message through the rest of the route as an

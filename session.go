@@ -557,16 +557,15 @@ func (a *attachment) run() {
 	var wg sync.WaitGroup
 	wg.Go(func() { a.writeLoop(readerDone) })
 	in := newInbox(a)
-	wg.Go(in.dispatch)
 
 	a.readLoop(in)
 	close(readerDone)
-	in.stop()
 	if a.closeReason() == "" {
 		// The client went away: nothing more can be written.
 		_ = a.t.end()
 		a.cancel()
 	}
+	in.stop()
 	wg.Wait()
 	a.cancel()
 	_ = a.t.close(1001, "going away")
