@@ -29,7 +29,7 @@ func testSession(h *hub, id, user string, sendQueue int64) *session {
 	}
 	s := newSession(hd, user)
 	s.id = id
-	a := &attachment{s: s, h: hd, wake: make(chan struct{}, 1)}
+	a := &attachment{s: s, h: hd, readerDone: make(chan struct{})}
 	s.cur, s.last = a, a
 	return s
 }

@@ -88,7 +88,13 @@ type attachment struct {
 	out      []outFrame // frames waiting for the writer
 	outBytes int64
 	closing  *closeInfo // set once the connection must end
-	wake     chan struct{}
+	closed   bool       // the close frame was handed to the writer
+	writing  bool       // a writer goroutine is draining out
+	stopped  bool       // the connection is done: no writer starts
+
+	writers    sync.WaitGroup
+	readerDone chan struct{} // closed when the reader has returned
+	pinger     *time.Timer
 
 	ctx    context.Context // ends with the connection
 	cancel context.CancelFunc
@@ -140,17 +146,17 @@ func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handl
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	ctx, cancel := context.WithCancel(r.Context())
 	return &attachment{
-		s:         s,
-		h:         h,
-		r:         r,
-		repl:      repl,
-		next:      next,
-		t:         t,
-		transport: transport,
-		remote:    r.RemoteAddr,
-		wake:      make(chan struct{}, 1),
-		ctx:       ctx,
-		cancel:    cancel,
+		s:          s,
+		h:          h,
+		r:          r,
+		repl:       repl,
+		next:       next,
+		t:          t,
+		transport:  transport,
+		remote:     r.RemoteAddr,
+		readerDone: make(chan struct{}),
+		ctx:        ctx,
+		cancel:     cancel,
 	}
 }
 
@@ -433,11 +439,15 @@ func (a *attachment) enqueueLocked(f outFrame) bool {
 	return true
 }
 
+// wakeWriter makes sure a writer goroutine drains the queue. Writers run
+// only while there is something to write, so an idle connection holds none.
+// Called with s.mu held.
 func (a *attachment) wakeWriter() {
-	select {
-	case a.wake <- struct{}{}:
-	default:
+	if a.writing || a.stopped || a.t == nil {
+		return
 	}
+	a.writing = true
+	a.writers.Go(a.writeBurst)
 }
 
 // close ends the connection with close frame c (the session stays unless
@@ -457,15 +467,24 @@ func (a *attachment) closeLocked(c closeInfo) {
 	a.wakeWriter()
 }
 
-// take hands the queued frames to the writer.
-func (a *attachment) take(buf []outFrame) ([]outFrame, *closeInfo) {
+// take hands the queued frames to the writer. With nothing to write it
+// reports done, and the writer ends.
+func (a *attachment) take(buf []outFrame) (frames []outFrame, closing *closeInfo, done bool) {
 	a.s.mu.Lock()
 	defer a.s.mu.Unlock()
+	if len(a.out) == 0 && (a.closing == nil || a.closed) {
+		a.writing = false
+		a.out = nil
+		return buf, nil, true
+	}
 	buf = append(buf[:0], a.out...)
 	clear(a.out)
 	a.out = a.out[:0]
 	a.outBytes = 0
-	return buf, a.closing
+	if a.closing != nil {
+		a.closed = true // the close frame is written once, after these
+	}
+	return buf, a.closing, false
 }
 
 // closeReason is why the connection is closing, "" if it is not.
@@ -478,32 +497,25 @@ func (a *attachment) closeReason() string {
 	return ""
 }
 
-// writeLoop drains the queue into the transport until the connection
-// closes or fails. It pings every heartbeat.
-func (a *attachment) writeLoop(readerDone <-chan struct{}) {
+// fail ends the connection after a write error.
+func (a *attachment) fail() {
+	_ = a.t.end()
+	a.cancel()
+}
+
+// writeBurst writes queued frames until the queue is empty (or the close
+// frame is written).
+func (a *attachment) writeBurst() {
 	t := a.t
-	ticker := time.NewTicker(time.Duration(a.h.Heartbeat))
-	defer ticker.Stop()
 	var frames []outFrame
 	var seqBuf [20]byte
-	fail := func() {
-		_ = t.end()
-		a.cancel()
-	}
 	for {
-		select {
-		case <-a.ctx.Done():
-			return
-		case <-ticker.C:
-			if err := t.ping(); err != nil {
-				fail()
-				return
-			}
-			continue
-		case <-a.wake:
-		}
 		var closing *closeInfo
-		frames, closing = a.take(frames)
+		var done bool
+		frames, closing, done = a.take(frames)
+		if done {
+			return
+		}
 		for _, f := range frames {
 			var err error
 			if f.push != nil {
@@ -513,7 +525,7 @@ func (a *attachment) writeLoop(readerDone <-chan struct{}) {
 			}
 			if err != nil {
 				a.h.logger.Debug("write failed", zap.String("session", a.s.id), zap.Error(err))
-				fail()
+				a.fail()
 				return
 			}
 		}
@@ -526,18 +538,33 @@ func (a *attachment) writeLoop(readerDone <-chan struct{}) {
 			// connection is not reset under its last frames.
 			timer := time.NewTimer(closeGrace)
 			select {
-			case <-readerDone:
+			case <-a.readerDone:
 			case <-timer.C:
 			}
 			timer.Stop()
-			fail()
+			a.fail()
 			return
 		}
 		if err := t.flush(); err != nil {
-			fail()
+			a.fail()
 			return
 		}
 	}
+}
+
+// heartbeat pings the peer every heartbeat, from a timer (no goroutine
+// waits for it in between); a failed ping ends the connection.
+func (a *attachment) heartbeat() {
+	if a.ctx.Err() != nil {
+		return
+	}
+	if err := a.t.ping(); err != nil {
+		a.fail()
+		return
+	}
+	a.s.mu.Lock()
+	a.pinger.Reset(time.Duration(a.h.Heartbeat))
+	a.s.mu.Unlock()
 }
 
 // run serves the attachment until its connection ends: client messages are
@@ -553,20 +580,24 @@ func (a *attachment) run() {
 	gauge := metrics.connections.WithLabelValues(a.transport)
 	gauge.Inc()
 	defer gauge.Dec()
-	readerDone := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() { a.writeLoop(readerDone) })
+	a.s.mu.Lock()
+	a.pinger = time.AfterFunc(time.Duration(a.h.Heartbeat), a.heartbeat)
+	a.s.mu.Unlock()
 	in := newInbox(a)
 
 	a.readLoop(in)
-	close(readerDone)
+	close(a.readerDone)
 	if a.closeReason() == "" {
 		// The client went away: nothing more can be written.
 		_ = a.t.end()
 		a.cancel()
 	}
 	in.stop()
-	wg.Wait()
+	a.s.mu.Lock()
+	a.stopped = true // no writer starts any more
+	a.s.mu.Unlock()
+	a.writers.Wait()
+	a.pinger.Stop()
 	a.cancel()
 	_ = a.t.close(1001, "going away")
 	_ = a.t.end()
