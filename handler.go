@@ -155,7 +155,7 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 		zap.String("user", s.user),
 		zap.String("transport", name),
 		zap.String("remote", r.RemoteAddr))
-	a.run()
+	a.start()
 	return nil
 }
 
@@ -195,7 +195,7 @@ func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		zap.String("transport", name),
 		zap.String("remote", r.RemoteAddr),
 		zap.Uint64("from_seq", lastSeq))
-	a.run()
+	a.start()
 	return true
 }
 

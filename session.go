@@ -144,7 +144,12 @@ func newSession(h *Handler, user string) *session {
 // newAttachment prepares a connection for s, opened by r.
 func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handler, transport string, t transport) *attachment {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	ctx, cancel := context.WithCancel(r.Context())
+	base := r.Context()
+	if _, hijacked := t.(*wsConn); hijacked && r.ProtoMajor == 1 {
+		// The connection outlives the request (see serve).
+		base = context.WithoutCancel(base)
+	}
+	ctx, cancel := context.WithCancel(base)
 	return &attachment{
 		s:          s,
 		h:          h,
@@ -618,6 +623,20 @@ func (a *attachment) run() {
 			zap.String("remote", a.remote),
 			zap.String("reason", reason))
 	}
+}
+
+// start runs the attachment. A WebSocket on a hijacked HTTP/1.1
+// connection no longer needs the request: it runs in a goroutine of its own
+// and the request's handler returns, so an idle session does not keep
+// Caddy's whole handler stack (and the server's connection goroutine)
+// alive. Streams over HTTP/2, stream and SSE must stay inside their
+// request.
+func (a *attachment) start() {
+	if c, ok := a.t.(*wsConn); ok && c.hijacked {
+		go a.run()
+		return
+	}
+	a.run()
 }
 
 // readLoop reads client messages until the connection fails or closes.

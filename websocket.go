@@ -46,6 +46,7 @@ func headerHasToken(h http.Header, name, token string) bool {
 // connection, and a pooled write buffer is taken for each burst of writes.
 type wsConn struct {
 	br       io.Reader
+	hijacked bool // an HTTP/1.1 connection taken over from the server
 	maxSize  int64
 	idle     time.Duration // a peer silent this long is dead
 	setRead  func(time.Time) error
@@ -80,6 +81,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		}
 		return &wsConn{
 			br:       br,
+			hijacked: true,
 			out:      conn,
 			maxSize:  maxSize,
 			idle:     idle,
