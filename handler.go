@@ -46,21 +46,28 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			name, strings.Join(h.Transports, ", "))
 		return nil
 	}
+	// Refusals are answered here rather than returned as errors: Caddy
+	// logs a failed request whole, and an opening may carry a resume
+	// cursor, whose token must never reach a log.
 	if !h.originAllowed(r) {
-		return caddyhttp.Error(http.StatusForbidden,
-			fmt.Errorf("duplex: origin %q is not allowed", r.Header.Get("Origin")))
+		h.refuse(w, r, http.StatusForbidden, "origin not allowed")
+		return nil
 	}
 	if ok, err := h.authorized(r); !ok {
-		if err == nil {
-			err = fmt.Errorf("duplex: the opening request does not satisfy the auth matchers")
+		if err != nil {
+			h.logger.Error("auth matchers failed", zap.Error(err))
 		}
-		return caddyhttp.Error(http.StatusUnauthorized, err)
+		h.refuse(w, r, http.StatusUnauthorized, "the opening request does not satisfy the auth matchers")
+		return nil
 	}
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	user, channels := h.identity(repl)
 	cursor := takeCursor(r, name, resume)
 	old, lastSeq := h.hub.resumable(cursor)
+	if old != nil && user != "" && old.user != user {
+		old = nil // a session of another user: this opening starts a new one
+	}
 	next = h.keepNext(next)
 
 	var openData json.RawMessage
@@ -69,7 +76,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if target == nil {
 			target = newSession(h, user)
 		}
-		res := h.runConnect(r, next, target, name, old != nil)
+		res := h.runConnect(r, next, target, user, name, old != nil)
 		if !res.accepted() {
 			if old == nil {
 				target.end(closeInfo{Reason: "rejected by the connect hook"})
@@ -81,8 +88,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		if u := strings.TrimSpace(res.header.Get("Duplex-User")); u != "" {
 			user = u
-		} else if old != nil {
-			user = old.user // the app accepted the resume as it is
 		}
 		channels = append(channels, headerList(res.header.Values("Duplex-Subscribe"))...)
 		if !res.streaming && len(res.body) > 0 {
@@ -132,7 +137,8 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 	if h.MaxSessions > 0 && h.hub.count() >= h.MaxSessions {
 		s.end(closeInfo{Reason: "max_sessions reached"})
 		w.Header().Set("Retry-After", "5")
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("duplex: max_sessions (%d) reached", h.MaxSessions))
+		h.refuse(w, r, http.StatusServiceUnavailable, "max_sessions reached")
+		return nil
 	}
 	t, err := h.accept(w, r, name)
 	if err != nil {
@@ -206,6 +212,15 @@ func (h *Handler) keepNext(next caddyhttp.Handler) caddyhttp.Handler {
 		h.next.CompareAndSwap(nil, &next)
 	}
 	return next
+}
+
+// refuse answers an opening that gets no session.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, why string) {
+	h.logger.Debug("opening refused", zap.Int("status", status), zap.String("why", why),
+		zap.String("remote", r.RemoteAddr))
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = fmt.Fprintf(w, "duplex: %s\n", why)
 }
 
 // takeCursor returns the resume cursor of an opening: Last-Event-ID for SSE

@@ -40,12 +40,15 @@ func (c *connectResult) accepted() bool {
 // runConnect serves the connect hook for an opening of s through next. It
 // waits at most message_timeout for the app's answer; a streaming answer
 // keeps relaying pushes to s until the stream or the session ends.
-func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session, transport string, resumed bool) *connectResult {
+//
+// Duplex-User tells the app the user the opening itself proves (the user
+// template), never one taken from the session it claims to resume.
+func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session, user, transport string, resumed bool) *connectResult {
 	hdr := messageHeader(r.Header)
 	hdr.Set("Duplex-Session", s.id)
 	hdr.Set("Duplex-Transport", transport)
-	if s.user != "" {
-		hdr.Set("Duplex-User", s.user)
+	if user != "" {
+		hdr.Set("Duplex-User", user)
 	}
 	if resumed {
 		hdr.Set("Duplex-Connect", "resume")
