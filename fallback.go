@@ -28,9 +28,9 @@ type sseConn struct {
 	token   string
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex
-	w   http.ResponseWriter
-	rc  *http.ResponseController
+	wmu sync.Mutex // guards the burst writer and token
+	burstWriter
+	rc *http.ResponseController
 
 	// inbound holds client frames posted and not yet read by the session.
 	mu      sync.Mutex
@@ -57,11 +57,11 @@ func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 		return nil, fmt.Errorf("duplex: sse: flushing headers: %w", err)
 	}
 	return &sseConn{
-		reqDone: r.Context().Done(),
-		w:       w,
-		rc:      rc,
-		notify:  make(chan struct{}, 1),
-		gone:    make(chan struct{}),
+		reqDone:     r.Context().Done(),
+		burstWriter: burstWriter{out: w},
+		rc:          rc,
+		notify:      make(chan struct{}, 1),
+		gone:        make(chan struct{}),
 	}, nil
 }
 
@@ -116,6 +116,7 @@ var (
 	sseEvent = []byte("event: ")
 	sseData  = []byte("data: ")
 	ssePing  = []byte(": ping\n\n")
+	sseEnd   = []byte("\n\n")
 )
 
 // writeFrame writes a frame as an event. Pushes carry the resume cursor
@@ -137,8 +138,9 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	buf = append(buf, typ...)
 	buf = append(buf, '\n')
 	buf = append(buf, sseData...)
-	for _, p := range [5][]byte{buf, a, b, cc, []byte("\n\n")} {
-		if _, err := c.w.Write(p); err != nil {
+	bw := c.buffer()
+	for _, p := range [5][]byte{buf, a, b, cc, sseEnd} {
+		if _, err := bw.Write(p); err != nil {
 			return err
 		}
 	}
@@ -148,13 +150,19 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 func (c *sseConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if err := c.flushBurst(); err != nil {
+		return err
+	}
 	return c.rc.Flush()
 }
 
 func (c *sseConn) ping() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if _, err := c.w.Write(ssePing); err != nil {
+	if _, err := c.buffer().Write(ssePing); err != nil {
+		return err
+	}
+	if err := c.flushBurst(); err != nil {
 		return err
 	}
 	return c.rc.Flush()

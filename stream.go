@@ -21,9 +21,9 @@ type streamConn struct {
 	maxSize int64
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex
-	w   http.ResponseWriter
-	rc  *http.ResponseController
+	wmu sync.Mutex // guards the burst writer
+	burstWriter
+	rc *http.ResponseController
 
 	gone     chan struct{} // closed by end
 	goneOnce sync.Once
@@ -51,13 +51,13 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*strea
 		return nil, fmt.Errorf("duplex: stream: flushing headers: %w", err)
 	}
 	return &streamConn{
-		br:      bufio.NewReader(r.Body),
-		body:    r.Body,
-		maxSize: maxSize,
-		reqDone: r.Context().Done(),
-		w:       w,
-		rc:      rc,
-		gone:    make(chan struct{}),
+		br:          bufio.NewReader(r.Body),
+		body:        r.Body,
+		maxSize:     maxSize,
+		reqDone:     r.Context().Done(),
+		burstWriter: burstWriter{out: w},
+		rc:          rc,
+		gone:        make(chan struct{}),
 	}, nil
 }
 
@@ -115,8 +115,9 @@ func readLine(br *bufio.Reader, max int64) ([]byte, error) {
 func (c *streamConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	bw := c.buffer()
 	for _, p := range [4][]byte{a, b, cc, newline} {
-		if _, err := c.w.Write(p); err != nil {
+		if _, err := bw.Write(p); err != nil {
 			return err
 		}
 	}
@@ -128,13 +129,19 @@ var newline = []byte{'\n'}
 func (c *streamConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if err := c.flushBurst(); err != nil {
+		return err
+	}
 	return c.rc.Flush()
 }
 
 func (c *streamConn) ping() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if _, err := c.w.Write(pingLine); err != nil {
+	if _, err := c.buffer().Write(pingLine); err != nil {
+		return err
+	}
+	if err := c.flushBurst(); err != nil {
 		return err
 	}
 	return c.rc.Flush()

@@ -1,6 +1,11 @@
 package duplex
 
-import "errors"
+import (
+	"bufio"
+	"errors"
+	"io"
+	"sync"
+)
 
 // Transport names, as used in the `transports` option and the
 // Duplex-Transport header.
@@ -42,4 +47,36 @@ type transport interface {
 	close(code int, reason string) error
 	// end releases the connection: a blocked readMessage or write returns.
 	end() error
+}
+
+// burstWriter buffers the frames of one burst of writes in a pooled buffer
+// and hands them to the connection in one write, so an idle connection
+// holds no buffer and a burst costs one write (and one deadline update in
+// Caddy's response wrappers) instead of one per piece.
+type burstWriter struct {
+	out io.Writer     // the connection or response
+	bw  *bufio.Writer // from writerPool while a burst is being written
+}
+
+var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
+
+// buffer returns the write buffer of the current burst.
+func (b *burstWriter) buffer() *bufio.Writer {
+	if b.bw == nil {
+		b.bw = writerPool.Get().(*bufio.Writer)
+		b.bw.Reset(b.out)
+	}
+	return b.bw
+}
+
+// flushBurst writes the burst out and gives its buffer back.
+func (b *burstWriter) flushBurst() error {
+	if b.bw == nil {
+		return nil
+	}
+	err := b.bw.Flush()
+	b.bw.Reset(nil)
+	writerPool.Put(b.bw)
+	b.bw = nil
+	return err
 }

@@ -53,9 +53,11 @@ type wsConn struct {
 	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex    // guards bw and the write deadline
-	out io.Writer     // the connection or response
-	bw  *bufio.Writer // from writerPool while a burst is being written
+	wmu sync.Mutex // guards the burst writer and the write deadline
+	// deadline is the write deadline set last; it is pushed forward only
+	// once half of it has passed, not for every frame.
+	deadline time.Time
+	burstWriter
 	// flushOut pushes buffered bytes to the peer (HTTP/2 needs a flush of
 	// the response, not only of bw).
 	flushOut func() error
@@ -79,16 +81,20 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 			early, _ := rw.Reader.Peek(n)
 			br = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
 		}
+		// net/http's connection keeps pointing at its read buffer after the
+		// hijack (and our session keeps the request, hence the connection,
+		// reachable): drop the 4 KiB it holds. Nothing reads it any more.
+		*rw.Reader = bufio.Reader{}
 		return &wsConn{
-			br:       br,
-			hijacked: true,
-			out:      conn,
-			maxSize:  maxSize,
-			idle:     idle,
-			setRead:  conn.SetReadDeadline,
-			setWrite: conn.SetWriteDeadline,
-			release:  conn.Close,
-			flushOut: func() error { return nil },
+			br:          br,
+			hijacked:    true,
+			burstWriter: burstWriter{out: conn},
+			maxSize:     maxSize,
+			idle:        idle,
+			setRead:     conn.SetReadDeadline,
+			setWrite:    conn.SetWriteDeadline,
+			release:     conn.Close,
+			flushOut:    func() error { return nil },
 		}, nil
 	}
 
@@ -105,12 +111,12 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}
 	body := r.Body
 	return &wsConn{
-		br:       body,
-		out:      w,
-		maxSize:  maxSize,
-		idle:     idle,
-		setRead:  rc.SetReadDeadline,
-		setWrite: rc.SetWriteDeadline,
+		br:          body,
+		burstWriter: burstWriter{out: w},
+		maxSize:     maxSize,
+		idle:        idle,
+		setRead:     rc.SetReadDeadline,
+		setWrite:    rc.SetWriteDeadline,
 		release: func() error {
 			_ = rc.SetReadDeadline(time.Now())
 			return body.Close()
@@ -210,34 +216,27 @@ func (c *wsConn) protocolError(reason string) {
 func (c *wsConn) writeControl(f ws.Frame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_ = c.setWrite(time.Now().Add(c.idle))
+	c.refreshWriteDeadline()
 	if err := ws.WriteFrame(c.buffer(), f); err != nil {
 		return err
 	}
 	return c.flushLocked()
 }
 
-var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
-
-// buffer returns the write buffer of the current burst.
-func (c *wsConn) buffer() *bufio.Writer {
-	if c.bw == nil {
-		c.bw = writerPool.Get().(*bufio.Writer)
-		c.bw.Reset(c.out)
+// refreshWriteDeadline keeps a write deadline of about idle ahead: a peer
+// that stops reading blocks a write for at most that long.
+func (c *wsConn) refreshWriteDeadline() {
+	now := time.Now()
+	if c.deadline.Sub(now) > c.idle/2 {
+		return
 	}
-	return c.bw
+	c.deadline = now.Add(c.idle)
+	_ = c.setWrite(c.deadline)
 }
 
 // flushLocked sends the burst and gives its buffer back.
 func (c *wsConn) flushLocked() error {
-	if c.bw == nil {
-		return c.flushOut()
-	}
-	err := c.bw.Flush()
-	c.bw.Reset(nil)
-	writerPool.Put(c.bw)
-	c.bw = nil
-	if err != nil {
+	if err := c.flushBurst(); err != nil {
 		return err
 	}
 	return c.flushOut()
@@ -246,7 +245,7 @@ func (c *wsConn) flushLocked() error {
 func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	_ = c.setWrite(time.Now().Add(c.idle))
+	c.refreshWriteDeadline()
 	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
 	bw := c.buffer()
 	if err := ws.WriteHeader(bw, hdr); err != nil {
