@@ -102,7 +102,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		old = nil // a session of another user: open a new one
 	}
 	if old != nil {
-		if done := h.resume(w, r, next, name, old, lastSeq, channels, openData); done {
+		if done := h.resume(w, r, next, name, old, lastSeq, user, channels, openData); done {
 			return nil
 		}
 		// The session ended meanwhile, or the pushes after the cursor are
@@ -147,6 +147,12 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 			zap.String("remote", r.RemoteAddr), zap.Error(err))
 		return nil
 	}
+	h.serveNew(r, next, name, t, s, channels, data)
+	return nil
+}
+
+// serveNew serves new session s on the accepted transport t.
+func (h *Handler) serveNew(r *http.Request, next caddyhttp.Handler, name string, t transport, s *session, channels []string, data json.RawMessage) {
 	a := newAttachment(s, h, r, next, name, t)
 	h.hub.add(s, channels)
 	s.attach(a, false, 0, data)
@@ -162,13 +168,12 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 		zap.String("transport", name),
 		zap.String("remote", r.RemoteAddr))
 	a.start()
-	return nil
 }
 
 // resume serves session s on this request, from the client's lastSeq. It
 // reports false if s can no longer be resumed from there (nothing was
 // written to the client then).
-func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, channels []string, data json.RawMessage) bool {
+func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, user string, channels []string, data json.RawMessage) bool {
 	s.mu.Lock()
 	ok := !s.ended && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
@@ -183,12 +188,11 @@ func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	}
 	a := newAttachment(s, h, r, next, name, t)
 	if !s.attach(a, true, lastSeq, data) {
-		// Lost a race with the session's end: the connection is open
-		// already, so tell the client to start over.
-		_ = t.writeFrame(frameClose, 0, encodeClose(closeInfo{Code: codeRestart, Reason: "session ended", Reconnect: true}), nil, nil)
-		_ = t.flush()
-		_ = t.close(codeRestart, "session ended")
-		_ = t.end()
+		// The session ended, or a push trimmed the buffer past the
+		// cursor, since the check above: the client starts over on the
+		// connection it has (resumed:false).
+		metrics.resumes.WithLabelValues("failed").Inc()
+		h.serveNew(r, next, name, t, newSession(h, user), channels, data)
 		return true
 	}
 	if h.Connect && len(channels) > 0 {

@@ -1,0 +1,630 @@
+package duplex_test
+
+// Helpers for the resume tests: client connections over any transport that
+// the test can cut abruptly (the TCP connection is closed, no close frame,
+// no end of stream), resume cursors sent the three documented ways, and
+// error-returning variants of the usual helpers so they can run in worker
+// goroutines (t.Fatal is only allowed on the test's own goroutine).
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+	"golang.org/x/net/http2"
+)
+
+// resumeSite is a Caddyfile serving /live* with a duplex handler whose
+// options are opts (user is always the X-User header), on HTTP/1.1 and h2c.
+func resumeSite(opts string) string {
+	return globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}") + `
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		duplex {
+			user {http.request.header.X-User}
+` + opts + `
+		}
+		reverse_proxy {{.Upstream}}
+	}
+}
+`
+}
+
+// rdial says how a connection is opened: transport, protocol (h1 or h2c)
+// and, for websocket and stream, whether the resume cursor goes in the
+// Duplex-Resume header or the ?resume= query parameter (SSE always sends it
+// as Last-Event-ID).
+type rdial struct {
+	transport string
+	proto     string
+	via       string // "header" or "query"
+}
+
+func (d rdial) String() string {
+	if d.transport == "sse" {
+		return d.transport + "/" + d.proto
+	}
+	return d.transport + "/" + d.proto + "/" + d.via
+}
+
+// rdials lists every way of opening a connection; workers cycle through
+// it so resumes switch transports.
+var rdials = []rdial{
+	{"websocket", "h1", "header"},
+	{"stream", "h2c", "query"},
+	{"sse", "h1", ""},
+	{"websocket", "h2c", "query"},
+	{"stream", "h1", "header"},
+	{"sse", "h2c", ""},
+	{"websocket", "h1", "query"},
+	{"stream", "h2c", "header"},
+	{"websocket", "h2c", "header"},
+	{"stream", "h1", "query"},
+}
+
+// rconn is one client connection of a session, of any transport. cut ends
+// it the way a network failure would: the TCP connection is closed under
+// it, with no WebSocket close frame and no orderly end of stream.
+type rconn struct {
+	d     rdial
+	dc    pumpConn
+	cutf  func()
+	major int
+}
+
+// pumpConn is what the transport clients of clients_test.go have in common.
+type pumpConn interface {
+	frames() <-chan dxEvent
+	send([]byte) error
+	shutdown(closer func())
+}
+
+func (c *rconn) frames() <-chan dxEvent { return c.dc.frames() }
+func (c *rconn) send(b []byte) error    { return c.dc.send(b) }
+func (c *rconn) cut()                   { c.dc.shutdown(c.cutf) }
+
+// trackedClient is an HTTP client speaking only proto over connections
+// that ct records, so they can be closed abruptly.
+func trackedClient(proto string, ct *connTracker, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*http.Client, func()) {
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	tracked := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return ct.add(c), nil
+	}
+	if proto == "h2c" {
+		tr := &http2.Transport{
+			AllowHTTP:          true,
+			DisableCompression: true,
+			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
+				return tracked(ctx, network, addr)
+			},
+		}
+		return &http.Client{Transport: tr}, tr.CloseIdleConnections
+	}
+	tr := &http.Transport{
+		Proxy:              nil,
+		DialContext:        tracked,
+		DisableCompression: true,
+		TLSNextProto:       map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	return &http.Client{Transport: tr}, tr.CloseIdleConnections
+}
+
+// withCursor adds the resume cursor to the opening the way d says.
+func withCursor(d rdial, path string, hdr http.Header, cursor string) (string, http.Header) {
+	h := http.Header{}
+	for k, v := range hdr {
+		h[k] = append([]string(nil), v...)
+	}
+	if cursor == "" {
+		return path, h
+	}
+	switch {
+	case d.transport == "sse":
+		h.Set("Last-Event-ID", cursor)
+	case d.via == "query":
+		sep := "?"
+		if strings.Contains(path, "?") {
+			sep = "&"
+		}
+		path += sep + "resume=" + url.QueryEscape(cursor)
+	default:
+		h.Set("Duplex-Resume", cursor)
+	}
+	return path, h
+}
+
+// dialR opens a connection (base is http://127.0.0.1:port) and returns it
+// once the server accepted the opening; it does not read the open frame.
+// cursor, if not empty, asks to resume. The connection is cut when the
+// test ends. It never calls t.Fatal, so workers may use it.
+func dialR(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string) (*rconn, error) {
+	return dialRWith(t, base, d, path, hdr, cursor, nil)
+}
+
+func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string,
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*rconn, error) {
+	path, hdr = withCursor(d, path, hdr, cursor)
+	ct := &connTracker{}
+	c := &rconn{d: d}
+	switch {
+	case d.transport == "websocket" && d.proto == "h1":
+		if dial == nil {
+			var nd net.Dialer
+			dial = nd.DialContext
+		}
+		wd := ws.Dialer{
+			Timeout: frameWait,
+			Header:  ws.HandshakeHeaderHTTP(hdr),
+			NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				conn, err := dial(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return ct.add(conn), nil
+			},
+		}
+		conn, br, _, err := wd.Dial(context.Background(), "ws"+strings.TrimPrefix(base+path, "http"))
+		if err != nil {
+			ct.closeAll()
+			return nil, fmt.Errorf("%s: %w", d, err)
+		}
+		var r io.Reader = conn
+		if br != nil {
+			r = br
+		}
+		wc := &wsDuplex{eventPump: newEventPump(), r: r, w: conn, closer: ct.closeAll, major: 1}
+		c.dc, c.cutf, c.major = wc, ct.closeAll, 1
+		go wc.readLoop()
+
+	case d.transport == "websocket":
+		hc, closeIdle := trackedClient(d.proto, ct, dial)
+		ctx, cancel := context.WithCancel(context.Background())
+		pr, pw := io.Pipe()
+		req, err := http.NewRequestWithContext(ctx, http.MethodConnect, base+path, pr)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		for k, v := range hdr {
+			req.Header[k] = v
+		}
+		req.Header.Set(":protocol", "websocket")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		cut := func() {
+			ct.closeAll() // the TCP connection first: no RST_STREAM, no END_STREAM
+			pw.CloseWithError(errors.New("cut"))
+			cancel()
+			closeIdle()
+		}
+		resp, err := roundTripWithin(hc.Transport, req)
+		if err != nil {
+			cut()
+			return nil, fmt.Errorf("%s: extended CONNECT: %w", d, err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			cut()
+			return nil, fmt.Errorf("%s: extended CONNECT: status %d %q", d, resp.StatusCode, b)
+		}
+		wc := &wsDuplex{eventPump: newEventPump(), r: resp.Body, w: pw, closer: cut, major: 2}
+		c.dc, c.cutf, c.major = wc, func() { cut(); resp.Body.Close() }, 2
+		go wc.readLoop()
+
+	case d.transport == "stream":
+		hc, closeIdle := trackedClient(d.proto, ct, dial)
+		resp, pw, cancel, err := startStream(t, hc, base+path, hdr)
+		if err != nil {
+			ct.closeAll()
+			closeIdle()
+			return nil, fmt.Errorf("%s: %w", d, err)
+		}
+		cut := func() {
+			ct.closeAll()
+			pw.CloseWithError(errors.New("cut"))
+			cancel()
+			resp.Body.Close()
+			closeIdle()
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			cut()
+			return nil, fmt.Errorf("%s: status %d %q", d, resp.StatusCode, b)
+		}
+		sc := &streamDuplex{eventPump: newEventPump(), pw: pw, resp: resp, cancel: cancel, major: resp.ProtoMajor}
+		c.dc, c.cutf, c.major = sc, cut, resp.ProtoMajor
+		go sc.readLoop(resp.Body)
+
+	case d.transport == "sse":
+		hc, closeIdle := trackedClient(d.proto, ct, dial)
+		resp, cancel, err := startSSE(t, hc, base+path, hdr)
+		if err != nil {
+			ct.closeAll()
+			closeIdle()
+			return nil, fmt.Errorf("%s: %w", d, err)
+		}
+		cut := func() {
+			ct.closeAll()
+			cancel()
+			resp.Body.Close()
+			closeIdle()
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			cut()
+			return nil, fmt.Errorf("%s: status %d %q", d, resp.StatusCode, b)
+		}
+		sc := &sseDuplex{eventPump: newEventPump(), hc: hc, url: base + path, resp: resp, cancel: cancel, major: resp.ProtoMajor}
+		sc.retry.Store(-1)
+		c.dc, c.cutf, c.major = sc, cut, resp.ProtoMajor
+		go sc.readLoop(resp.Body)
+
+	default:
+		return nil, fmt.Errorf("unknown transport %q", d.transport)
+	}
+	if d.proto == "h2c" && c.major != 2 || d.proto == "h1" && c.major != 1 {
+		c.cut()
+		return nil, fmt.Errorf("%s: opened over HTTP/%d", d, c.major)
+	}
+	t.Cleanup(c.cut)
+	return c, nil
+}
+
+// roundTripWithin runs a round trip, giving up after frameWait.
+func roundTripWithin(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	rc := make(chan result, 1)
+	go func() {
+		resp, err := rt.RoundTrip(req)
+		rc <- result{resp, err}
+	}()
+	select {
+	case res := <-rc:
+		return res.resp, res.err
+	case <-time.After(frameWait):
+		return nil, fmt.Errorf("no response within %s", frameWait)
+	}
+}
+
+// smallWindowDial dials with a tiny receive buffer and segment size, so a
+// client that stops reading makes the server's writes block after ~100 KB
+// instead of the several MB loopback sockets otherwise absorb.
+func smallWindowDial(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			if e := syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096); e != nil {
+				serr = e
+			}
+			if e := syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536); e != nil {
+				serr = e
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	return d.DialContext(ctx, network, addr)
+}
+
+// ---------------------------------------------------------------------------
+// A session seen from the client: its id, token and the last push seq it
+// got, over whichever connection it has now.
+
+type rsess struct {
+	name      string
+	base      string
+	path      string
+	hdr       http.Header
+	id, token string
+	last      int // seq of the last push received
+	conn      *rconn
+	open      map[string]any // the latest open frame
+	resumes   int
+}
+
+// nextEvent waits (bounded) for the next event of the connection.
+func (s *rsess) nextEvent(d time.Duration) (dxEvent, error) {
+	select {
+	case e := <-s.conn.frames():
+		return e, nil
+	case <-time.After(d):
+		return dxEvent{}, fmt.Errorf("%s (%s): nothing from the server within %s (last seq %d)", s.name, s.conn.d, d, s.last)
+	}
+}
+
+// nextFrame returns the next server frame.
+func (s *rsess) nextFrame() (map[string]any, dxEvent, error) {
+	e, err := s.nextEvent(frameWait)
+	if err != nil {
+		return nil, e, err
+	}
+	if e.frame == nil {
+		return nil, e, fmt.Errorf("%s (%s): want a frame, got %v (last seq %d)", s.name, s.conn.d, e, s.last)
+	}
+	if e.sse != nil && e.sse.Type != e.frame["type"] {
+		return nil, e, fmt.Errorf("%s: SSE event type %q carries a %v frame", s.name, e.sse.Type, e.frame["type"])
+	}
+	return e.frame, e, nil
+}
+
+// openR opens a new session and reads its open frame (resumed:false).
+func openR(t *testing.T, name, base string, d rdial, path string, hdr http.Header) (*rsess, error) {
+	s := &rsess{name: name, base: base, path: path, hdr: hdr}
+	conn, err := dialR(t, base, d, path, hdr, "")
+	if err != nil {
+		return nil, fmt.Errorf("%s: open: %w", name, err)
+	}
+	s.conn = conn
+	f, _, err := s.nextFrame()
+	if err != nil {
+		return nil, err
+	}
+	if f["type"] != "open" || f["resumed"] != false {
+		return nil, fmt.Errorf("%s: want open resumed:false, got %v", name, f)
+	}
+	s.id, _ = f["session"].(string)
+	s.token, _ = f["token"].(string)
+	if s.id == "" || s.token == "" || s.id == s.token {
+		return nil, fmt.Errorf("%s: open frame without distinct session and token: %v", name, f)
+	}
+	s.open = f
+	return s, nil
+}
+
+// cursor is the session's resume cursor <token>:<last seq>.
+func (s *rsess) cursor() string { return s.token + ":" + strconv.Itoa(s.last) }
+
+// resumeOver opens a connection over d with the session's cursor and reads
+// the open frame, which must say resumed:true with the same session and
+// token (and, over SSE, carry the cursor as its event id). The previous
+// connection must have been cut or closed by the caller.
+func (s *rsess) resumeOver(t *testing.T, d rdial) error {
+	conn, err := dialR(t, s.base, d, s.path, s.hdr, s.cursor())
+	if err != nil {
+		return fmt.Errorf("%s: resume from %d: %w", s.name, s.last, err)
+	}
+	s.conn = conn
+	f, e, err := s.nextFrame()
+	if err != nil {
+		return err
+	}
+	if f["type"] != "open" || f["resumed"] != true || f["session"] != s.id || f["token"] != s.token {
+		return fmt.Errorf("%s: resume over %s from seq %d: want open resumed:true session %s and the same token, got %s",
+			s.name, d, s.last, s.id, e.raw)
+	}
+	if e.sse != nil && (!e.sse.HasID || e.sse.ID != s.cursor()) {
+		return fmt.Errorf("%s: resumed open event over %s has id %q (own: %v), want the cursor %q", s.name, d, e.sse.ID, e.sse.HasID, s.cursor())
+	}
+	s.open = f
+	s.resumes++
+	return nil
+}
+
+// checkPush checks that e is the session's next push (seq last+1, over SSE
+// with the event id <token>:<seq>) and records it.
+func (s *rsess) checkPush(e dxEvent) (map[string]any, error) {
+	f := e.frame
+	if f == nil || f["type"] != "push" {
+		return nil, fmt.Errorf("%s (%s): want push %d, got %v", s.name, s.conn.d, s.last+1, e)
+	}
+	seq, ok := f["seq"].(float64)
+	if !ok || int(seq) != s.last+1 {
+		return nil, fmt.Errorf("%s (%s): push seq %v, want %d (a gap or a duplicate): %s", s.name, s.conn.d, f["seq"], s.last+1, e.raw)
+	}
+	if e.sse != nil {
+		want := s.token + ":" + strconv.Itoa(int(seq))
+		if !e.sse.HasID || e.sse.ID != want {
+			return nil, fmt.Errorf("%s: push event id %q (own: %v), want %q", s.name, e.sse.ID, e.sse.HasID, want)
+		}
+	}
+	s.last = int(seq)
+	return f, nil
+}
+
+// expectPushN reads the next frame: push last+1 whose data.n is n.
+func (s *rsess) expectPushN(n int) error {
+	f, e, err := s.nextFrame()
+	if err != nil {
+		return err
+	}
+	if _, err := s.checkPush(e); err != nil {
+		return err
+	}
+	if got := dataN(f); got != n {
+		return fmt.Errorf("%s: push %d carries n=%d, want %d: %s", s.name, s.last, got, n, e.raw)
+	}
+	return nil
+}
+
+// dataN is data.n of a push (-1 if absent).
+func dataN(f map[string]any) int {
+	d, _ := f["data"].(map[string]any)
+	n, ok := d["n"].(float64)
+	if !ok {
+		return -1
+	}
+	return int(n)
+}
+
+// expectCloseR reads the close frame (code, reconnect) and then the end of
+// the connection (after a WebSocket close frame with the same code).
+func (s *rsess) expectCloseR(code int, reconnect bool) error {
+	f, e, err := s.nextFrame()
+	if err != nil {
+		return err
+	}
+	if f["type"] != "close" || f["code"] != float64(code) || f["reconnect"] != reconnect {
+		return fmt.Errorf("%s (%s): want close code %d reconnect %v, got %s (last seq %d)", s.name, s.conn.d, code, reconnect, e.raw, s.last)
+	}
+	return s.expectEndR(code)
+}
+
+func (s *rsess) expectEndR(code int) error {
+	e, err := s.nextEvent(frameWait)
+	if err != nil {
+		return err
+	}
+	if s.conn.d.transport == "websocket" {
+		if e.wsClose != code {
+			return fmt.Errorf("%s: want a WebSocket close frame %d, got %v", s.name, code, e)
+		}
+		if e, err = s.nextEvent(frameWait); err != nil {
+			return err
+		}
+	}
+	if e.end == nil {
+		return fmt.Errorf("%s: want the connection to end, got %v", s.name, e)
+	}
+	return nil
+}
+
+// sendJSON sends a client frame on the current connection.
+func (s *rsess) sendJSON(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if err := s.conn.send(b); err != nil {
+		return fmt.Errorf("%s (%s): send %s: %w", s.name, s.conn.d, b, err)
+	}
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// Publishing from worker goroutines
+
+// tryPublish posts body to the admin publish endpoint; it returns the
+// status and the decoded answer.
+func tryPublish(c *caddyProc, body any) (int, map[string]any, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return 0, nil, err
+	}
+	resp, err := httpc.Post(c.adminURL("/duplex/publish"), "application/json", bytes.NewReader(b))
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, nil, err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return resp.StatusCode, nil, fmt.Errorf("publish answer is not a JSON object (%v): %q", err, raw)
+	}
+	return resp.StatusCode, m, nil
+}
+
+// publishWant publishes and wants 200 with delivered = want.
+func publishWant(c *caddyProc, body any, want int) error {
+	st, m, err := tryPublish(c, body)
+	if err != nil {
+		return fmt.Errorf("publish %v: %w", body, err)
+	}
+	if st != http.StatusOK || m["delivered"] != float64(want) {
+		return fmt.Errorf("publish %v: %d %v, want 200 with delivered %d", body, st, m, want)
+	}
+	return nil
+}
+
+// sessionInfoOf returns the admin API's description of a session (nil
+// and 404 if it is unknown).
+func sessionInfoOf(t *testing.T, c *caddyProc, id string) (int, map[string]any) {
+	t.Helper()
+	st, raw := doJSON(t, http.MethodGet, c.adminURL("/duplex/sessions/"+id), nil)
+	if st != http.StatusOK {
+		return st, nil
+	}
+	m, ok := decode(t, raw).(map[string]any)
+	if !ok {
+		t.Fatalf("GET /duplex/sessions/%s: not an object: %s", id, raw)
+	}
+	return st, m
+}
+
+// duplexMetric scrapes /metrics (with the shared client) and returns the
+// value of one caddy_duplex_* sample, 0 if absent.
+func duplexMetric(c *caddyProc, sample string) (float64, error) {
+	resp, err := httpc.Get(c.adminURL("/metrics"))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("GET /metrics: %d", resp.StatusCode)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, nil
+}
+
+// errs collects errors from worker goroutines.
+type errs struct {
+	mu   sync.Mutex
+	list []error
+}
+
+func (e *errs) add(err error) {
+	if err == nil {
+		return
+	}
+	e.mu.Lock()
+	e.list = append(e.list, err)
+	e.mu.Unlock()
+}
+
+func (e *errs) failed() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.list) > 0
+}
+
+// report fails the test with the collected errors (at most 20 shown).
+func (e *errs) report(t *testing.T) {
+	t.Helper()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for i, err := range e.list {
+		if i == 20 {
+			t.Errorf("... and %d more errors", len(e.list)-20)
+			break
+		}
+		t.Error(err)
+	}
+	if len(e.list) > 0 {
+		t.FailNow()
+	}
+}
