@@ -34,9 +34,17 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; \
 	done
 
-## bench: Go micro-benchmarks (frame encoding, hub fan-out)
+## bench: Go micro-benchmarks (frame encoding, hub fan-out), then the
+## benchmark harness: Caddy + plugin against the reference server over
+## loopback, one table (see BENCHMARKS.md; about 8 minutes on 2 cores)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+	$(GO) run ./bench
+
+## bench-quick: the harness only, with small sizes and 3 s phases (~2 minutes)
+.PHONY: bench-quick
+bench-quick:
+	$(GO) run ./bench -quick
 
 clean:
 	rm -rf $(BIN)

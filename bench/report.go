@@ -1,0 +1,125 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"time"
+)
+
+// metrics are one scenario run's figures, by metric key.
+type metrics map[string]float64
+
+// metricSpec says how a metric is shown: its label (with unit), its
+// number format, and optionally a target.
+type metricSpec struct {
+	key    string
+	label  string
+	format string // fmt verb for the figures, e.g. "%.1f"
+	target *target
+}
+
+// target is an issue-6 goal for a figure: absolute (on caddy-duplex's
+// figure) or relative (on the ratio to the reference column).
+type target struct {
+	text string
+	ok   func(duplex, ratio float64) bool
+}
+
+var (
+	targetIdleRSS    = &target{"≤ 16 KiB", func(d, _ float64) bool { return d <= 16 }}
+	targetFanoutP99  = &target{"ratio ≤ 1.2", func(_, r float64) bool { return r <= 1.2 }}
+	targetUnicast    = &target{"ratio ≥ 0.9", func(_, r float64) bool { return r >= 0.9 }}
+	targetRoundTrips = &target{"ratio ≥ 1.0", func(_, r float64) bool { return r >= 1.0 }}
+)
+
+// row is one line of the table.
+type row struct {
+	scenario, transport string
+	spec                metricSpec
+	duplex, reference   float64 // NaN: not measured
+}
+
+// report collects rows in the order they are produced.
+type report struct{ rows []row }
+
+func (r *report) add(scenario, transport string, spec metricSpec, duplex, reference float64) {
+	r.rows = append(r.rows, row{scenario, transport, spec, duplex, reference})
+	logf("  %-28s %-9s %-34s %s | %s", scenario, transport, spec.label,
+		formatValue(spec.format, duplex), formatValue(spec.format, reference))
+}
+
+// addPair adds one row per spec from the two servers' metrics (either may
+// be nil when that server was not run).
+func (r *report) addPair(scenario, transport string, specs []metricSpec, duplex, reference metrics) {
+	for _, s := range specs {
+		r.add(scenario, transport, s, lookup(duplex, s.key), lookup(reference, s.key))
+	}
+}
+
+func lookup(m metrics, key string) float64 {
+	if v, ok := m[key]; ok {
+		return v
+	}
+	return math.NaN()
+}
+
+func formatValue(format string, v float64) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "—"
+	}
+	return fmt.Sprintf(format, v)
+}
+
+// write prints the table as markdown.
+func (r *report) write(w io.Writer) {
+	fmt.Fprintln(w, "| scenario | transport | metric | caddy-duplex | reference | ratio | target |")
+	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---|")
+	for _, x := range r.rows {
+		ratio := x.duplex / x.reference
+		tgt := ""
+		if t := x.spec.target; t != nil && !math.IsNaN(x.duplex) {
+			mark := "✗ missed"
+			if t.ok(x.duplex, ratio) {
+				mark = "✓"
+			}
+			tgt = t.text + " " + mark
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s |\n",
+			x.scenario, x.transport, x.spec.label,
+			formatValue(x.spec.format, x.duplex), formatValue(x.spec.format, x.reference),
+			formatValue("%.2f×", ratio), tgt)
+	}
+}
+
+// durations is a sample of latencies.
+type durations []time.Duration
+
+// percentile returns the q-quantile (0..1) by the nearest-rank method.
+func (d durations) percentile(q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[max(0, min(i, len(s)-1))]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// microsPer is CPU time per operation in microseconds.
+func microsPer(cpu time.Duration, ops int64) float64 {
+	if ops <= 0 {
+		return math.NaN()
+	}
+	return float64(cpu) / float64(time.Microsecond) / float64(ops)
+}
+
+func rate(ops int64, d time.Duration) float64 {
+	if d <= 0 {
+		return math.NaN()
+	}
+	return float64(ops) / d.Seconds()
+}

@@ -1,0 +1,206 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+// Scenarios (a) and (b) share their sessions: N sessions are opened on one
+// channel (opens per second, CPU per open), left idle (RSS per session),
+// then the channel gets publishes one at a time (fan-out latency).
+
+var idleSpecs = []metricSpec{
+	{key: "rss", label: "RSS per idle session (KiB)", format: "%.1f"},
+	{key: "opens", label: "opens per second", format: "%.0f"},
+	{key: "cpuOpen", label: "server CPU per open (µs)", format: "%.0f"},
+}
+
+var fanoutSpecs = []metricSpec{
+	{key: "p50", label: "delivery latency p50 (ms)", format: "%.1f"},
+	{key: "p99", label: "delivery latency p99 (ms)", format: "%.1f", target: targetFanoutP99},
+	{key: "max", label: "delivery latency max (ms)", format: "%.1f"},
+	{key: "lastMedian", label: "last subscriber has it, median (ms)", format: "%.1f"},
+	{key: "lastMax", label: "last subscriber has it, worst (ms)", format: "%.1f"},
+	{key: "cpuDelivery", label: "server CPU per delivery (µs)", format: "%.2f"},
+	{key: "missing", label: "deliveries missing", format: "%.0f"},
+}
+
+// runSessions runs (a) and (b) for every transport and size.
+func (e *env) runSessions() {
+	for _, n := range e.cfg.sizes {
+		for _, t := range e.cfg.transports {
+			what := fmt.Sprintf("sessions %s N=%d", t, n)
+			logf("== %s", what)
+			d, r := e.eachServer(what, func(srv *server) (metrics, error) {
+				return e.sessions(srv, t, n)
+			})
+			specs := slices.Clone(idleSpecs)
+			if t == transportWebSocket {
+				specs[0].target = targetIdleRSS
+			}
+			if e.cfg.scenarios["idle"] {
+				e.rep.addPair(fmt.Sprintf("(a) idle sessions, N=%d", n), t, specs, d, r)
+			}
+			if e.cfg.scenarios["fanout"] {
+				e.rep.addPair(fmt.Sprintf("(b) fan-out to N=%d, %d publishes", n, e.cfg.publishes), t, fanoutSpecs, d, r)
+			}
+		}
+	}
+}
+
+// fanout records the deliveries of each publish.
+type fanout struct {
+	n      int
+	lat    [][]time.Duration // per publish, one slot per delivery
+	count  []atomic.Int64    // slots taken, per publish
+	filled []atomic.Int64    // slots written, per publish
+	done   []chan struct{}   // closed when publish k reached all n
+	extra  atomic.Int64      // deliveries beyond n, or of unknown publishes
+}
+
+func newFanout(n, publishes int) *fanout {
+	f := &fanout{n: n, lat: make([][]time.Duration, publishes),
+		count: make([]atomic.Int64, publishes), filled: make([]atomic.Int64, publishes),
+		done: make([]chan struct{}, publishes)}
+	for k := range publishes {
+		f.lat[k] = make([]time.Duration, n)
+		f.done[k] = make(chan struct{})
+	}
+	return f
+}
+
+var pushPrefix = []byte(`{"type":"push"`)
+
+// onFrame takes a push carrying {"i":k,"t":<unix ns published>}.
+func (f *fanout) onFrame(frame []byte) {
+	if !bytes.HasPrefix(frame, pushPrefix) {
+		return
+	}
+	now := time.Now().UnixNano()
+	k, ok1 := intField(frame, "i")
+	t, ok2 := intField(frame, "t")
+	if !ok1 || !ok2 || k < 0 || int(k) >= len(f.lat) {
+		f.extra.Add(1)
+		return
+	}
+	idx := f.count[k].Add(1) - 1
+	if idx >= int64(f.n) {
+		f.extra.Add(1)
+		return
+	}
+	f.lat[k][idx] = time.Duration(now - t)
+	if f.filled[k].Add(1) == int64(f.n) {
+		close(f.done[k])
+	}
+}
+
+func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
+	m := metrics{}
+	fan := newFanout(n, e.cfg.publishes)
+	profile := e.cfg.pprofDir != "" && srv.adminURL != "" && n == slices.Max(e.cfg.sizes)
+	if profile { // the baseline the idle profiles are read against
+		e.saveProfile(srv, fmt.Sprintf("heap-before-%s-%d", transport, n), "heap?gc=1")
+		e.saveMemStats(srv, fmt.Sprintf("memstats-before-%s-%d", transport, n))
+	}
+	before, err := srv.usage()
+	if err != nil {
+		return nil, err
+	}
+	stopOpenProfile := func() {}
+	if profile {
+		stopOpenProfile = e.startCPUProfile(srv, fmt.Sprintf("cpu-open-%s-%d", transport, n), 2*time.Second)
+	}
+	start := time.Now()
+	sessions, err := openMany(n, e.cfg.openConc, func(int) (*clientSession, error) {
+		return openSession(transport, srv, "fan", e.hc, fan.onFrame)
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(sessions)
+	opened := time.Since(start)
+	afterOpen, err := srv.usage()
+	if err != nil {
+		return nil, err
+	}
+	stopOpenProfile()
+	time.Sleep(e.cfg.settle)
+	idle, err := srv.usage()
+	if err != nil {
+		return nil, err
+	}
+	m["rss"] = float64(idle.rssKiB-before.rssKiB) / float64(n)
+	m["opens"] = rate(int64(n), opened)
+	m["cpuOpen"] = microsPer(afterOpen.cpu-before.cpu, int64(n))
+	logf("  %s: %d sessions opened in %s; RSS %d → %d KiB", srv.name, n, opened.Round(time.Millisecond), before.rssKiB, idle.rssKiB)
+	if profile {
+		e.saveProfile(srv, fmt.Sprintf("heap-idle-%s-%d", transport, n), "heap?gc=1")
+		e.saveProfile(srv, fmt.Sprintf("goroutine-idle-%s-%d", transport, n), "goroutine")
+		e.saveMemStats(srv, fmt.Sprintf("memstats-idle-%s-%d", transport, n))
+	}
+	if !e.cfg.scenarios["fanout"] {
+		return m, nil
+	}
+
+	stopProfile := func() {}
+	if profile {
+		stopProfile = e.startCPUProfile(srv, fmt.Sprintf("cpu-fanout-%s-%d", transport, n), 5*time.Second)
+	}
+	cpu, err := startCPU(srv)
+	if err != nil {
+		return nil, err
+	}
+	var last durations
+	missing := 0
+	for k := range e.cfg.publishes {
+		body := `{"channel":"fan","data":{"i":` + strconv.Itoa(k) + `,"t":` + strconv.FormatInt(time.Now().UnixNano(), 10) + `}}`
+		if err := e.publish(srv, []byte(body)); err != nil {
+			return nil, err
+		}
+		select {
+		case <-fan.done[k]:
+			last = append(last, slices.Max(fan.lat[k]))
+		case <-time.After(e.cfg.fanoutWait):
+			got := int(min(fan.count[k].Load(), int64(n)))
+			missing += n - got
+			logf("  %s: publish %d reached %d of %d subscribers within %s", srv.name, k, got, n, e.cfg.fanoutWait)
+		}
+		time.Sleep(e.cfg.publishGap)
+	}
+	cpuUsed, err := cpu.since()
+	if err != nil {
+		return nil, err
+	}
+	stopProfile()
+	var all durations
+	var delivered int64
+	for k := range fan.lat {
+		// A publish that timed out may have slots taken but not yet
+		// written: those are still zero and left out.
+		for _, d := range fan.lat[k][:min(fan.count[k].Load(), int64(n))] {
+			if d != 0 {
+				all = append(all, d)
+				delivered++
+			}
+		}
+	}
+	m["p50"] = ms(all.percentile(0.50))
+	m["p99"] = ms(all.percentile(0.99))
+	m["max"] = ms(all.percentile(1))
+	m["lastMedian"], m["lastMax"] = math.NaN(), math.NaN()
+	if len(last) > 0 {
+		m["lastMedian"] = ms(last.percentile(0.5))
+		m["lastMax"] = ms(last.percentile(1))
+	}
+	m["cpuDelivery"] = microsPer(cpuUsed, delivered)
+	m["missing"] = float64(missing)
+	if x := fan.extra.Load(); x > 0 {
+		logf("  %s: %d unexpected or duplicate deliveries", srv.name, x)
+	}
+	return m, nil
+}
