@@ -287,7 +287,7 @@ func (s *session) pushData(data json.RawMessage) {
 // {"reason":…}; retried with backoff while the app fails. It runs in its
 // own goroutine and never blocks the session's teardown.
 func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
-	if a.h.cleaned.Load() {
+	if a.h.cleaned.Load() && !caddy.Exiting() {
 		// The config it ran under is gone: use the handler that took its
 		// place in the running config, if there is one.
 		succ := a.h.hub.successor(a.h.key)
@@ -304,7 +304,9 @@ func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
 		h = succ
 	}
 	body := mustJSON(map[string]string{"reason": reason})
-	h.hooks.Go(func() {
+	h.hooks.add()
+	go func() {
+		defer h.hooks.done()
 		backoff := 250 * time.Millisecond
 		for attempt := 1; ; attempt++ {
 			status, err := a.post(h.Disconnect, body)
@@ -320,7 +322,52 @@ func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
 			time.Sleep(backoff)
 			backoff *= 2
 		}
-	})
+	}()
+}
+
+// pending counts work under way that Cleanup may wait for; unlike a
+// WaitGroup, it may be added to while someone waits.
+type pending struct {
+	mu   sync.Mutex
+	n    int
+	idle chan struct{} // closed when n drops to 0
+}
+
+func (p *pending) add() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n == 0 {
+		p.idle = make(chan struct{})
+	}
+	p.n++
+}
+
+func (p *pending) done() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.n--
+	if p.n == 0 {
+		close(p.idle)
+	}
+}
+
+// wait reports whether the count reached 0 within timeout.
+func (p *pending) wait(timeout time.Duration) bool {
+	p.mu.Lock()
+	if p.n == 0 {
+		p.mu.Unlock()
+		return true
+	}
+	idle := p.idle
+	p.mu.Unlock()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-idle:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 const disconnectAttempts = 6

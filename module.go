@@ -11,7 +11,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -210,7 +209,7 @@ type Handler struct {
 	// next is the handler chain after duplex, kept from the first request.
 	next *atomic.Pointer[caddyhttp.Handler]
 	// hooks counts disconnect hooks under way.
-	hooks *sync.WaitGroup
+	hooks *pending
 }
 
 // CaddyModule returns the Caddy module information.
@@ -252,7 +251,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.live = newAttachmentSet()
 	h.cleaned = new(atomic.Bool)
 	h.next = new(atomic.Pointer[caddyhttp.Handler])
-	h.hooks = new(sync.WaitGroup)
+	h.hooks = new(pending)
 	if key, err := json.Marshal(h); err == nil {
 		h.key = string(key)
 	}
@@ -301,19 +300,13 @@ func (h *Handler) Validate() error {
 // shutdown hook, registered in Provision, has closed them already.)
 func (h *Handler) Cleanup() error {
 	h.shutdown()
+	if caddy.Exiting() && !h.hooks.wait(10*time.Second) {
+		// The disconnect hooks of the sessions that ended had their
+		// chance to reach the app before the process exits.
+		h.logger.Warn("exiting before every disconnect hook was delivered")
+	}
 	h.cleaned.Store(true)
 	h.hub.unregister(h)
-	if caddy.Exiting() {
-		// Let the disconnect hooks of the sessions that ended reach the
-		// app before the process exits (bounded).
-		done := make(chan struct{})
-		go func() { h.hooks.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			h.logger.Warn("exiting before every disconnect hook was delivered")
-		}
-	}
 	return nil
 }
 
