@@ -21,26 +21,38 @@ const adaptSeparator = "----------\n"
 
 // TestAdaptGolden adapts every testdata/adapt/*.caddytest Caddyfile (the
 // part before the separator line) and compares the JSON with the part after
-// it. Run `go test -run TestAdaptGolden -update` to rewrite the JSON after a
+// it; the demo's Caddyfile is compared with testdata/demo/Caddyfile.json. Run `go test -run TestAdaptGolden -update` to rewrite the JSON after a
 // deliberate change, and review the diff.
 func TestAdaptGolden(t *testing.T) {
 	files, err := filepath.Glob("testdata/adapt/*.caddytest")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no golden files: %v", err)
 	}
-	for _, file := range files {
+	// Caddyfiles kept elsewhere in testdata have their JSON beside them.
+	for _, file := range append(files, "testdata/demo/Caddyfile") {
 		t.Run(filepath.Base(file), func(t *testing.T) {
 			raw, err := os.ReadFile(file)
 			if err != nil {
 				t.Fatal(err)
 			}
 			caddyfile, want, ok := strings.Cut(string(raw), adaptSeparator)
+			golden := file
+			if !strings.HasSuffix(file, ".caddytest") {
+				golden = file + ".json"
+				caddyfile, ok = string(raw), true
+				b, _ := os.ReadFile(golden)
+				want = string(b)
+			}
 			if !ok {
 				t.Fatalf("%s: no %q separator line", file, strings.TrimSpace(adaptSeparator))
 			}
 			got := adapt(t, file, caddyfile)
 			if *update {
-				if err := os.WriteFile(file, []byte(caddyfile+adaptSeparator+got), 0o644); err != nil {
+				out := []byte(caddyfile + adaptSeparator + got)
+				if golden != file {
+					out = []byte(got)
+				}
+				if err := os.WriteFile(golden, out, 0o644); err != nil {
 					t.Fatal(err)
 				}
 				return
