@@ -21,7 +21,10 @@ type duplexMetrics struct {
 	appLatency   prometheus.Histogram   // time the route took to answer a message
 	publishes    *prometheus.CounterVec // publish API requests, by result
 	slowClosures prometheus.Counter     // connections closed as slow consumers
-	collectors   []prometheus.Collector // all of the above
+
+	// the push counters, resolved once: they are bumped per subscriber
+	pushDelivered, pushBuffered, pushDropped prometheus.Counter
+	collectors                               []prometheus.Collector // all of the above
 }
 
 var metrics = newDuplexMetrics()
@@ -67,6 +70,9 @@ func newDuplexMetrics() *duplexMetrics {
 			Help: "Connections closed because their send queue was full.",
 		}),
 	}
+	m.pushDelivered = m.pushes.WithLabelValues("delivered")
+	m.pushBuffered = m.pushes.WithLabelValues("buffered")
+	m.pushDropped = m.pushes.WithLabelValues("dropped")
 	m.collectors = []prometheus.Collector{m.connections, m.opened, m.ended, m.messages,
 		m.pushes, m.resumes, m.appLatency, m.publishes, m.slowClosures}
 	return m

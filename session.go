@@ -285,11 +285,11 @@ func (s *session) push(p *push) bool {
 	}
 	switch a := s.cur; {
 	case a == nil:
-		metrics.pushes.WithLabelValues("buffered").Inc()
+		metrics.pushBuffered.Inc()
 	case a.enqueueLocked(outFrame{push: p, seq: e.seq}):
-		metrics.pushes.WithLabelValues("delivered").Inc()
+		metrics.pushDelivered.Inc()
 	default:
-		metrics.pushes.WithLabelValues("dropped").Inc()
+		metrics.pushDropped.Inc()
 	}
 	return true
 }
