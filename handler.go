@@ -32,10 +32,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	}
 	if name == transportStream && r.ProtoMajor == 1 {
-		// Otherwise Go's HTTP/1.1 server holds any answer (also a
-		// refusal below) until the client has finished its body, which a
-		// stream client never does.
-		_ = http.NewResponseController(w).EnableFullDuplex()
+		// A refusal below must not wait for the client to finish its
+		// body (a stream client never does): Go's HTTP/1.1 server drains
+		// an unread body before answering unless the connection is to be
+		// closed. acceptStream takes this back when it goes full duplex.
+		w.Header().Set("Connection", "close")
 	}
 	if !slices.Contains(h.Transports, name) {
 		// Say which transports are enabled, so a client can fall back.

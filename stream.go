@@ -36,6 +36,7 @@ var pingLine = []byte(`{"type":"ping"}` + "\n")
 func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*streamConn, error) {
 	rc := http.NewResponseController(w)
 	if r.ProtoMajor == 1 {
+		w.Header().Del("Connection") // set by ServeHTTP for refusals
 		if err := rc.EnableFullDuplex(); err != nil {
 			http.Error(w, "duplex: the stream transport needs HTTP/2, or HTTP/1.1 with full duplex", http.StatusHTTPVersionNotSupported)
 			return nil, fmt.Errorf("duplex: stream: enabling full duplex: %w", err)
