@@ -207,6 +207,8 @@ func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 
 	cmd := exec.Command(caddyBin, "run", "--config", cfPath, "--adapter", "caddyfile")
 	cmd.Dir = dir
+	// If the test process is killed (a timeout), Caddy goes with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Env = append(os.Environ(),
 		"HOME="+dir,
 		"XDG_DATA_HOME="+filepath.Join(dir, "data"),
