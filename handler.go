@@ -72,6 +72,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	next = h.keepNext(next)
 
 	var openData json.RawMessage
+	bind := func(*session) {} // gives a connect stream its session
 	if h.Connect {
 		target := old
 		if target == nil {
@@ -94,16 +95,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if !res.streaming && len(res.body) > 0 {
 			openData, _ = embedBody(res.header.Get("Content-Type"), res.body)
 		}
+		if res.bind != nil {
+			bind = res.bind
+		}
 		if old == nil {
 			target.user = user
-			return h.open(w, r, next, name, target, channels, openData)
+			return h.open(w, r, next, name, target, channels, openData, bind)
 		}
 	}
 	if old != nil && old.user != user {
 		old = nil // a session of another user: open a new one
 	}
 	if old != nil {
-		if done := h.resume(w, r, next, name, old, lastSeq, user, channels, openData); done {
+		if done := h.resume(w, r, next, name, old, lastSeq, user, channels, openData, bind); done {
 			return nil
 		}
 		// The session ended meanwhile, or the pushes after the cursor are
@@ -112,7 +116,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if cursor != "" {
 		metrics.resumes.WithLabelValues("failed").Inc()
 	}
-	return h.open(w, r, next, name, newSession(h, user), channels, openData)
+	return h.open(w, r, next, name, newSession(h, user), channels, openData, bind)
 }
 
 // accept completes the opening handshake of the transport. On error the
@@ -134,8 +138,11 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (t
 }
 
 // open serves a new session s on this request until its connection ends.
-func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, channels []string, data json.RawMessage) error {
+//
+// bind is given the session a connect hook's stream is for (nil if none).
+func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, channels []string, data json.RawMessage, bind func(*session)) error {
 	if h.MaxSessions > 0 && h.hub.count() >= h.MaxSessions {
+		bind(nil)
 		s.end(closeInfo{Reason: "max_sessions reached"})
 		w.Header().Set("Retry-After", "5")
 		h.refuse(w, r, http.StatusServiceUnavailable, "max_sessions reached")
@@ -143,17 +150,19 @@ func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Ha
 	}
 	t, err := h.accept(w, r, name)
 	if err != nil {
+		bind(nil)
 		s.end(closeInfo{Reason: "opening failed"})
 		h.logger.Debug("session opening failed", zap.String("transport", name),
 			zap.String("remote", r.RemoteAddr), zap.Error(err))
 		return nil
 	}
-	h.serveNew(r, next, name, t, s, channels, data)
+	h.serveNew(r, next, name, t, s, channels, data, bind)
 	return nil
 }
 
 // serveNew serves new session s on the accepted transport t.
-func (h *Handler) serveNew(r *http.Request, next caddyhttp.Handler, name string, t transport, s *session, channels []string, data json.RawMessage) {
+func (h *Handler) serveNew(r *http.Request, next caddyhttp.Handler, name string, t transport, s *session, channels []string, data json.RawMessage, bind func(*session)) {
+	bind(s) // before attach: pushes the stream already sent follow the open frame
 	a := newAttachment(s, h, r, next, name, t)
 	h.hub.add(s, channels)
 	s.attach(a, false, 0, data)
@@ -174,7 +183,7 @@ func (h *Handler) serveNew(r *http.Request, next caddyhttp.Handler, name string,
 // resume serves session s on this request, from the client's lastSeq. It
 // reports false if s can no longer be resumed from there (nothing was
 // written to the client then).
-func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, user string, channels []string, data json.RawMessage) bool {
+func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, user string, channels []string, data json.RawMessage, bind func(*session)) bool {
 	s.mu.Lock()
 	ok := !s.ended && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
@@ -183,6 +192,7 @@ func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	}
 	t, err := h.accept(w, r, name)
 	if err != nil {
+		bind(nil)
 		h.logger.Debug("session resume failed", zap.String("transport", name),
 			zap.String("remote", r.RemoteAddr), zap.Error(err))
 		return true
@@ -193,9 +203,10 @@ func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		// cursor, since the check above: the client starts over on the
 		// connection it has (resumed:false).
 		metrics.resumes.WithLabelValues("failed").Inc()
-		h.serveNew(r, next, name, t, newSession(h, user), channels, data)
+		h.serveNew(r, next, name, t, newSession(h, user), channels, data, bind)
 		return true
 	}
+	bind(s)
 	if h.Connect && len(channels) > 0 {
 		h.hub.subscribe(s, channels, nil)
 	}

@@ -31,6 +31,9 @@ type connectResult struct {
 	timedOut bool
 	// streaming: the answer is an open event stream now relaying pushes.
 	streaming bool
+	// bind gives a streaming answer the session its pushes are for (nil:
+	// none, the stream is cut). Until then they are held.
+	bind func(*session)
 }
 
 func (c *connectResult) accepted() bool {
@@ -73,18 +76,16 @@ func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session
 		RequestURI: r.URL.RequestURI(),
 		TLS:        r.TLS,
 	}
-	// The hook lives as long as the session (a stream may stay open), but
-	// must answer within message_timeout.
+	// The hook must answer within message_timeout; a stream then lives as
+	// long as the session it is bound to.
 	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
-	stopOnEnd := context.AfterFunc(s.ctx, cancel)
-	w := newHookWriter(s, h.SendQueue)
+	w := newHookWriter(h.SendQueue)
 	a := &attachment{s: s, h: h, r: r, next: next}
 	a.repl, _ = r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	req = a.prepare(req.WithContext(ctx), w)
 
 	done := make(chan error, 1)
 	go func() {
-		defer stopOnEnd()
 		defer cancel()
 		defer func() {
 			if p := recover(); p != nil {
@@ -105,17 +106,24 @@ func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session
 		res.err = err
 		return res
 	case <-w.decided:
-		// A stream: it goes on in the goroutine, unless the session has
-		// one already (a resume's connect answer).
-		if !s.upstream.CompareAndSwap(false, true) {
-			cancel()
-			return w.result()
+		// A stream: it goes on in the goroutine; its pushes are held until
+		// the opening is decided and bind names the session they are for.
+		res := w.result()
+		res.bind = func(final *session) {
+			if final == nil || !final.upstream.CompareAndSwap(false, true) {
+				cancel() // no session, or it has a stream already
+				w.bindTo(nil)
+				return
+			}
+			stop := context.AfterFunc(final.ctx, cancel)
+			w.bindTo(final)
+			go func() {
+				<-done
+				stop()
+				final.upstream.Store(false)
+			}()
 		}
-		go func() {
-			<-done
-			s.upstream.Store(false)
-		}()
-		return w.result()
+		return res
 	case <-timer.C:
 		cancel()
 		return &connectResult{timedOut: true}
@@ -126,7 +134,6 @@ func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session
 // answer, or relays a streaming one (SSE or NDJSON) as pushes to the
 // session.
 type hookWriter struct {
-	s       *session
 	limit   int64
 	header  http.Header
 	decided chan struct{} // closed when a streaming answer started
@@ -139,10 +146,41 @@ type hookWriter struct {
 	pending   []byte // a partial line of the stream
 	event     []string
 	overflow  bool
+	// target receives the stream's pushes once bound; held keeps them
+	// until then; cut drops them (no session took the stream).
+	target *session
+	held   []json.RawMessage
+	cut    bool
 }
 
-func newHookWriter(s *session, limit int64) *hookWriter {
-	return &hookWriter{s: s, limit: limit, header: make(http.Header), decided: make(chan struct{})}
+func newHookWriter(limit int64) *hookWriter {
+	return &hookWriter{limit: limit, header: make(http.Header), decided: make(chan struct{})}
+}
+
+// deliver pushes a stream payload to the bound session, or holds it.
+func (w *hookWriter) deliver(data json.RawMessage) {
+	switch {
+	case w.target != nil:
+		w.target.pushData(data)
+	case !w.cut:
+		w.held = append(w.held, data)
+	}
+}
+
+// bindTo names the session the stream's pushes are for (nil: none).
+func (w *hookWriter) bindTo(s *session) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	held := w.held
+	w.held = nil
+	if s == nil {
+		w.cut = true
+		return
+	}
+	w.target = s
+	for _, d := range held {
+		s.pushData(d)
+	}
 }
 
 func (w *hookWriter) Header() http.Header { return w.header }
@@ -193,14 +231,14 @@ func (w *hookWriter) Write(p []byte) (int, error) {
 func (w *hookWriter) line(line string) {
 	if !w.sse {
 		if strings.TrimSpace(line) != "" {
-			w.s.pushData(pushValue([]byte(line)))
+			w.deliver(pushValue([]byte(line)))
 		}
 		return
 	}
 	switch {
 	case line == "":
 		if len(w.event) > 0 {
-			w.s.pushData(pushValue([]byte(strings.Join(w.event, "\n"))))
+			w.deliver(pushValue([]byte(strings.Join(w.event, "\n"))))
 			w.event = w.event[:0]
 		}
 	case strings.HasPrefix(line, ":"):
@@ -229,7 +267,7 @@ func (w *hookWriter) finish() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.streaming && w.sse && len(w.event) > 0 {
-		w.s.pushData(pushValue([]byte(strings.Join(w.event, "\n"))))
+		w.deliver(pushValue([]byte(strings.Join(w.event, "\n"))))
 		w.event = nil
 	}
 }

@@ -563,19 +563,33 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 			t.Fatalf("stream %s %s: %v", tg.proto, path, err)
 		}
 		defer func() { pw.Close(); cancel() }()
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
-		resp.Body.Close()
-		return resp.StatusCode, resp.Header, string(b)
+		return hkRefusalBody(t, "stream "+tg.proto+" "+path, resp, cancel)
 	default:
 		resp, cancel, err := startSSE(t, tg.httpClient(t), tg.url(path), hdr)
 		if err != nil {
 			t.Fatalf("sse %s %s: %v", tg.proto, path, err)
 		}
 		defer cancel()
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
-		resp.Body.Close()
-		return resp.StatusCode, resp.Header, string(b)
+		return hkRefusalBody(t, "sse "+tg.proto+" "+path, resp, cancel)
 	}
+}
+
+// hkRefusalBody reads a refused opening's answer. An opening that was not
+// refused (200: a session stream) fails the test at once.
+func hkRefusalBody(t *testing.T, what string, resp *http.Response, cancel func()) (int, http.Header, string) {
+	t.Helper()
+	if resp.StatusCode == http.StatusOK {
+		resp.Body.Close()
+		t.Fatalf("%s: opened (200), want a refusal", what)
+	}
+	timer := time.AfterFunc(frameWait, cancel) // a body that never ends
+	defer timer.Stop()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("%s: reading the refusal's body: %v", what, err)
+	}
+	return resp.StatusCode, resp.Header, string(b)
 }
 
 // hkHeaderWith returns hdr plus kv.

@@ -375,6 +375,72 @@ func TestSecurityResumeOtherUser(t *testing.T) {
 	}
 }
 
+// TestSecurityResumeOtherUserIdentityFromHook: when the user comes only from
+// the connect hook's Duplex-User (no user template: the app authenticates
+// the opening itself), another user presenting the owner's cursor still
+// gets a new session of their own, and nothing of that opening reaches the
+// owner's session: in particular not the pushes of the hook's event stream
+// (they belong to the session the opening became).
+func TestSecurityResumeOtherUserIdentityFromHook(t *testing.T) {
+	t.Parallel()
+	app := newHookApp(t, "h1")
+	e := startDuplexEnv(t, sub(`
+	route /ident* {
+		duplex {
+			connect
+		}
+		reverse_proxy {{.Upstream}}
+	}
+`, "Upstream", app.Addr), "")
+	c := e.c
+	tg := e.target("h1")
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			t.Parallel()
+			owner, thief := "owner-"+tr, "thief-"+tr
+			s := openDX(t, tr, tg, "/ident", hdrs("X-Want-User", owner, "X-Connect", "accept"))
+			sid, tok := s.Session, s.Token
+			if info := hkSessionInfo(t, c, sid); info["user"] != owner {
+				t.Fatalf("owner's session user %v, want %q (from the connect hook)", info["user"], owner)
+			}
+			hkDrop(s)
+			hkWaitDetached(t, c, sid)
+
+			// The thief has the owner's token; the app (its connect hook)
+			// knows the thief and answers with the thief's event stream.
+			x := dialDX(t, tr, tg, "/ident", hdrs("X-Want-User", thief, "X-Connect", "ndjson", "Duplex-Resume", tok+":0"))
+			f := x.expectType(t, "open")
+			if f["resumed"] != false || f["session"] == sid || f["token"] == tok {
+				t.Fatalf("another user presenting the owner's cursor got %v: the owner's session", f)
+			}
+			x.Session, x.Token = f["session"].(string), f["token"].(string)
+			if info := hkSessionInfo(t, c, x.Session); info["user"] != thief {
+				t.Errorf("the new session's user is %v, want %q", info["user"], thief)
+			}
+			var feedSid string
+			for _, r := range app.of("connect", "X-Want-User", thief) {
+				feedSid = r.Header.Get("Duplex-Session")
+			}
+			// Nothing of it reaches the owner's session: the first push the
+			// owner sees on resuming is the next one published to it.
+			c.mustPublish(t, map[string]any{"session": sid, "data": "mine"}, 1)
+			o := dialDX(t, tr, tg, "/ident", hdrs("X-Want-User", owner, "X-Connect", "accept", "Duplex-Resume", tok+":0"))
+			hkExpectResumed(t, o, sid, tok)
+			if f := o.readFrame(t); f["type"] != "push" || f["data"] != "mine" {
+				t.Errorf("the owner's first push after the thief's attempt is %v, want \"mine\" (the thief's connect request was told session %s)", f, feedSid)
+			}
+			// The thief's stream goes to the thief's session.
+			_, want := hkInitial("ndjson", feedSid)
+			for _, w := range want {
+				x.expectPush(t, "", w)
+			}
+			if info := hkSessionInfo(t, c, sid); info["user"] != owner {
+				t.Errorf("the owner's session user is now %v", info["user"])
+			}
+		})
+	}
+}
+
 // TestSecurityHostileInput: deeply nested JSON, frames over
 // max_message_size, invalid UTF-8 and unknown frame types are answered with
 // error frames (or the SSE POST's HTTP status) over every transport; the
