@@ -2,13 +2,9 @@ package duplex_test
 
 import (
 	"bytes"
-	"context"
-	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"regexp"
 	"sort"
@@ -18,7 +14,6 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
-	"golang.org/x/net/http2"
 )
 
 // siteLive is the usual site: /live* opens sessions whose messages go to the
@@ -600,63 +595,12 @@ http://127.0.0.1:{{.HTTP}} {
 
 func dialH2WS(t *testing.T, c *caddyProc, path string, hdr http.Header) *wsClient {
 	t.Helper()
-	tr := &http2.Transport{
-		AllowHTTP: true,
-		DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, addr)
-		},
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	pr, pw := io.Pipe()
-	req, err := http.NewRequestWithContext(ctx, http.MethodConnect, c.url(path), pr)
+	tg := target{proto: "h2c", base: fmt.Sprintf("http://127.0.0.1:%d", c.HTTP)}
+	r, w, closer, status, err := dialWSConn(t, tg, path, hdr)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("extended CONNECT: status %d, %v; want 200", status, err)
 	}
-	for k, v := range hdr {
-		req.Header[k] = v
-	}
-	req.Header.Set(":protocol", "websocket")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	type result struct {
-		resp *http.Response
-		err  error
-	}
-	rc := make(chan result, 1)
-	go func() {
-		resp, err := tr.RoundTrip(req)
-		rc <- result{resp, err}
-	}()
-	var res result
-	select {
-	case res = <-rc:
-	case <-time.After(frameWait):
-		cancel()
-		pw.Close()
-		<-rc
-		tr.CloseIdleConnections()
-		t.Fatalf("extended CONNECT: no response within %s", frameWait)
-	}
-	if res.err != nil {
-		cancel()
-		pw.Close()
-		tr.CloseIdleConnections()
-		t.Fatalf("extended CONNECT: %v", res.err)
-	}
-	if res.resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(res.resp.Body, 4096))
-		res.resp.Body.Close()
-		cancel()
-		pw.Close()
-		tr.CloseIdleConnections()
-		t.Fatalf("extended CONNECT: status %d (%q), want 200", res.resp.StatusCode, b)
-	}
-	return newWSClient(t, "h2:"+path, res.resp.Body, pw, func() {
-		pw.Close()
-		cancel()
-		res.resp.Body.Close()
-		tr.CloseIdleConnections()
-	})
+	return newWSClient(t, "h2:"+path, r, w, closer)
 }
 
 func TestHTTP2ExtendedConnectH2C(t *testing.T) {
