@@ -1,6 +1,7 @@
 package duplex_test
 
 import (
+	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -119,5 +120,53 @@ func expectAnswer(t *testing.T, f map[string]any, typ string) {
 	t.Helper()
 	if f["type"] != typ {
 		t.Fatalf("answer %v, want type %s", f, typ)
+	}
+}
+
+// TestSessionLogs checks the one line per session open and end, with the
+// fields an operator needs, and that message bodies stay out of the logs at
+// the default level.
+func TestSessionLogs(t *testing.T) {
+	t.Parallel()
+	app := newTestApp(t)
+	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
+	ws := openSession(t, c.wsURL("/live"), hdrs("X-User", "logged-user"))
+	const secret = "body-that-must-not-be-logged"
+	expectAnswer(t, ws.call(t, "l1", "/reply", map[string]any{"s": secret}), "reply")
+	ws.closeGracefully()
+
+	var opened, closed map[string]any
+	waitUntil(t, "session log lines", 10*time.Second, func() bool {
+		opened, closed = nil, nil
+		for _, line := range strings.Split(c.logs(), "\n") {
+			var e map[string]any
+			if json.Unmarshal([]byte(line), &e) != nil || e["session"] != ws.Session {
+				continue
+			}
+			switch e["msg"] {
+			case "session opened":
+				opened = e
+			case "session closed":
+				closed = e
+			}
+		}
+		return opened != nil && closed != nil
+	})
+	for _, f := range []string{"user", "transport", "remote"} {
+		if opened[f] == nil || opened[f] == "" {
+			t.Errorf("open line lacks %s: %v", f, opened)
+		}
+	}
+	if opened["user"] != "logged-user" || opened["transport"] != "websocket" || opened["logger"] != "http.handlers.duplex" {
+		t.Errorf("open line: %v", opened)
+	}
+	if closed["reason"] != "closed by the client" || closed["messages"] != 1.0 || closed["duration"] == nil {
+		t.Errorf("close line: %v", closed)
+	}
+	if strings.Contains(c.logs(), secret) {
+		t.Errorf("a message body reached the logs")
+	}
+	if strings.Contains(c.logs(), ws.Token) {
+		t.Errorf("the token reached the logs")
 	}
 }
