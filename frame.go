@@ -37,7 +37,8 @@ const (
 	codeRestart = 4012
 )
 
-// closeInfo says why a session ends; it becomes the close frame.
+// closeInfo says why a connection or session ends; it becomes the close
+// frame (encodeClose sets its type).
 type closeInfo struct {
 	Type      string `json:"type"`
 	Code      int    `json:"code"`
@@ -48,16 +49,16 @@ type closeInfo struct {
 }
 
 var (
-	closeRestart = closeInfo{Type: frameClose, Code: codeRestart, Reason: "server restarting", Reconnect: true}
+	closeRestart = closeInfo{Code: codeRestart, Reason: "server restarting", Reconnect: true}
 	// closeShutdown ends sessions for good when the process exits.
-	closeShutdown = closeInfo{Type: frameClose, Code: codeRestart, Reason: "shutdown", Reconnect: true, kind: "shutdown"}
-	closeSlow     = closeInfo{Type: frameClose, Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
+	closeShutdown = closeInfo{Code: codeRestart, Reason: "shutdown", Reconnect: true, kind: "shutdown"}
+	closeSlow     = closeInfo{Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
 	// closeReplaced goes to a connection whose session a newer one resumed.
-	closeReplaced = closeInfo{Type: frameClose, Code: codeReplaced, Reason: "resumed on another connection"}
+	closeReplaced = closeInfo{Code: codeReplaced, Reason: "resumed on another connection"}
 )
 
 func closedByApp(reason string) closeInfo {
-	return closeInfo{Type: frameClose, Code: codeClosedByApp, Reason: reason, kind: "app"}
+	return closeInfo{Code: codeClosedByApp, Reason: reason, kind: "app"}
 }
 
 // openFrame is the first frame of every session.
@@ -207,12 +208,12 @@ func encodeAck(ref json.RawMessage) []byte {
 
 func encodeError(ref json.RawMessage, status int, msg string) []byte {
 	if msg == "" {
-		msg = strconvStatus(status)
+		msg = statusText(status)
 	}
 	return mustJSON(answerFrame{Type: frameErr, Ref: ref, Status: status, Error: msg})
 }
 
-func strconvStatus(status int) string {
+func statusText(status int) string {
 	if t := http.StatusText(status); t != "" {
 		return t
 	}
@@ -258,7 +259,7 @@ func errorText(status int, body []byte) string {
 	const maxErrorText = 4 << 10
 	s := strings.TrimSpace(string(body))
 	if s == "" || !utf8.ValidString(s) {
-		return strconvStatus(status)
+		return statusText(status)
 	}
 	if len(s) > maxErrorText {
 		s = s[:maxErrorText]

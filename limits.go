@@ -32,9 +32,9 @@ const (
 )
 
 var (
-	closeRateAbuse = closeInfo{Type: frameClose, Code: codePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
-	closeTooMany   = closeInfo{Type: frameClose, Code: codeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
-	closeMaxAge    = closeInfo{Type: frameClose, Code: codeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
+	closeRateAbuse = closeInfo{Code: codePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
+	closeTooMany   = closeInfo{Code: codeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
+	closeMaxAge    = closeInfo{Code: codeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
 )
 
 // rateGate applies the rate option to one session's messages.

@@ -467,7 +467,6 @@ func (a *attachment) closeLocked(c closeInfo) {
 	if a.closing != nil {
 		return
 	}
-	c.Type = frameClose
 	a.closing = &c
 	a.wakeWriter()
 }
