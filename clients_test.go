@@ -781,13 +781,13 @@ func mediaTypeOf(v string) string {
 
 type sseDuplex struct {
 	eventPump
-	hc       *http.Client
-	url      string
-	resp     *http.Response
-	cancel   context.CancelFunc
-	comments atomic.Int64
-	retry    atomic.Int64
-	major    int
+	hc     *http.Client
+	url    string
+	resp   *http.Response
+	cancel context.CancelFunc
+	pings  atomic.Int64 // heartbeat events
+	retry  atomic.Int64
+	major  int
 
 	mu    sync.Mutex
 	token string
@@ -857,7 +857,6 @@ func (c *sseDuplex) close() {
 func (c *sseDuplex) readLoop(body io.Reader) {
 	defer close(c.exited)
 	p := newSSEParser()
-	p.OnComment = func(string) { c.comments.Add(1) }
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := body.Read(buf)
@@ -865,6 +864,10 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 			for _, ev := range p.Feed(buf[:n]) {
 				c.retry.Store(int64(p.Retry))
 				ev := ev
+				if ev.Type == "ping" {
+					c.pings.Add(1)
+					continue
+				}
 				var m map[string]any
 				if json.Unmarshal([]byte(ev.Data), &m) == nil && m["type"] == "open" {
 					if tok, _ := m["token"].(string); tok != "" {

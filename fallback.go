@@ -115,8 +115,11 @@ var (
 	sseID    = []byte("id: ")
 	sseEvent = []byte("event: ")
 	sseData  = []byte("data: ")
-	ssePing  = []byte(": ping\n\n")
-	sseEnd   = []byte("\n\n")
+	// ssePing is a real event, not a comment: EventSource and fetch-based
+	// readers never see comments, and a client finds a dead stream by
+	// missing pings.
+	ssePing = []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+	sseEnd  = []byte("\n\n")
 )
 
 // writeFrame writes a frame as an event. Pushes carry the resume cursor

@@ -126,7 +126,10 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (t
 	switch name {
 	case transportWebSocket:
 		h.extendIdleTimeouts(r, idle, idle)
-		return acceptWebSocket(w, r, h.MaxMessageSize, idle)
+		// ?ping=text: heartbeats also as {"type":"ping"} text frames,
+		// which browser scripts can see (they cannot see ping frames).
+		textPing := takeQuery(r, "ping") == "text"
+		return acceptWebSocket(w, r, h.MaxMessageSize, idle, textPing)
 	case transportStream:
 		// The client need not send anything; liveness comes from writes.
 		h.extendIdleTimeouts(r, silentPeer, idle)
@@ -244,12 +247,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, why
 // parameter for the others. The parameter is removed from the request, so
 // the token never reaches the app with the messages' query.
 func takeCursor(r *http.Request, transport, header string) string {
-	q := r.URL.Query()
-	param := q.Get("resume")
-	if q.Has("resume") {
-		q.Del("resume")
-		r.URL.RawQuery = q.Encode()
-	}
+	param := takeQuery(r, "resume")
 	switch {
 	case header != "":
 		return header
@@ -259,6 +257,22 @@ func takeCursor(r *http.Request, transport, header string) string {
 		return r.Header.Get("Last-Event-Id")
 	}
 	return ""
+}
+
+// takeQuery returns the value of a query parameter meant for duplex and
+// removes it from the request, so the app never sees it on messages.
+func takeQuery(r *http.Request, name string) string {
+	if !strings.Contains(r.URL.RawQuery, name) {
+		return ""
+	}
+	q := r.URL.Query()
+	if !q.Has(name) {
+		return ""
+	}
+	v := q.Get(name)
+	q.Del(name)
+	r.URL.RawQuery = q.Encode()
+	return v
 }
 
 // silentPeer is the read idle timeout for transports whose clients need not

@@ -175,7 +175,7 @@ func TestSSEEventStream(t *testing.T) {
 				t.Errorf("open frame %v, want heartbeat 1", ev.frame)
 			}
 
-			waitUntil(t, "two heartbeat comments", 20*time.Second, func() bool { return sc.comments.Load() >= 2 })
+			waitUntil(t, "two ping events", 20*time.Second, func() bool { return sc.pings.Load() >= 2 })
 
 			for i := 1; i <= 3; i++ {
 				c.mustPublish(t, map[string]any{"user": user, "data": i}, 1)

@@ -390,8 +390,8 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 					t.Errorf("stream: %d ping lines during %s of silence with heartbeat 1s", n, silence)
 				}
 			case *sseDuplex:
-				if n := cc.comments.Load(); n < 2 {
-					t.Errorf("sse: %d heartbeat comments during %s of silence with heartbeat 1s", n, silence)
+				if n := cc.pings.Load(); n < 2 {
+					t.Errorf("sse: %d ping events during %s of silence with heartbeat 1s", n, silence)
 				}
 			}
 		})
