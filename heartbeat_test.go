@@ -12,7 +12,7 @@ func TestWebSocketTextPings(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, globalOpts("")+sub(`
-:{{.HTTP}} {
+http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
 			heartbeat 1s
@@ -38,7 +38,7 @@ func TestWebSocketTextPings(t *testing.T) {
 	// the client's pongs): the next text frame is the answer to a call.
 	plain := openSession(t, c.wsURL("/live"), nil)
 	time.Sleep(2500 * time.Millisecond) // two heartbeats of 1s
-	if f := plain.call(t, "p", "/reply", "x"); f["type"] != "reply" {
+	if f := plain.call(t, "p", "/live/x", "x"); f["type"] != "reply" {
 		t.Fatalf("want the reply as the next text frame (no text pings), got %v", f)
 	}
 }

@@ -35,6 +35,9 @@ func resumeSite(opts string) string {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 ` + opts + `
 		}

@@ -140,6 +140,9 @@ func TestSSEEventStream(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			heartbeat 1s
 		}
@@ -201,6 +204,9 @@ func TestSSEPostAnswers(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			max_message_size 1KiB
 		}
@@ -403,6 +409,9 @@ func TestSSEPostQueueFull(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /q* {
 		duplex {
+			messages {
+				path *
+			}
 			max_inflight 1
 			message_timeout 2m
 		}
