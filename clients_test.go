@@ -381,9 +381,9 @@ type duplexConn interface {
 type eventPump struct {
 	session string // from the open frame; only the reader touches it
 	events  chan dxEvent
-	quit   chan struct{}
-	exited chan struct{}
-	once   sync.Once
+	quit    chan struct{}
+	exited  chan struct{}
+	once    sync.Once
 }
 
 func newEventPump() eventPump {

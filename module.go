@@ -247,7 +247,7 @@ type Handler struct {
 	auth     caddyhttp.MatcherSet
 	messages caddyhttp.MatcherSet // nil: the opening path and below
 	hub      *hub
-	logger *zap.Logger
+	logger   *zap.Logger
 	// live tracks the connections this handler instance serves, so they
 	// can be closed when Caddy unloads the config they run under.
 	live *attachmentSet
