@@ -71,6 +71,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	op := &opening{w: w, r: r, next: next, transport: name, bind: func(*session) {}}
+	// ?ping=text: heartbeats also as {"type":"ping"} text frames, which
+	// browser scripts can see (they cannot see WebSocket ping frames).
+	op.textPing = takeQuery(r, "ping") == "text"
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	op.user, op.channels = h.identity(repl)
 	op.cursor = takeCursor(r, name, resume)
@@ -87,6 +90,7 @@ type opening struct {
 	next      caddyhttp.Handler
 	transport string
 	cursor    string   // resume cursor, "" if none
+	textPing  bool     // heartbeats also as text frames (WebSocket)
 	user      string   // identity the opening proves
 	channels  []string // initial subscriptions
 	// resumable is the session the cursor names, if it may be resumed
@@ -162,15 +166,13 @@ func (h *Handler) connect(op *opening, fresh *session) bool {
 
 // accept completes the opening handshake of the transport. On error the
 // client was answered already.
-func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (transport, error) {
+func (h *Handler) accept(op *opening) (transport, error) {
+	w, r := op.w, op.r
 	idle := 2 * time.Duration(h.Heartbeat)
-	switch name {
+	switch op.transport {
 	case transportWebSocket:
 		h.extendIdleTimeouts(r, idle, idle)
-		// ?ping=text: heartbeats also as {"type":"ping"} text frames,
-		// which browser scripts can see (they cannot see ping frames).
-		textPing := takeQuery(r, "ping") == "text"
-		return acceptWebSocket(w, r, h.MaxMessageSize, idle, textPing)
+		return acceptWebSocket(w, r, h.MaxMessageSize, idle, op.textPing)
 	case transportStream:
 		// The client need not send anything; liveness comes from writes.
 		h.extendIdleTimeouts(r, silentPeer, idle)
@@ -195,7 +197,7 @@ func (h *Handler) open(op *opening, s *session) {
 		h.refuse(op.w, op.r, status, err.Error())
 		return
 	}
-	t, err := h.accept(op.w, op.r, op.transport)
+	t, err := h.accept(op)
 	if err != nil {
 		h.hub.release(ad)
 		op.bind(nil)
@@ -238,7 +240,7 @@ func (h *Handler) resume(op *opening) bool {
 	if !ok {
 		return false
 	}
-	t, err := h.accept(op.w, op.r, op.transport)
+	t, err := h.accept(op)
 	if err != nil {
 		op.bind(nil)
 		h.logger.Debug("session resume failed", zap.String("transport", op.transport),

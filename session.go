@@ -467,6 +467,17 @@ func (s *session) detach(a *attachment, reason string) (endedNow bool, evicted *
 	return false, s.hub.detach(s, a.h.MaxDetached)
 }
 
+// evict ends a session that max_detached pushed out, unless it resumed
+// meanwhile.
+func (s *session) evict() {
+	s.mu.Lock()
+	ended := s.cur == nil && s.endLocked(closeEvicted)
+	s.mu.Unlock()
+	if ended {
+		s.finish()
+	}
+}
+
 // expire ends a session still detached since attachment gen.
 func (s *session) expire(gen uint64) {
 	s.mu.Lock()
@@ -709,7 +720,7 @@ func (a *attachment) run() {
 	}
 	endedNow, evicted := s.detach(a, reason)
 	if evicted != nil {
-		evicted.terminate(closeEvicted)
+		evicted.evict()
 	}
 	if endedNow {
 		s.finish()
