@@ -183,8 +183,8 @@ func TestLimitRate(t *testing.T) {
 					t.Fatalf("want acks, 429 errors and a close frame, got %v", f)
 				}
 			}
-			if limited < 5 {
-				t.Errorf("closed for abuse after %d refused messages, want more than the burst (5) in a row", limited)
+			if limited < 10*5 {
+				t.Errorf("closed for abuse after %d refused messages (each with its 429), want more than 10 × burst (50) in a row", limited)
 			}
 			s.expectEnd(t, 1008)
 			if sessionExists(t, c, s.Session) {
