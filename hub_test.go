@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -191,5 +192,53 @@ func BenchmarkDeliverFanout(b *testing.B) {
 		if _, err := h.deliver(msg); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// The resume buffer keeps at most resume_buffer pushes and at most
+// resume_buffer_size bytes, whatever send_queue is.
+func TestResumeBufferBounds(t *testing.T) {
+	h := newHub()
+	s := testSession(h, "s", "", 1<<30)
+	s.h.ResumeBufferSize = 1000
+	s.cur = nil // detached: everything goes to the buffer only
+	data := json.RawMessage(`"` + strings.Repeat("x", 200) + `"`)
+	for range 20 {
+		s.push(newPush("", data))
+	}
+	if n := len(s.log); n == 0 || n > 4 || s.logBytes > 1000 {
+		t.Fatalf("buffer holds %d pushes, %d bytes; want at most 1000 bytes (4 pushes of ~230)", n, s.logBytes)
+	}
+	if s.log[len(s.log)-1].seq != 20 {
+		t.Fatalf("the newest push is %d, want 20", s.log[len(s.log)-1].seq)
+	}
+	s.h.ResumeBufferSize, s.h.ResumeBuffer = 1<<30, 3
+	for range 5 {
+		s.push(newPush("", data))
+	}
+	if n := len(s.log); n != 3 {
+		t.Fatalf("buffer holds %d pushes, want resume_buffer 3", n)
+	}
+}
+
+// Answers the client may have missed are held, and forgotten once a push
+// queued after them is acked.
+func TestHeldAnswersConfirmedByAck(t *testing.T) {
+	h := newHub()
+	s := testSession(h, "s", "", 1<<20)
+	ref := json.RawMessage(`"m1"`)
+	s.send(frameAck, ref, encodeAck(ref))
+	s.send(frameErr, nil, encodeError(nil, 400, "no id: not held"))
+	if len(s.held) != 1 {
+		t.Fatalf("%d answers held, want 1 (the one with an id)", len(s.held))
+	}
+	s.ack(0) // nothing after it yet
+	if len(s.held) != 1 {
+		t.Fatalf("ack 0 forgot an answer no push came after")
+	}
+	s.push(newPush("", json.RawMessage(`1`)))
+	s.ack(1)
+	if len(s.held) != 0 {
+		t.Fatalf("ack of a push queued after the answer left %d held", len(s.held))
 	}
 }
