@@ -49,11 +49,14 @@ func (b memoryBroker) publish(_ context.Context, m *publishMsg) (int, error) {
 // hub serves the whole process and outlives config reloads, so publishing
 // keeps reaching sessions opened under any config.
 type hub struct {
-	mu       sync.RWMutex
+	mu       sync.RWMutex // guards the indexes below, reserved and perIP
 	sessions map[string]*session
 	tokens   map[[32]byte]*session // by tokenKey
 	users    map[string]map[*session]struct{}
 	channels map[string]map[*session]struct{}
+	// subscriptions is the other side of channels: each session's
+	// channels. The hub alone keeps channel membership.
+	subscriptions map[*session]map[string]struct{}
 
 	// reserved counts openings admitted but not added yet, and perIP the
 	// sessions (and reservations) per handler and client IP: see admit.
@@ -83,14 +86,15 @@ var globalHub = newHub()
 
 func newHub() *hub {
 	h := &hub{
-		sessions: make(map[string]*session),
-		tokens:   make(map[[32]byte]*session),
-		users:    make(map[string]map[*session]struct{}),
-		channels: make(map[string]map[*session]struct{}),
-		handlers: make(map[string]*Handler),
-		perIP:    make(map[string]int),
-		detached: make(map[string]*list.List),
-		idem:     newIdempotency(),
+		sessions:      make(map[string]*session),
+		tokens:        make(map[[32]byte]*session),
+		users:         make(map[string]map[*session]struct{}),
+		channels:      make(map[string]map[*session]struct{}),
+		subscriptions: make(map[*session]map[string]struct{}),
+		handlers:      make(map[string]*Handler),
+		perIP:         make(map[string]int),
+		detached:      make(map[string]*list.List),
+		idem:          newIdempotency(),
 	}
 	h.broker = memoryBroker{h}
 	return h
@@ -201,10 +205,10 @@ func (h *hub) remove(s *session) {
 	if s.user != "" {
 		removeMember(h.users, s.user, s)
 	}
-	for c := range s.channels {
+	for c := range h.subscriptions[s] {
 		removeMember(h.channels, c, s)
 	}
-	s.channels = nil
+	delete(h.subscriptions, s)
 }
 
 // detach lists s among its handler's detached sessions. If that makes more
@@ -358,8 +362,8 @@ func (h *hub) subscribe(s *session, add, remove []string) {
 		h.subscribeLocked(s, c)
 	}
 	for _, c := range remove {
-		if _, ok := s.channels[c]; ok {
-			delete(s.channels, c)
+		if _, ok := h.subscriptions[s][c]; ok {
+			removeMember(h.subscriptions, s, c)
 			removeMember(h.channels, c, s)
 		}
 	}
@@ -369,13 +373,7 @@ func (h *hub) subscribeLocked(s *session, c string) {
 	if c == "" {
 		return
 	}
-	if _, ok := s.channels[c]; ok {
-		return
-	}
-	if s.channels == nil {
-		s.channels = make(map[string]struct{})
-	}
-	s.channels[c] = struct{}{}
+	addMember(h.subscriptions, s, c)
 	addMember(h.channels, c, s)
 }
 
@@ -445,8 +443,8 @@ type sessionInfo struct {
 }
 
 func (h *hub) infoLocked(s *session) sessionInfo {
-	chans := make([]string, 0, len(s.channels))
-	for c := range s.channels {
+	chans := make([]string, 0, len(h.subscriptions[s]))
+	for c := range h.subscriptions[s] {
 		chans = append(chans, c)
 	}
 	sort.Strings(chans)
@@ -485,7 +483,7 @@ func (h *hub) list(user, channel string) []sessionInfo {
 			continue
 		}
 		if channel != "" {
-			if _, ok := s.channels[channel]; !ok {
+			if _, ok := h.subscriptions[s][channel]; !ok {
 				continue
 			}
 		}
@@ -506,18 +504,20 @@ func (h *hub) list(user, channel string) []sessionInfo {
 	return out
 }
 
-func addMember(m map[string]map[*session]struct{}, key string, s *session) {
+// addMember and removeMember keep an index of sets (sessions by user or
+// channel, channels by session), dropping empty sets.
+func addMember[K, V comparable](m map[K]map[V]struct{}, key K, v V) {
 	set := m[key]
 	if set == nil {
-		set = make(map[*session]struct{})
+		set = make(map[V]struct{})
 		m[key] = set
 	}
-	set[s] = struct{}{}
+	set[v] = struct{}{}
 }
 
-func removeMember(m map[string]map[*session]struct{}, key string, s *session) {
+func removeMember[K, V comparable](m map[K]map[V]struct{}, key K, v V) {
 	set := m[key]
-	delete(set, s)
+	delete(set, v)
 	if len(set) == 0 {
 		delete(m, key)
 	}

@@ -58,9 +58,6 @@ type session struct {
 	// it waits for a resume; guarded by hub.dmu.
 	detached *list.Element
 
-	// channels is guarded by hub.mu.
-	channels map[string]struct{}
-
 	// ctx ends when the session ends for good; messages run under it.
 	ctx    context.Context
 	cancel context.CancelFunc
