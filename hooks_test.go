@@ -1,6 +1,6 @@
 package duplex_test
 
-// The app's hooks (issue 5): `connect` (accept, reject, identity,
+// The app's hooks: `connect` (accept, reject, identity,
 // channels, open data, timeouts, resume, upstream push streams over h2c
 // and HTTP/1.1) and `disconnect` (once per session for every way a session
 // ends for good, never on a detach that resumes, retried, never blocking

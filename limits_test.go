@@ -1,6 +1,6 @@
 package duplex_test
 
-// Abuse limits (issue 5): the message rate (429 error frames, then close
+// Abuse limits: the message rate (429 error frames, then close
 // 1008 for sustained abuse), max_sessions_per_user (the oldest is closed
 // with 4001), max_sessions (503), the inbound bound per session (a flooding
 // client is not read while the app is busy, and nothing is lost), and the

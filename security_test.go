@@ -1,6 +1,6 @@
 package duplex_test
 
-// Security (issue 5): spoofed Duplex-* and X-Forwarded-* headers, cross-
+// Security: spoofed Duplex-* and X-Forwarded-* headers, cross-
 // origin openings and SSE POSTs, the session token never in Caddy's logs
 // nor at the app, no resuming another user's session, and hostile input
 // (deep nesting, oversize, invalid UTF-8, unknown frame types, WebSocket

@@ -1,4 +1,4 @@
-// Command bench is caddy-duplex's benchmark harness (issue 6). It builds
+// Command bench is caddy-duplex's benchmark harness. It builds
 // Caddy with the plugin, the reference server (bench/reference: plain Go
 // on gobwas/ws, no guarantees) and a small upstream app (bench/upstream),
 // starts them on loopback, drives them with real clients and prints one
