@@ -110,8 +110,8 @@ func badFrame(format string, args ...any) *clientError {
 
 const maxIDLength = 256
 
-// decodeClientFrame parses one client frame. On error, ref is the frame's
-// id when it could be read, so the error frame can name it.
+// decodeClientFrame parses one client frame. On error, f.ID is the
+// frame's id when it could be read, so the error frame can name it.
 func decodeClientFrame(b []byte) (f clientFrame, err *clientError) {
 	if !utf8.Valid(b) {
 		return f, badFrame("frame is not valid UTF-8")
