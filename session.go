@@ -664,7 +664,18 @@ func (a *attachment) writeBurst() {
 
 // heartbeat pings the peer every heartbeat, from a timer (no goroutine
 // waits for it in between); a failed ping ends the connection.
+//
+// A ping counts as a writer: run waits for it before the connection (and,
+// for HTTP/2 and SSE, the request's response) is given up.
 func (a *attachment) heartbeat() {
+	a.s.mu.Lock()
+	if a.stopped {
+		a.s.mu.Unlock()
+		return
+	}
+	a.writers.Add(1)
+	a.s.mu.Unlock()
+	defer a.writers.Done()
 	if a.ctx.Err() != nil {
 		return
 	}
@@ -673,7 +684,9 @@ func (a *attachment) heartbeat() {
 		return
 	}
 	a.s.mu.Lock()
-	a.pinger.Reset(time.Duration(a.h.Heartbeat))
+	if !a.stopped {
+		a.pinger.Reset(time.Duration(a.h.Heartbeat))
+	}
 	a.s.mu.Unlock()
 }
 
@@ -702,10 +715,10 @@ func (a *attachment) run() {
 		a.cancel()
 	}
 	a.s.mu.Lock()
-	a.stopped = true // no writer starts any more
+	a.stopped = true // no writer or ping starts any more
 	a.s.mu.Unlock()
-	a.writers.Wait()
 	a.pinger.Stop()
+	a.writers.Wait()
 	a.cancel()
 	_ = a.t.close(1001, "going away")
 	_ = a.t.end()
