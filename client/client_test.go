@@ -212,6 +212,20 @@ func TestTransports(t *testing.T) {
 			if _, err := s.Call(ctx, "/live/echo", nil); !errors.Is(err, client.ErrClosed) {
 				t.Fatalf("Call after Close: %v, want ErrClosed", err)
 			}
+			if tc.transport == client.WebSocket {
+				// Its close frame ended the session on the server.
+				deadline := time.Now().Add(wait)
+				for {
+					st, _ := e.admin(t, http.MethodGet, "/duplex/sessions/"+first, nil)
+					if st == http.StatusNotFound {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("the session is still known after Close (status %d)", st)
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
 		})
 	}
 }
