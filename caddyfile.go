@@ -39,20 +39,25 @@ func parsePublish(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 //		auth {
 //			<matchers…>            # any request matchers; the opening must match them (else 401)
 //		}
+//		messages {
+//			<matchers…>            # every client message must match them (else error 403);
+//		}                          # default: the opening path and the paths below it
 //		user <template>            # session identity, e.g. {http.auth.user.id}
 //		channels <template…>       # initial subscriptions, placeholders allowed
-//		transports <name…>         # enabled transports in order; default: websocket
+//		transports <name…>         # enabled transports in order; default: websocket stream sse
 //		heartbeat <duration>       # default 25s
 //		max_message_size <size>    # default 64KiB
 //		max_inflight <n>           # default 1 (strictly in order)
 //		message_timeout <duration> # default 30s
 //		send_queue <size>          # default 1MiB
 //		resume_window <duration>   # default 2m
-//		resume_buffer <n>          # default 1000
-//		allowed_origins <origin…>  # default: the request's own host only; * allows all
+//		resume_buffer <n> [<size>] # pushes kept for a resume; default 1000 and 8MiB
+//		allowed_origins <origin…>  # default: same origin (scheme, host, port) only; * allows all
 //		rate <n>/s [burst <m>]     # client messages per session; default 100/s burst 200; "rate off"
 //		max_sessions_per_user <n>  # default 0 = unlimited; the oldest is closed
 //		max_sessions <n>           # sessions in the process; default 0 = unlimited
+//		max_sessions_per_ip <n>    # sessions per client IP on this handler (429); default 0 = unlimited
+//		max_detached <n>           # detached sessions this handler keeps; default 10000
 //		max_age <duration>         # per connection; default 0 = unlimited
 //		connect                    # run the opening through the route first (app accepts/rejects)
 //		disconnect <path>          # POST {"reason":…} here when a session ends for good
@@ -85,6 +90,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("duplex: auth needs at least one matcher")
 			}
 			h.AuthRaw = set
+
+		case "messages":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			set, err := caddyhttp.ParseCaddyfileNestedMatcherSet(d)
+			if err != nil {
+				return d.Errf("duplex: messages: %v", err)
+			}
+			if len(set) == 0 {
+				return d.Err("duplex: messages needs at least one matcher")
+			}
+			h.MessagesRaw = set
 
 		case "user":
 			v, err := oneArg(d)
@@ -120,18 +138,27 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 
-		case "max_sessions_per_user", "max_sessions":
+		case "max_sessions_per_user", "max_sessions", "max_sessions_per_ip", "max_detached":
 			v, err := oneArg(d)
 			if err != nil {
 				return err
 			}
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 0 {
-				return d.Errf("duplex: %s: want a whole number ≥ 0, got %q", name, v)
+			lowest := 0 // 0 is unlimited
+			if name == "max_detached" {
+				lowest = 1
 			}
-			if name == "max_sessions" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < lowest {
+				return d.Errf("duplex: %s: want a whole number ≥ %d, got %q", name, lowest, v)
+			}
+			switch name {
+			case "max_sessions":
 				h.MaxSessions = n
-			} else {
+			case "max_sessions_per_ip":
+				h.MaxSessionsPerIP = n
+			case "max_detached":
+				h.MaxDetached = n
+			default:
 				h.MaxSessionsPerUser = n
 			}
 
@@ -170,7 +197,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.SendQueue = int64(size)
 			}
 
-		case "max_inflight", "resume_buffer":
+		case "max_inflight":
 			v, err := oneArg(d)
 			if err != nil {
 				return err
@@ -179,10 +206,24 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil || n < 1 {
 				return d.Errf("duplex: %s: want a whole number ≥ 1, got %q", name, v)
 			}
-			if name == "max_inflight" {
-				h.MaxInflight = n
-			} else {
-				h.ResumeBuffer = n
+			h.MaxInflight = n
+
+		case "resume_buffer":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return d.Err("duplex: resume_buffer: want <count> [<size>]")
+			}
+			n, err := strconv.Atoi(args[0])
+			if err != nil || n < 1 {
+				return d.Errf("duplex: resume_buffer: want a whole number ≥ 1, got %q", args[0])
+			}
+			h.ResumeBuffer = n
+			if len(args) == 2 {
+				size, err := humanize.ParseBytes(args[1])
+				if err != nil || size == 0 || size > 1<<40 {
+					return d.Errf("duplex: resume_buffer: invalid size %q (want e.g. 8MiB)", args[1])
+				}
+				h.ResumeBufferSize = int64(size)
 			}
 
 		case "connect":

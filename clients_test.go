@@ -379,10 +379,11 @@ type duplexConn interface {
 
 // eventPump is the reading half shared by the implementations.
 type eventPump struct {
-	events chan dxEvent
-	quit   chan struct{}
-	exited chan struct{}
-	once   sync.Once
+	session string // from the open frame; only the reader touches it
+	events  chan dxEvent
+	quit    chan struct{}
+	exited  chan struct{}
+	once    sync.Once
 }
 
 func newEventPump() eventPump {
@@ -415,7 +416,50 @@ func (p *eventPump) emitFrame(raw []byte, sse *sseEvent) bool {
 	if err := json.Unmarshal(raw, &m); err != nil {
 		return p.emit(dxEvent{raw: raw, sse: sse, end: fmt.Errorf("server frame is not a JSON object (%v): %q", err, raw)})
 	}
+	if m["type"] == "open" {
+		p.session, _ = m["session"].(string)
+	}
+	if answers.repeated(p.session, m) {
+		return true // a client ignores a second answer to the same ref
+	}
 	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse})
+}
+
+// answers records, per session, the refs answered so far. The server may
+// send an answer again after a resume (when it cannot know the client saw
+// it); a client ignores the second one, and so do the test clients.
+var answers = answerLog{m: map[string]map[string]bool{}}
+
+type answerLog struct {
+	mu sync.Mutex
+	m  map[string]map[string]bool // session id → refs answered
+}
+
+// repeated reports whether frame answers a ref of session that was
+// answered before, and records it otherwise.
+func (l *answerLog) repeated(session string, frame map[string]any) bool {
+	switch frame["type"] {
+	case "ack", "reply", "error":
+	default:
+		return false
+	}
+	ref, ok := frame["ref"]
+	if !ok || session == "" {
+		return false
+	}
+	key, _ := json.Marshal(ref)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	refs := l.m[session]
+	if refs == nil {
+		refs = map[string]bool{}
+		l.m[session] = refs
+	}
+	if refs[string(key)] {
+		return true
+	}
+	refs[string(key)] = true
+	return false
 }
 
 // --- websocket ---------------------------------------------------------------
@@ -781,13 +825,13 @@ func mediaTypeOf(v string) string {
 
 type sseDuplex struct {
 	eventPump
-	hc       *http.Client
-	url      string
-	resp     *http.Response
-	cancel   context.CancelFunc
-	comments atomic.Int64
-	retry    atomic.Int64
-	major    int
+	hc     *http.Client
+	url    string
+	resp   *http.Response
+	cancel context.CancelFunc
+	pings  atomic.Int64 // heartbeat events
+	retry  atomic.Int64
+	major  int
 
 	mu    sync.Mutex
 	token string
@@ -857,7 +901,6 @@ func (c *sseDuplex) close() {
 func (c *sseDuplex) readLoop(body io.Reader) {
 	defer close(c.exited)
 	p := newSSEParser()
-	p.OnComment = func(string) { c.comments.Add(1) }
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := body.Read(buf)
@@ -865,6 +908,10 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 			for _, ev := range p.Feed(buf[:n]) {
 				c.retry.Store(int64(p.Retry))
 				ev := ev
+				if ev.Type == "ping" {
+					c.pings.Add(1)
+					continue
+				}
 				var m map[string]any
 				if json.Unmarshal([]byte(ev.Data), &m) == nil && m["type"] == "open" {
 					if tok, _ := m["token"].(string); tok != "" {

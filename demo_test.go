@@ -88,19 +88,26 @@ func startDemoApp(t *testing.T, addr, publishURL string) {
 	}
 }
 
+// demoCaddyfile is testdata/demo/Caddyfile on free ports, in front of the
+// demo app at appAddr.
+func demoCaddyfile(t *testing.T, appAddr string) string {
+	t.Helper()
+	raw, err := os.ReadFile("testdata/demo/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, site, ok := strings.Cut(string(raw), "\n:8080 {")
+	if !ok {
+		t.Fatal("testdata/demo/Caddyfile: no :8080 site")
+	}
+	site = strings.ReplaceAll(site, "127.0.0.1:3000", appAddr)
+	return globalOpts("") + "http://127.0.0.1:{{.HTTP}} {" + site
+}
+
 func TestDemoChat(t *testing.T) {
 	t.Parallel()
 	appAddr := "127.0.0.1:" + strconv.Itoa(freePorts(t, 1)[0])
-	// Like testdata/demo/Caddyfile, on free ports.
-	c := startCaddy(t, sub(globalOpts("")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex
-		reverse_proxy {{.App}}
-	}
-	reverse_proxy {{.App}}
-}
-`, "App", appAddr))
+	c := startCaddy(t, demoCaddyfile(t, appAddr))
 	startDemoApp(t, appAddr, c.adminURL("/duplex/publish"))
 
 	st, body := doJSON(t, http.MethodGet, c.url("/"), nil)

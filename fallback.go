@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -23,7 +25,8 @@ import (
 // sseRetry is the reconnection delay (ms) suggested to EventSource.
 const sseRetry = 2000
 
-// sseConn is the SSE transport of one session.
+// sseConn is the SSE transport of one session. Client frames do not come
+// through it: POSTs hand them to the session's inbox.
 type sseConn struct {
 	token   string
 	reqDone <-chan struct{}
@@ -32,15 +35,9 @@ type sseConn struct {
 	burstWriter
 	rc *http.ResponseController
 
-	// inbound holds client frames posted and not yet read by the session.
-	mu      sync.Mutex
-	inbound [][]byte
-	ended   bool
-	notify  chan struct{}
-	gone    chan struct{}
+	endOnce sync.Once
+	gone    chan struct{} // closed by end
 }
-
-var errInboxFull = errors.New("duplex: inbound queue full")
 
 // acceptSSE starts the event stream.
 func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
@@ -60,7 +57,6 @@ func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 		reqDone:     r.Context().Done(),
 		burstWriter: burstWriter{out: w},
 		rc:          rc,
-		notify:      make(chan struct{}, 1),
 		gone:        make(chan struct{}),
 	}, nil
 }
@@ -72,51 +68,25 @@ func (c *sseConn) setToken(token string) {
 	c.wmu.Unlock()
 }
 
+// readMessage waits for the stream to end: an SSE client sends nothing on
+// it.
 func (c *sseConn) readMessage() ([]byte, bool, error) {
-	for {
-		c.mu.Lock()
-		if len(c.inbound) > 0 {
-			m := c.inbound[0]
-			c.inbound[0] = nil
-			c.inbound = c.inbound[1:]
-			c.mu.Unlock()
-			return m, false, nil
-		}
-		c.mu.Unlock()
-		select {
-		case <-c.notify:
-		case <-c.gone:
-			return nil, false, io.EOF
-		case <-c.reqDone:
-			return nil, false, io.EOF
-		}
-	}
-}
-
-// offer queues posted frames, all or none.
-func (c *sseConn) offer(frames [][]byte) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.ended {
-		return errUnknownSession
-	}
-	if len(c.inbound)+len(frames) > inboxSize {
-		return errInboxFull
-	}
-	c.inbound = append(c.inbound, frames...)
 	select {
-	case c.notify <- struct{}{}:
-	default:
+	case <-c.gone:
+	case <-c.reqDone:
 	}
-	return nil
+	return nil, false, io.EOF
 }
 
 var (
 	sseID    = []byte("id: ")
 	sseEvent = []byte("event: ")
 	sseData  = []byte("data: ")
-	ssePing  = []byte(": ping\n\n")
-	sseEnd   = []byte("\n\n")
+	// ssePing is a real event, not a comment: EventSource and fetch-based
+	// readers never see comments, and a client finds a dead stream by
+	// missing pings.
+	ssePing = []byte("event: ping\ndata: {\"type\":\"ping\"}\n\n")
+	sseEnd  = []byte("\n\n")
 )
 
 // writeFrame writes a frame as an event. Pushes carry the resume cursor
@@ -173,36 +143,37 @@ func (c *sseConn) ping() error {
 func (c *sseConn) close(int, string) error { return c.end() }
 
 func (c *sseConn) end() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.ended {
-		c.ended = true
-		close(c.gone)
-	}
+	c.endOnce.Do(func() { close(c.gone) })
 	return nil
-}
-
-// sseConn is the SSE transport the session is attached to, if it is.
-func (s *session) sseConn() *sseConn {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cur == nil {
-		return nil
-	}
-	c, _ := s.cur.t.(*sseConn)
-	return c
 }
 
 // tokenKey is how the hub indexes sessions by token: by its SHA-256, so
 // looking a token up does not compare secrets byte by byte.
 func tokenKey(token string) [32]byte { return sha256.Sum256([]byte(token)) }
 
+// Bounds of an SSE session's POSTs.
+const (
+	// maxPostsInFlight is how many POSTs of one session may be read at
+	// once; more are answered 429.
+	maxPostsInFlight = 4
+	// postReadTimeout bounds the time to read one POST's body, so a
+	// client trickling it cannot hold it open.
+	postReadTimeout = 10 * time.Second
+)
+
 // servePost takes client frames posted for an SSE session: one JSON frame
-// (application/json) or several (application/x-ndjson). They are queued
-// all or none: 202 once queued; 401 unknown or ended token; 400 malformed;
-// 413 oversize; 429 the session's inbound queue is full.
+// (application/json) or several (application/x-ndjson). The body is read
+// as it arrives, each frame checked against max_message_size and decoded
+// on the way, within postReadTimeout. The frames are queued all or none:
+// 202 once queued (they are then served and answered, also across a
+// resume); 401 unknown or ended token; 409 not an SSE session; 400
+// malformed; 413 oversize; 415 another content type; 429 the session has
+// maxPostsInFlight POSTs being read or a full inbox.
 func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string) {
 	reject := func(status int, msg string) {
+		if status == http.StatusTooManyRequests {
+			w.Header().Set("Retry-After", "1")
+		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
 		_, _ = w.Write(mustJSON(map[string]string{"error": msg}))
@@ -211,76 +182,112 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(http.StatusForbidden, "origin not allowed")
 		return
 	}
-	s := h.hub.byToken(token)
+	s := h.hub.byToken(token, h.key)
 	if s == nil {
 		reject(http.StatusUnauthorized, "unknown or ended session token")
 		return
 	}
-	sc := s.sseConn()
-	if sc == nil {
-		reject(http.StatusConflict, "the session has no event stream open: reconnect it (with Last-Event-ID) first")
+	if _, _, _, transport := s.route(); transport != transportSSE {
+		reject(http.StatusConflict, "the session is not an SSE session: send frames on its connection")
 		return
 	}
 	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	limit := h.MaxMessageSize
-	if mt == "application/x-ndjson" {
-		limit = h.MaxMessageSize * inboxSize
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			reject(http.StatusRequestEntityTooLarge, "body larger than max_message_size")
-			return
-		}
-		reject(http.StatusBadRequest, "reading body: "+err.Error())
-		return
-	}
-	var frames [][]byte
-	switch mt {
-	case "application/x-ndjson":
-		for line := range bytes.Lines(body) {
-			line = bytes.TrimSpace(line)
-			if len(line) == 0 {
-				continue
-			}
-			if int64(len(line)) > h.MaxMessageSize {
-				reject(http.StatusRequestEntityTooLarge, "a frame is larger than max_message_size")
-				return
-			}
-			frames = append(frames, line)
-		}
-	case "application/json", "":
-		frames = [][]byte{bytes.TrimSpace(body)}
-	default:
+	ndjson := mt == "application/x-ndjson"
+	if !ndjson && mt != "application/json" && mt != "" {
 		reject(http.StatusUnsupportedMediaType, "post application/json (one frame) or application/x-ndjson (several)")
 		return
 	}
-	if len(frames) == 0 {
-		reject(http.StatusBadRequest, "no frame in the body")
+	limit := h.MaxMessageSize
+	if ndjson {
+		limit = (h.MaxMessageSize + 1) * inboxSize
+	}
+	if r.ContentLength > limit {
+		reject(http.StatusRequestEntityTooLarge, "body larger than the frame limits")
 		return
 	}
-	if len(frames) > inboxSize {
-		reject(http.StatusRequestEntityTooLarge, fmt.Sprintf("at most %d frames per POST", inboxSize))
+	if s.posts.Add(1) > maxPostsInFlight {
+		s.posts.Add(-1)
+		reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
 		return
 	}
+	defer s.posts.Add(-1)
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(postReadTimeout))
+	frames, perr := readPostFrames(r.Body, ndjson, h.MaxMessageSize, inboxSize)
+	_ = rc.SetReadDeadline(time.Time{})
+	if perr != nil {
+		reject(perr.status, perr.msg)
+		return
+	}
+	msgs := make([]inMsg, len(frames))
 	for i, f := range frames {
-		if _, ferr := decodeClientFrame(f); ferr != nil {
-			reject(http.StatusBadRequest, fmt.Sprintf("frame %d: %s", i, ferr.msg))
-			return
-		}
+		msgs[i] = inMsg{b: f}
 	}
-	switch err := sc.offer(frames); {
-	case errors.Is(err, errInboxFull):
-		w.Header().Set("Retry-After", "1")
+	if !s.in.offer(msgs...) {
 		reject(http.StatusTooManyRequests, "the session's inbound queue is full; retry later")
 		return
-	case err != nil:
+	}
+	if s.ctx.Err() != nil {
 		reject(http.StatusUnauthorized, "unknown or ended session token")
 		return
 	}
+	s.mu.Lock()
+	s.received += int64(len(frames))
+	s.mu.Unlock()
 	h.logger.Debug("frames posted", zap.String("session", s.id), zap.Int("frames", len(frames)))
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// readPostFrames reads the frames of a POST body as it arrives: one frame,
+// or (ndjson) one per non-empty line, at most maxFrames, each at most
+// maxSize bytes and decodable. Nothing beyond one frame's bytes is read
+// ahead of its check.
+func readPostFrames(body io.Reader, ndjson bool, maxSize int64, maxFrames int) ([][]byte, *clientError) {
+	tooBig := &clientError{status: http.StatusRequestEntityTooLarge, msg: "a frame is larger than max_message_size"}
+	if !ndjson {
+		b, err := io.ReadAll(io.LimitReader(body, maxSize+1))
+		switch {
+		case err != nil:
+			return nil, &clientError{status: http.StatusBadRequest, msg: "reading body: " + err.Error()}
+		case int64(len(b)) > maxSize:
+			return nil, tooBig
+		}
+		b = bytes.TrimSpace(b)
+		if len(b) == 0 {
+			return nil, badFrame("no frame in the body")
+		}
+		if _, ferr := decodeClientFrame(b); ferr != nil {
+			return nil, badFrame("frame 0: %s", ferr.msg)
+		}
+		return [][]byte{b}, nil
+	}
+	var frames [][]byte
+	br := bufio.NewReaderSize(body, 4096)
+	for {
+		line, err := readLine(br, maxSize)
+		if errors.Is(err, errTooBig) {
+			return nil, tooBig
+		}
+		if line = bytes.TrimSpace(line); len(line) > 0 {
+			if len(frames) == maxFrames {
+				return nil, &clientError{status: http.StatusRequestEntityTooLarge, msg: fmt.Sprintf("at most %d frames per POST", maxFrames)}
+			}
+			if _, ferr := decodeClientFrame(line); ferr != nil {
+				return nil, badFrame("frame %d: %s", len(frames), ferr.msg)
+			}
+			frames = append(frames, line)
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, &clientError{status: http.StatusBadRequest, msg: "reading body: " + err.Error()}
+		}
+	}
+	if len(frames) == 0 {
+		return nil, badFrame("no frame in the body")
+	}
+	return frames, nil
 }
 
 // acceptsEventStream reports whether the request accepts text/event-stream.

@@ -12,7 +12,7 @@ import (
 	"unicode/utf8"
 )
 
-// Frame types, DESIGN §4.
+// Frame types (README: the session protocol).
 const (
 	frameOpen    = "open"
 	framePush    = "push"
@@ -46,6 +46,10 @@ type closeInfo struct {
 	Reconnect bool   `json:"reconnect"`
 	// kind is the reason's metric label when the close ends the session.
 	kind string
+	// quiet: the client closed the connection (its WebSocket close was
+	// echoed), so no close frame follows; RFC 6455 allows no data after
+	// a close.
+	quiet bool
 }
 
 var (

@@ -2,8 +2,10 @@ package duplex
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"mime"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -16,9 +18,14 @@ import (
 )
 
 // ServeHTTP opens a session for a session-opening request and serves it
-// until it ends; any other request goes to the next handler. Client
-// Duplex-* headers are removed from every request first.
+// until it ends; an SSE session's POST is taken for its session; any other
+// request goes to the next handler. Client Duplex-* headers are removed
+// from every request first. A session's own messages and hooks are refused
+// here (403), wherever the route places duplex.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if isSubrequest(r) {
+		return errSubrequest
+	}
 	token := r.Header.Get("Duplex-Token")
 	resume := r.Header.Get("Duplex-Resume")
 	stripDuplexHeaders(r.Header)
@@ -62,61 +69,94 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
+	op := &opening{w: w, r: r, next: h.keepNext(next), transport: name, bind: func(*session) {}}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	user, channels := h.identity(repl)
-	cursor := takeCursor(r, name, resume)
-	old, lastSeq := h.hub.resumable(cursor)
-	if old != nil && user != "" && old.user != user {
-		old = nil // a session of another user: this opening starts a new one
-	}
-	next = h.keepNext(next)
+	op.user, op.channels = h.identity(repl)
+	op.cursor = takeCursor(r, name, resume)
+	h.serveOpening(op)
+	return nil
+}
 
-	var openData json.RawMessage
-	bind := func(*session) {} // gives a connect stream its session
+// opening is a session-opening request on its way: admitted by the
+// transport, origin and auth checks, then (with connect) by the app, then
+// resuming the session its cursor names or opening a new one.
+type opening struct {
+	w         http.ResponseWriter
+	r         *http.Request
+	next      caddyhttp.Handler
+	transport string
+	cursor    string   // resume cursor, "" if none
+	user      string   // identity the opening proves
+	channels  []string // initial subscriptions
+	// resumable is the session the cursor names, if it may be resumed
+	// from lastSeq by this opening's user.
+	resumable *session
+	lastSeq   uint64
+	// data is the connect hook's answer for the open frame, and bind
+	// gives its push stream the session it is for (nil: none).
+	data json.RawMessage
+	bind func(*session)
+}
+
+// serveOpening decides what the opening becomes and serves it.
+func (h *Handler) serveOpening(op *opening) {
+	op.resumable, op.lastSeq = h.hub.resumable(op.cursor, h.key)
+	var fresh *session // the new session, if the opening gets one
 	if h.Connect {
-		target := old
-		if target == nil {
-			target = newSession(h, user)
+		fresh = newSession(h, op.user)
+		if !h.connect(op, fresh) {
+			return
 		}
-		res := h.runConnect(r, next, target, user, name, old != nil)
-		if !res.accepted() {
-			if old == nil {
-				target.end(closeInfo{Reason: "rejected by the connect hook"})
+		fresh.user = op.user
+	}
+	if s := op.resumable; s != nil && s.user != op.user {
+		op.resumable = nil // a session of another user: this opening starts a new one
+	}
+	if op.resumable != nil {
+		if h.resume(op) {
+			if fresh != nil {
+				fresh.end(closeInfo{Reason: "resumed instead"})
 			}
-			h.logger.Debug("opening rejected by the connect hook",
-				zap.String("remote", r.RemoteAddr), zap.Int("status", res.status), zap.Bool("timeout", res.timedOut))
-			rejectOpening(w, res)
-			return nil
-		}
-		if u := strings.TrimSpace(res.header.Get("Duplex-User")); u != "" {
-			user = u
-		}
-		channels = append(channels, headerList(res.header.Values("Duplex-Subscribe"))...)
-		if !res.streaming && len(res.body) > 0 {
-			openData, _ = embedBody(res.header.Get("Content-Type"), res.body)
-		}
-		if res.bind != nil {
-			bind = res.bind
-		}
-		if old == nil {
-			target.user = user
-			return h.open(w, r, next, name, target, channels, openData, bind)
-		}
-	}
-	if old != nil && old.user != user {
-		old = nil // a session of another user: open a new one
-	}
-	if old != nil {
-		if done := h.resume(w, r, next, name, old, lastSeq, user, channels, openData, bind); done {
-			return nil
+			return
 		}
 		// The session ended meanwhile, or the pushes after the cursor are
 		// gone: the client starts over with a new session (resumed:false).
 	}
-	if cursor != "" {
+	if op.cursor != "" {
 		metrics.resumes.WithLabelValues("failed").Inc()
 	}
-	return h.open(w, r, next, name, newSession(h, user), channels, openData, bind)
+	if fresh == nil {
+		fresh = newSession(h, op.user)
+	}
+	h.open(op, fresh)
+}
+
+// connect runs the connect hook for op (fresh is the session it would
+// open); false means the app refused and the client has its answer.
+func (h *Handler) connect(op *opening, fresh *session) bool {
+	target, resuming := fresh, false
+	if s := op.resumable; s != nil && (op.user == "" || s.user == op.user) {
+		target, resuming = s, true
+	}
+	res := h.runConnect(op.r, op.next, target, op.user, op.transport, resuming)
+	if !res.accepted() {
+		fresh.end(closeInfo{Reason: "rejected by the connect hook"})
+		h.logger.Debug("opening rejected by the connect hook",
+			zap.String("remote", op.r.RemoteAddr), zap.Int("status", res.status), zap.Bool("timeout", res.timedOut))
+		rejectOpening(op.w, res)
+		return false
+	}
+	if u := strings.TrimSpace(res.header.Get("Duplex-User")); u != "" {
+		op.user = u
+	}
+	op.channels = append(op.channels, headerList(res.header.Values("Duplex-Subscribe"))...)
+	if !res.streaming && len(res.body) > 0 {
+		op.data, _ = embedBody(res.header.Get("Content-Type"), res.body)
+	}
+	if res.bind != nil {
+		op.bind = res.bind
+	}
+	return true
 }
 
 // accept completes the opening handshake of the transport. On error the
@@ -126,7 +166,10 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (t
 	switch name {
 	case transportWebSocket:
 		h.extendIdleTimeouts(r, idle, idle)
-		return acceptWebSocket(w, r, h.MaxMessageSize, idle)
+		// ?ping=text: heartbeats also as {"type":"ping"} text frames,
+		// which browser scripts can see (they cannot see ping frames).
+		textPing := takeQuery(r, "ping") == "text"
+		return acceptWebSocket(w, r, h.MaxMessageSize, idle, textPing)
 	case transportStream:
 		// The client need not send anything; liveness comes from writes.
 		h.extendIdleTimeouts(r, silentPeer, idle)
@@ -137,88 +180,106 @@ func (h *Handler) accept(w http.ResponseWriter, r *http.Request, name string) (t
 	}
 }
 
-// open serves a new session s on this request until its connection ends.
-//
-// bind is given the session a connect hook's stream is for (nil if none).
-func (h *Handler) open(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, channels []string, data json.RawMessage, bind func(*session)) error {
-	if h.MaxSessions > 0 && h.hub.count() >= h.MaxSessions {
-		bind(nil)
-		s.end(closeInfo{Reason: "max_sessions reached"})
-		w.Header().Set("Retry-After", "5")
-		h.refuse(w, r, http.StatusServiceUnavailable, "max_sessions reached")
-		return nil
-	}
-	t, err := h.accept(w, r, name)
+// open serves new session s on the opening until its connection ends.
+func (h *Handler) open(op *opening, s *session) {
+	ad, err := h.hub.admit(h, clientIP(op.r))
 	if err != nil {
-		bind(nil)
-		s.end(closeInfo{Reason: "opening failed"})
-		h.logger.Debug("session opening failed", zap.String("transport", name),
-			zap.String("remote", r.RemoteAddr), zap.Error(err))
-		return nil
+		op.bind(nil)
+		s.end(closeInfo{Reason: err.Error()})
+		status := http.StatusServiceUnavailable
+		if errors.Is(err, errMaxPerIP) {
+			status = http.StatusTooManyRequests
+		}
+		op.w.Header().Set("Retry-After", "5")
+		h.refuse(op.w, op.r, status, err.Error())
+		return
 	}
-	h.serveNew(r, next, name, t, s, channels, data, bind)
-	return nil
+	t, err := h.accept(op.w, op.r, op.transport)
+	if err != nil {
+		h.hub.release(ad)
+		op.bind(nil)
+		s.end(closeInfo{Reason: "opening failed"})
+		h.logger.Debug("session opening failed", zap.String("transport", op.transport),
+			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
+		return
+	}
+	h.serveNew(op, t, s, ad)
 }
 
 // serveNew serves new session s on the accepted transport t.
-func (h *Handler) serveNew(r *http.Request, next caddyhttp.Handler, name string, t transport, s *session, channels []string, data json.RawMessage, bind func(*session)) {
-	bind(s) // before attach: pushes the stream already sent follow the open frame
-	a := newAttachment(s, h, r, next, name, t)
-	h.hub.add(s, channels)
-	s.attach(a, false, 0, data)
+func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission) {
+	op.bind(s) // before attach: pushes the stream already sent follow the open frame
+	a := newAttachment(s, h, op.r, op.next, op.transport, t)
+	h.hub.add(s, op.channels, ad)
+	s.attach(a, false, 0, op.data)
 	if h.MaxSessionsPerUser > 0 && s.user != "" {
 		for _, old := range h.hub.oldestOf(s.user, h.MaxSessionsPerUser) {
 			old.terminate(closeTooMany)
 		}
 	}
-	metrics.opened.WithLabelValues(name).Inc()
+	metrics.opened.WithLabelValues(op.transport).Inc()
 	h.logger.Info("session opened",
 		zap.String("session", s.id),
 		zap.String("user", s.user),
-		zap.String("transport", name),
-		zap.String("remote", r.RemoteAddr))
+		zap.String("transport", op.transport),
+		zap.String("remote", op.r.RemoteAddr))
 	a.start()
 }
 
-// resume serves session s on this request, from the client's lastSeq. It
-// reports false if s can no longer be resumed from there (nothing was
-// written to the client then).
-func (h *Handler) resume(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, name string, s *session, lastSeq uint64, user string, channels []string, data json.RawMessage, bind func(*session)) bool {
+// resume serves op.resumable on this opening, from the client's lastSeq.
+// It reports false if the session can no longer be resumed from there
+// (nothing was written to the client then).
+func (h *Handler) resume(op *opening) bool {
+	s, lastSeq := op.resumable, op.lastSeq
 	s.mu.Lock()
 	ok := !s.ended && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
 	if !ok {
 		return false
 	}
-	t, err := h.accept(w, r, name)
+	t, err := h.accept(op.w, op.r, op.transport)
 	if err != nil {
-		bind(nil)
-		h.logger.Debug("session resume failed", zap.String("transport", name),
-			zap.String("remote", r.RemoteAddr), zap.Error(err))
+		op.bind(nil)
+		h.logger.Debug("session resume failed", zap.String("transport", op.transport),
+			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
 		return true
 	}
-	a := newAttachment(s, h, r, next, name, t)
-	if !s.attach(a, true, lastSeq, data) {
+	a := newAttachment(s, h, op.r, op.next, op.transport, t)
+	if !s.attach(a, true, lastSeq, op.data) {
 		// The session ended, or a push trimmed the buffer past the
 		// cursor, since the check above: the client starts over on the
-		// connection it has (resumed:false).
+		// connection it has (resumed:false). A resume is not refused by
+		// the session limits, so this new session is admitted regardless.
 		metrics.resumes.WithLabelValues("failed").Inc()
-		h.serveNew(r, next, name, t, newSession(h, user), channels, data, bind)
+		h.serveNew(op, t, newSession(h, op.user), nil)
 		return true
 	}
-	bind(s)
-	if h.Connect && len(channels) > 0 {
-		h.hub.subscribe(s, channels, nil)
+	op.bind(s)
+	if h.Connect && len(op.channels) > 0 {
+		h.hub.subscribe(s, op.channels, nil)
 	}
 	metrics.resumes.WithLabelValues("resumed").Inc()
 	h.logger.Info("session resumed",
 		zap.String("session", s.id),
 		zap.String("user", s.user),
-		zap.String("transport", name),
-		zap.String("remote", r.RemoteAddr),
+		zap.String("transport", op.transport),
+		zap.String("remote", op.r.RemoteAddr),
 		zap.Uint64("from_seq", lastSeq))
 	a.start()
 	return true
+}
+
+// clientIP is the opening's client IP as Caddy determined it (honouring
+// trusted_proxies), or its remote host.
+func clientIP(r *http.Request) string {
+	if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok && ip != "" {
+		return ip
+	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
 
 // keepNext remembers the handler chain after duplex (it is the same for
@@ -244,12 +305,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, status int, why
 // parameter for the others. The parameter is removed from the request, so
 // the token never reaches the app with the messages' query.
 func takeCursor(r *http.Request, transport, header string) string {
-	q := r.URL.Query()
-	param := q.Get("resume")
-	if q.Has("resume") {
-		q.Del("resume")
-		r.URL.RawQuery = q.Encode()
-	}
+	param := takeQuery(r, "resume")
 	switch {
 	case header != "":
 		return header
@@ -259,6 +315,22 @@ func takeCursor(r *http.Request, transport, header string) string {
 		return r.Header.Get("Last-Event-Id")
 	}
 	return ""
+}
+
+// takeQuery returns the value of a query parameter meant for duplex and
+// removes it from the request, so the app never sees it on messages.
+func takeQuery(r *http.Request, name string) string {
+	if !strings.Contains(r.URL.RawQuery, name) {
+		return ""
+	}
+	q := r.URL.Query()
+	if !q.Has(name) {
+		return ""
+	}
+	v := q.Get(name)
+	q.Del(name)
+	r.URL.RawQuery = q.Encode()
+	return v
 }
 
 // silentPeer is the read idle timeout for transports whose clients need not
@@ -314,8 +386,9 @@ func (h *Handler) identity(repl *caddy.Replacer) (user string, channels []string
 }
 
 // originAllowed implements the browser origin check: a request without an
-// Origin header is not from a browser page and passes; otherwise the origin
-// must be the request's own host or one of allowed_origins.
+// Origin header is not from a browser page and passes; otherwise the
+// origin must be the request's own (same scheme, host and port) or one of
+// allowed_origins.
 func (h *Handler) originAllowed(r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	if origin == "" {
@@ -324,16 +397,44 @@ func (h *Handler) originAllowed(r *http.Request) bool {
 	if slices.Contains(h.AllowedOrigins, "*") {
 		return true
 	}
+	o, ok := normalOrigin(origin)
+	if !ok {
+		return false
+	}
 	for _, a := range h.AllowedOrigins {
-		if strings.EqualFold(strings.TrimSuffix(a, "/"), origin) {
+		if na, ok := normalOrigin(a); ok && na == o {
 			return true
 		}
 	}
-	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
-		return false
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
 	}
-	return strings.EqualFold(u.Host, r.Host)
+	self, ok := normalOrigin(scheme + "://" + r.Host)
+	return ok && self == o
+}
+
+// normalOrigin is an origin as scheme://host:port, lower case, with the
+// scheme's default port made explicit; ok is false for anything that is
+// not a plain origin (user info, a path, a query).
+func normalOrigin(s string) (string, bool) {
+	u, err := url.Parse(strings.TrimSuffix(s, "/"))
+	if err != nil || u.Host == "" || u.User != nil || u.Path != "" || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		return "", false
+	}
+	scheme := strings.ToLower(u.Scheme)
+	port := u.Port()
+	if port == "" {
+		switch scheme {
+		case "http", "ws":
+			port = "80"
+		case "https", "wss":
+			port = "443"
+		default:
+			return "", false
+		}
+	}
+	return scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port), true
 }
 
 // extendIdleTimeouts replaces Caddy's body-read and write idle timeouts

@@ -632,6 +632,7 @@ func (c *wsClient) readLoop() {
 	defer close(c.exited)
 	var msg []byte
 	var msgOp ws.OpCode
+	var session string // from the open frame
 	for {
 		h, err := ws.ReadHeader(c.r)
 		if err != nil {
@@ -668,6 +669,16 @@ func (c *wsClient) readLoop() {
 			msg = payload
 		}
 		if h.Fin {
+			var m map[string]any
+			if msgOp == ws.OpText && json.Unmarshal(msg, &m) == nil {
+				if m["type"] == "open" {
+					session, _ = m["session"].(string)
+				}
+				if answers.repeated(session, m) {
+					msg = nil
+					continue // a client ignores a second answer to the same ref
+				}
+			}
 			if !c.emit(wsEvent{op: msgOp, payload: msg}) {
 				return
 			}

@@ -47,53 +47,39 @@ func (c *connectResult) accepted() bool {
 // Duplex-User tells the app the user the opening itself proves (the user
 // template), never one taken from the session it claims to resume.
 func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session, user, transport string, resumed bool) *connectResult {
-	hdr := messageHeader(r.Header)
-	hdr.Set("Duplex-Session", s.id)
-	hdr.Set("Duplex-Transport", transport)
+	hdr := http.Header{
+		"Duplex-Session":   {s.id},
+		"Duplex-Transport": {transport},
+		"Duplex-Connect":   {"open"},
+	}
 	if user != "" {
 		hdr.Set("Duplex-User", user)
 	}
 	if resumed {
 		hdr.Set("Duplex-Connect", "resume")
-	} else {
-		hdr.Set("Duplex-Connect", "open")
 	}
 	method := r.Method
 	if method == http.MethodConnect {
 		method = http.MethodGet // an RFC 8441 WebSocket opening
 	}
-	u := *r.URL
-	req := &http.Request{
-		Method:     method,
-		URL:        &u,
-		Proto:      "HTTP/1.1",
-		ProtoMajor: 1,
-		ProtoMinor: 1,
-		Header:     hdr,
-		Body:       http.NoBody,
-		Host:       r.Host,
-		RemoteAddr: r.RemoteAddr,
-		RequestURI: r.URL.RequestURI(),
-		TLS:        r.TLS,
+	base := newRequestBase(r)
+	req, err := base.request(method, "", hdr, nil, "")
+	if err != nil {
+		return &connectResult{status: http.StatusBadRequest, err: err}
 	}
 	// The hook must answer within message_timeout; a stream then lives as
 	// long as the session it is bound to.
-	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
+	ctx, cancel := context.WithCancel(context.Background())
 	w := newHookWriter(h.SendQueue)
-	a := &attachment{s: s, h: h, r: r, next: next}
-	a.repl, _ = r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	req = a.prepare(req.WithContext(ctx), w)
+	req = base.prepare(ctx, req, w)
 
 	done := make(chan error, 1)
 	go func() {
 		defer cancel()
-		defer func() {
-			if p := recover(); p != nil {
-				h.logger.Error("panic in connect hook", zap.String("session", s.id), zap.Any("panic", p))
-				done <- caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("panic: %v", p))
-			}
-		}()
-		err := next.ServeHTTP(w, req)
+		err := serveRoute(next, w, req)
+		if err != nil && errorStatus(err, 0) == http.StatusInternalServerError {
+			h.logger.Error("connect hook failed", zap.String("session", s.id), zap.Error(err))
+		}
 		w.finish()
 		done <- err
 	}()
@@ -320,34 +306,37 @@ func (s *session) pushData(data json.RawMessage) {
 	s.push(newPush("", data))
 }
 
-// sendDisconnect tells the app that s ended for good: POST path through
-// the rest of the route, with Duplex-Session, Duplex-User and
-// {"reason":…}; retried with backoff while the app fails. It runs in its
-// own goroutine and never blocks the session's teardown.
-func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
-	if a.h.cleaned.Load() && !caddy.Exiting() {
+// sendDisconnect tells the app that s ended for good: POST the
+// disconnect path through the rest of the route, with Duplex-Session,
+// Duplex-User, Duplex-Disconnect: <reason> and {"reason":…}; retried with
+// backoff while the app fails. It runs in its own goroutine and never
+// blocks the session's teardown.
+func (h *Handler) sendDisconnect(s *session, reason string) {
+	_, base, next, transport := s.route()
+	if h.cleaned.Load() && !caddy.Exiting() {
 		// The config it ran under is gone: use the handler that took its
 		// place in the running config, if there is one.
-		succ := a.h.hub.successor(a.h.key)
+		succ := h.hub.successor(h.key)
 		if succ == nil {
 			h.logger.Warn("disconnect hook not sent: its handler was unloaded", zap.String("session", s.id))
 			return
 		}
-		next := succ.next.Load()
-		if next == nil {
+		sn := succ.next.Load()
+		if sn == nil {
 			h.logger.Warn("disconnect hook not sent: its handler has served nothing yet", zap.String("session", s.id))
 			return
 		}
-		a = &attachment{s: s, h: succ, r: a.r, repl: a.repl, next: *next, transport: a.transport}
-		h = succ
+		h, next = succ, *sn
 	}
+	hdr := s.messageHeader(nil, transport)
+	hdr.Set("Duplex-Disconnect", headerSafe(reason))
 	body := mustJSON(map[string]string{"reason": reason})
 	h.hooks.add()
 	go func() {
 		defer h.hooks.done()
 		backoff := 250 * time.Millisecond
 		for attempt := 1; ; attempt++ {
-			status, err := a.post(h.Disconnect, body)
+			status, err := h.postHook(base, next, hdr, body)
 			if err == nil && status < 300 {
 				return
 			}
@@ -361,6 +350,17 @@ func (h *Handler) sendDisconnect(a *attachment, s *session, reason string) {
 			backoff *= 2
 		}
 	}()
+}
+
+// headerSafe makes s usable as a header value: control characters become
+// spaces.
+func headerSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, s)
 }
 
 // pending counts work under way that Cleanup may wait for; unlike a
@@ -410,18 +410,18 @@ func (p *pending) wait(timeout time.Duration) bool {
 
 const disconnectAttempts = 6
 
-// post serves one request through the rest of the route and returns its
-// status (used by the disconnect hook).
-func (a *attachment) post(path string, body []byte) (int, error) {
-	req, err := a.messageRequest(http.MethodPost, path, nil, body, "application/json")
+// postHook POSTs body to the disconnect path through next and returns the
+// app's status.
+func (h *Handler) postHook(base *requestBase, next caddyhttp.Handler, hdr http.Header, body []byte) (int, error) {
+	req, err := base.request(http.MethodPost, h.Disconnect, hdr, body, "application/json")
 	if err != nil {
 		return 0, err
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.r.Context()), time.Duration(a.h.MessageTimeout))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(h.MessageTimeout))
 	defer cancel()
 	rec := newRecorder(1 << 16)
-	req = a.prepare(req.WithContext(ctx), rec)
-	if err := a.next.ServeHTTP(rec, req); err != nil {
+	req = base.prepare(ctx, req, rec)
+	if err := serveRoute(next, rec, req); err != nil {
 		return 0, fmt.Errorf("duplex: disconnect hook: %w", err)
 	}
 	return rec.statusCode(), nil

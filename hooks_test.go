@@ -610,6 +610,9 @@ func hkHeaderWith(hdr http.Header, kv ...string) http.Header {
 const hkConnectRoutes = `
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			user {http.request.header.X-User}
 			channels base
@@ -619,6 +622,9 @@ const hkConnectRoutes = `
 	}
 	route /slow* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			user {http.request.header.X-User}
 			message_timeout 1s
@@ -869,6 +875,9 @@ func TestConnectStream(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /h2c* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			user {http.request.header.X-User}
 		}
@@ -876,6 +885,9 @@ func TestConnectStream(t *testing.T) {
 	}
 	route /h1* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			user {http.request.header.X-User}
 		}
@@ -1001,6 +1013,9 @@ func TestDisconnectHook(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /long* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			disconnect /gone
 			resume_window 1m
@@ -1009,6 +1024,9 @@ func TestDisconnectHook(t *testing.T) {
 	}
 	route /short* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			disconnect /gone
 			resume_window 1s
@@ -1017,6 +1035,9 @@ func TestDisconnectHook(t *testing.T) {
 	}
 	route /slow* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			disconnect /gone
 			resume_window 1s
@@ -1027,6 +1048,9 @@ func TestDisconnectHook(t *testing.T) {
 	}
 	route /aged* {
 		duplex {
+			messages {
+				path *
+			}
 			auth {
 				header Authorization "Bearer *"
 			}
@@ -1336,6 +1360,9 @@ func TestDisconnectNeverBlocksTeardown(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			disconnect /gone
 			message_timeout 20s

@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"container/list"
 	"context"
 	"encoding/json"
 	"errors"
@@ -54,6 +55,18 @@ type hub struct {
 	users    map[string]map[*session]struct{}
 	channels map[string]map[*session]struct{}
 
+	// reserved counts openings admitted but not added yet, and perIP the
+	// sessions (and reservations) per handler and client IP: see admit.
+	reserved int
+	perIP    map[string]int
+
+	// dmu guards detached and every session's detached element: the
+	// sessions of each handler (by key) waiting for a resume, the one
+	// detached longest first. It is taken after a session's mu and takes
+	// no other lock.
+	dmu      sync.Mutex
+	detached map[string]*list.List
+
 	broker broker
 	// idem remembers publish ids.
 	idem *idempotency
@@ -75,6 +88,8 @@ func newHub() *hub {
 		users:    make(map[string]map[*session]struct{}),
 		channels: make(map[string]map[*session]struct{}),
 		handlers: make(map[string]*Handler),
+		perIP:    make(map[string]int),
+		detached: make(map[string]*list.List),
 		idem:     newIdempotency(),
 	}
 	h.broker = memoryBroker{h}
@@ -96,10 +111,71 @@ func (h *hub) publish(ctx context.Context, m *publishMsg) (int, error) {
 	return h.idem.do(m.ID, time.Now(), func() (int, error) { return h.broker.publish(ctx, m) })
 }
 
-// add registers an opened session with its initial channels.
-func (h *hub) add(s *session, channels []string) {
+// Refusals of admit.
+var (
+	errMaxSessions = errors.New("max_sessions reached")
+	errMaxPerIP    = errors.New("max_sessions_per_ip reached")
+)
+
+// admission is a place held for a session being opened: it counts against
+// max_sessions and max_sessions_per_ip from admit on, so parallel openings
+// cannot overshoot them. add takes it over; release gives it back.
+type admission struct {
+	ipKey string // "" if not counted per IP
+	done  bool
+}
+
+// admit holds a place for a new session of handler hd from client ip, or
+// says which limit refuses it.
+func (h *hub) admit(hd *Handler, ip string) (*admission, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if hd.MaxSessions > 0 && len(h.sessions)+h.reserved >= hd.MaxSessions {
+		return nil, errMaxSessions
+	}
+	ad := &admission{}
+	if hd.MaxSessionsPerIP > 0 {
+		ad.ipKey = hd.key + " " + ip
+		if h.perIP[ad.ipKey] >= hd.MaxSessionsPerIP {
+			return nil, errMaxPerIP
+		}
+		h.perIP[ad.ipKey]++
+	}
+	h.reserved++
+	return ad, nil
+}
+
+// release gives back a place admit held for an opening that failed.
+func (h *hub) release(ad *admission) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if ad.done {
+		return
+	}
+	ad.done = true
+	h.reserved--
+	h.dropIPLocked(ad.ipKey)
+}
+
+func (h *hub) dropIPLocked(key string) {
+	if key == "" {
+		return
+	}
+	if h.perIP[key]--; h.perIP[key] <= 0 {
+		delete(h.perIP, key)
+	}
+}
+
+// add registers an opened session with its initial channels, in the place
+// ad holds for it (nil: none was held).
+func (h *hub) add(s *session, channels []string, ad *admission) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if ad != nil && !ad.done {
+		ad.done = true
+		h.reserved--
+		s.ipKey = ad.ipKey
+	}
 	h.sessions[s.id] = s
 	if s.token != "" {
 		h.tokens[tokenKey(s.token)] = s
@@ -121,6 +197,7 @@ func (h *hub) remove(s *session) {
 	}
 	delete(h.sessions, s.id)
 	delete(h.tokens, tokenKey(s.token))
+	h.dropIPLocked(s.ipKey)
 	if s.user != "" {
 		removeMember(h.users, s.user, s)
 	}
@@ -128,6 +205,44 @@ func (h *hub) remove(s *session) {
 		removeMember(h.channels, c, s)
 	}
 	s.channels = nil
+}
+
+// detach lists s among its handler's detached sessions. If that makes more
+// than max, it returns the one detached longest, for the caller to end.
+func (h *hub) detach(s *session, max int) (evicted *session) {
+	h.dmu.Lock()
+	defer h.dmu.Unlock()
+	l := h.detached[s.scope]
+	if l == nil {
+		l = list.New()
+		h.detached[s.scope] = l
+	}
+	if s.detached == nil {
+		s.detached = l.PushBack(s)
+	}
+	if l.Len() <= max {
+		return nil
+	}
+	oldest := l.Front().Value.(*session)
+	l.Remove(l.Front())
+	oldest.detached = nil
+	return oldest
+}
+
+// undetach takes s off the detached list (it resumed or ended).
+func (h *hub) undetach(s *session) {
+	h.dmu.Lock()
+	defer h.dmu.Unlock()
+	if s.detached == nil {
+		return
+	}
+	if l := h.detached[s.scope]; l != nil {
+		l.Remove(s.detached)
+		if l.Len() == 0 {
+			delete(h.detached, s.scope)
+		}
+	}
+	s.detached = nil
 }
 
 // register makes h the handler for its config key; unregister undoes it
@@ -163,7 +278,7 @@ func (h *hub) endSessionsOf(hd *Handler, c closeInfo) {
 	var ended []*session
 	for _, s := range h.sessions {
 		s.mu.Lock()
-		mine := s.last != nil && s.last.h == hd
+		mine := s.h == hd
 		s.mu.Unlock()
 		if mine && s.end(c) {
 			ended = append(ended, s)
@@ -173,13 +288,6 @@ func (h *hub) endSessionsOf(hd *Handler, c closeInfo) {
 	for _, s := range ended {
 		s.finish()
 	}
-}
-
-// count is the number of sessions in the hub.
-func (h *hub) count() int {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	return len(h.sessions)
 }
 
 // oldestOf returns the sessions of user beyond the newest keep, oldest
@@ -199,9 +307,9 @@ func (h *hub) oldestOf(user string, keep int) []*session {
 	return all[:len(all)-keep]
 }
 
-// resumable finds the open session a resume cursor <token>:<seq> names,
-// comparing the token in constant time.
-func (h *hub) resumable(cursor string) (*session, uint64) {
+// resumable finds the open session a resume cursor <token>:<seq> names, if
+// it was opened by a handler in place scope.
+func (h *hub) resumable(cursor, scope string) (*session, uint64) {
 	if cursor == "" {
 		return nil, 0
 	}
@@ -209,21 +317,24 @@ func (h *hub) resumable(cursor string) (*session, uint64) {
 	if !ok {
 		return nil, 0
 	}
-	s := h.byToken(token)
-	if s == nil || !s.tokenMatches(token) {
+	s := h.byToken(token, scope)
+	if s == nil {
 		return nil, 0
 	}
 	return s, seq
 }
 
-// byToken finds an open session by its token.
-func (h *hub) byToken(token string) *session {
+// byToken finds an open session by its token, if it was opened by a
+// handler in place scope (tokens are scoped to where they were issued).
+// The token is compared in constant time.
+func (h *hub) byToken(token, scope string) *session {
 	h.mu.RLock()
-	defer h.mu.RUnlock()
-	if s := h.tokens[tokenKey(token)]; s != nil && !s.ending() {
-		return s
+	s := h.tokens[tokenKey(token)]
+	h.mu.RUnlock()
+	if s == nil || s.scope != scope || !s.tokenMatches(token) || s.ending() {
+		return nil
 	}
-	return nil
+	return s
 }
 
 // get finds an open session by id; one that is ending is unknown.
@@ -346,9 +457,7 @@ func (h *hub) infoLocked(s *session) sessionInfo {
 		Opened:   s.opened.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
 	}
 	s.mu.Lock()
-	if a := s.last; a != nil {
-		info.Transport, info.Remote = a.transport, a.remote
-	}
+	info.Transport, info.Remote = s.transport, s.remote
 	info.Attached = s.cur != nil
 	s.mu.Unlock()
 	return info

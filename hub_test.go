@@ -17,20 +17,21 @@ import (
 // what is queued for it can be inspected.
 func testSession(h *hub, id, user string, sendQueue int64) *session {
 	hd := &Handler{
-		SendQueue:    sendQueue,
-		ResumeBuffer: defaultResumeBuffer,
-		ResumeWindow: caddy.Duration(time.Minute),
-		MaxInflight:  1,
-		Heartbeat:    caddy.Duration(time.Second),
-		hub:          h,
-		logger:       zap.NewNop(),
-		live:         newAttachmentSet(),
-		cleaned:      new(atomic.Bool),
+		SendQueue:        sendQueue,
+		ResumeBuffer:     defaultResumeBuffer,
+		ResumeBufferSize: defaultResumeBufferSize,
+		ResumeWindow:     caddy.Duration(time.Minute),
+		MaxInflight:      1,
+		Heartbeat:        caddy.Duration(time.Second),
+		hub:              h,
+		logger:           zap.NewNop(),
+		live:             newAttachmentSet(),
+		cleaned:          new(atomic.Bool),
 	}
 	s := newSession(hd, user)
 	s.id = id
 	a := &attachment{s: s, h: hd, readerDone: make(chan struct{})}
-	s.cur, s.last = a, a
+	s.cur = a
 	return s
 }
 
@@ -52,9 +53,9 @@ func TestHubDeliverTargets(t *testing.T) {
 	a := testSession(h, "a", "alice", 1<<20)
 	b := testSession(h, "b", "bob", 1<<20)
 	c := testSession(h, "c", "alice", 1<<20)
-	h.add(a, []string{"room:1"})
-	h.add(b, []string{"room:1", "room:2"})
-	h.add(c, nil)
+	h.add(a, []string{"room:1"}, nil)
+	h.add(b, []string{"room:1", "room:2"}, nil)
+	h.add(c, nil, nil)
 
 	cases := []struct {
 		msg  publishMsg
@@ -99,7 +100,7 @@ func TestHubDeliverTargets(t *testing.T) {
 func TestHubSubscribeAndRemove(t *testing.T) {
 	h := newHub()
 	a := testSession(h, "a", "", 1<<20)
-	h.add(a, []string{"x"})
+	h.add(a, []string{"x"}, nil)
 	h.subscribe(a, []string{"y", "z"}, []string{"x"})
 	if got := h.list("", "x"); len(got) != 0 {
 		t.Errorf("still on x: %v", got)
@@ -121,8 +122,8 @@ func TestHubCloseTarget(t *testing.T) {
 	h := newHub()
 	a := testSession(h, "a", "u", 1<<20)
 	b := testSession(h, "b", "u", 1<<20)
-	h.add(a, nil)
-	h.add(b, nil)
+	h.add(a, nil, nil)
+	h.add(b, nil, nil)
 	reason := "logout"
 	n, err := h.deliver(&publishMsg{User: "u", Close: &reason, Except: "b"})
 	if n != 1 || err != nil {
@@ -143,8 +144,8 @@ func TestSlowConsumerClosed(t *testing.T) {
 	h := newHub()
 	slow := testSession(h, "slow", "", 200)
 	fast := testSession(h, "fast", "", 1<<20)
-	h.add(slow, []string{"c"})
-	h.add(fast, []string{"c"})
+	h.add(slow, []string{"c"}, nil)
+	h.add(fast, []string{"c"}, nil)
 	for i := 0; i < 10; i++ {
 		if _, err := h.deliver(&publishMsg{Channel: "c", Data: json.RawMessage(`"0123456789012345678901234567890123456789"`)}); err != nil {
 			t.Fatal(err)
@@ -173,7 +174,7 @@ func BenchmarkDeliverFanout(b *testing.B) {
 	sessions := make([]*session, n)
 	for i := range sessions {
 		sessions[i] = testSession(h, strconv.Itoa(i), "", 1<<40)
-		h.add(sessions[i], []string{"room"})
+		h.add(sessions[i], []string{"room"}, nil)
 	}
 	msg := &publishMsg{Channel: "room", Data: json.RawMessage(`{"text":"hello, everyone"}`)}
 	b.ReportAllocs()

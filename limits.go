@@ -35,6 +35,9 @@ var (
 	closeRateAbuse = closeInfo{Code: codePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
 	closeTooMany   = closeInfo{Code: codeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
 	closeMaxAge    = closeInfo{Code: codeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
+	// closeEvicted ends the session detached longest when max_detached is
+	// reached; its client can only start over (resumed:false).
+	closeEvicted = closeInfo{Code: codeClosedByApp, Reason: "max_detached reached", kind: "evicted"}
 )
 
 // rateGate applies the rate option to one session's messages.
@@ -52,9 +55,14 @@ func newRateGate(perSecond float64, burst int) *rateGate {
 	return &rateGate{lim: rate.NewLimiter(rate.Limit(perSecond), burst), burst: burst}
 }
 
+// abuseFactor: a client refused more than abuseFactor × burst messages in
+// a row is closed (1008); before that each refused message gets its 429.
+const abuseFactor = 10
+
 // allow reports whether a message may be served now, and whether the
-// client has kept sending over its rate for so long (a burst's worth of
-// refusals in a row) that the session should be closed.
+// client has kept sending over its rate for so long (more than
+// abuseFactor × burst refusals in a row) that the session should be
+// closed.
 func (g *rateGate) allow() (ok, abuse bool) {
 	if g == nil {
 		return true, false
@@ -66,14 +74,16 @@ func (g *rateGate) allow() (ok, abuse bool) {
 		return true, false
 	}
 	g.rejected++
-	return false, g.rejected > g.burst
+	return false, g.rejected > abuseFactor*g.burst
 }
 
-// idempotency remembers publish ids for idempotencyWindow.
+// idempotency remembers publish ids for idempotencyWindow. A timer
+// forgets them when their window is over, also when no other id comes.
 type idempotency struct {
-	mu    sync.Mutex
+	mu    sync.Mutex // guards the fields below
 	seen  map[string]*list.Element
-	order *list.List // of seenID, oldest first
+	order *list.List  // of seenID, oldest first
+	prune *time.Timer // set while ids are remembered
 }
 
 type seenID struct {
@@ -99,8 +109,23 @@ func (c *idempotency) do(id string, now time.Time, publish func() (int, error)) 
 	n, err := publish()
 	if err == nil {
 		c.seen[id] = c.order.PushBack(&seenID{id: id, at: now, delivered: n})
+		if c.prune == nil {
+			c.prune = time.AfterFunc(idempotencyWindow, c.expire)
+		}
 	}
 	return n, err
+}
+
+// expire forgets the ids whose window is over, and runs again when the
+// next one's is.
+func (c *idempotency) expire() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pruneLocked(time.Now())
+	c.prune = nil
+	if e := c.order.Front(); e != nil {
+		c.prune = time.AfterFunc(time.Until(e.Value.(*seenID).at.Add(idempotencyWindow)), c.expire)
+	}
 }
 
 func (c *idempotency) pruneLocked(now time.Time) {

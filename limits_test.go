@@ -75,6 +75,9 @@ func limMessages(prefix, path string, n int) ([][]byte, []string) {
 const limRateRoutes = `
 	route /rate* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			rate 5/s burst 5
 			max_inflight 16
@@ -201,6 +204,9 @@ func TestLimitSessionsPerUser(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			max_sessions_per_user 2
 			disconnect /gone
@@ -255,6 +261,9 @@ func TestLimitMaxSessions(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			max_sessions 2
 		}
@@ -304,6 +313,9 @@ func TestLimitInboundBound(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			rate off
 			heartbeat 1m
 		}
@@ -426,6 +438,9 @@ func TestPublishIdempotencyExceptClose(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			channels lobby room:{http.request.header.X-Room}
 		}

@@ -6,34 +6,33 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
 // inboxSize is how many client messages may wait for the route per
 // session; a client that sends faster is slowed down by the transport
-// (its socket is not read while the inbox is full).
+// (its socket is not read while the inbox is full), and an SSE POST that
+// would overflow it is answered 429.
 const inboxSize = 64
 
-// inbox hands a connection's client messages to the route, at most
-// max_inflight at a time (counted per session), in arrival order. A
-// goroutine drains it only while it holds messages, so an idle session
-// costs no goroutine and no buffer here.
+// inbox hands a session's client messages to the route, at most
+// max_inflight at a time, in arrival order. It belongs to the session, not
+// to a connection: a message read before the connection dropped is still
+// served while the session is detached, and its answer is sent after the
+// resume. A goroutine drains it only while it holds messages, so an idle
+// session costs no goroutine and no buffer here.
 type inbox struct {
-	a        *attachment
-	mu       sync.Mutex
+	s        *session
+	mu       sync.Mutex // guards q and draining
 	q        []inMsg
 	draining bool
-	space    chan struct{}  // signalled when a queued message is taken
-	wg       sync.WaitGroup // the drain goroutine and the messages it started
+	space    chan struct{} // signalled when a queued message is taken
 }
 
 type inMsg struct {
@@ -41,31 +40,38 @@ type inMsg struct {
 	binary bool
 }
 
-func newInbox(a *attachment) *inbox {
-	return &inbox{a: a, space: make(chan struct{}, 1)}
+func newInbox(s *session) *inbox {
+	return &inbox{s: s, space: make(chan struct{}, 1)}
 }
 
 // put queues a message, waiting while inboxSize messages wait already; it
-// reports false once the connection has ended.
-func (in *inbox) put(b []byte, binary bool) bool {
+// reports false once done (the connection that read it) has ended.
+func (in *inbox) put(m inMsg, done <-chan struct{}) bool {
 	for {
-		in.mu.Lock()
-		if len(in.q) < inboxSize {
-			in.q = append(in.q, inMsg{b, binary})
-			if !in.draining {
-				in.draining = true
-				in.wg.Go(in.drain)
-			}
-			in.mu.Unlock()
+		if in.offer(m) {
 			return true
 		}
-		in.mu.Unlock()
 		select {
 		case <-in.space:
-		case <-in.a.ctx.Done():
+		case <-done:
 			return false
 		}
 	}
+}
+
+// offer queues messages if they all fit, and reports whether they did.
+func (in *inbox) offer(msgs ...inMsg) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if len(in.q)+len(msgs) > inboxSize {
+		return false
+	}
+	in.q = append(in.q, msgs...)
+	if !in.draining {
+		in.draining = true
+		go in.drain()
+	}
+	return true
 }
 
 // take pops the next message; when there is none, the drain goroutine
@@ -73,7 +79,7 @@ func (in *inbox) put(b []byte, binary bool) bool {
 func (in *inbox) take() (inMsg, bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if len(in.q) == 0 {
+	if len(in.q) == 0 || in.s.ctx.Err() != nil {
 		in.draining, in.q = false, nil
 		return inMsg{}, false
 	}
@@ -87,29 +93,20 @@ func (in *inbox) take() (inMsg, bool) {
 	return m, true
 }
 
-// stop waits, once the reader puts no more, for the queued messages and
-// those under way. Messages already taken keep running if the connection
-// drops (their answers go to the connection the session has then, if
-// any); those still queued are dropped with it.
-func (in *inbox) stop() { in.wg.Wait() }
-
 func (in *inbox) drain() {
 	for {
 		m, ok := in.take()
 		if !ok {
 			return
 		}
-		in.handle(m)
+		in.s.handle(m)
 	}
 }
 
 // handle checks a message against the rate limit and decodes it, then
-// starts serving it once the session has a max_inflight slot.
-func (in *inbox) handle(m inMsg) {
-	a, s := in.a, in.a.s
-	if a.ctx.Err() != nil || s.ctx.Err() != nil {
-		return // the connection or session ended
-	}
+// serves it once the session has a max_inflight slot. The slot is held
+// until the route call returns, also past message_timeout.
+func (s *session) handle(m inMsg) {
 	var f *clientFrame
 	body, contentType := m.b, "application/octet-stream"
 	if ok, abuse := s.gate.allow(); !ok {
@@ -124,14 +121,14 @@ func (in *inbox) handle(m inMsg) {
 				ref = frame.ID
 			}
 		}
-		s.send(frameErr, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
+		s.send(frameErr, ref, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
 		return
 	}
 	if !m.binary {
 		frame, ferr := decodeClientFrame(m.b)
 		if ferr != nil {
 			metrics.messages.WithLabelValues("bad_frame").Inc()
-			s.send(frameErr, encodeError(frame.ID, ferr.status, ferr.msg))
+			s.send(frameErr, frame.ID, encodeError(frame.ID, ferr.status, ferr.msg))
 			return
 		}
 		if frame.Type == frameAck {
@@ -140,95 +137,92 @@ func (in *inbox) handle(m inMsg) {
 		}
 		f, body, contentType = &frame, frame.Data, "application/json"
 	}
-	// A slot of the session's max_inflight; taking it in arrival
-	// order keeps messages in order when max_inflight is 1.
+	// A slot of the session's max_inflight; taking it in arrival order
+	// keeps messages in order when max_inflight is 1.
 	select {
 	case s.sem <- struct{}{}:
 	case <-s.ctx.Done():
 		return
 	}
-	in.wg.Go(func() {
+	go func() {
 		defer func() { <-s.sem }()
-		a.serve(f, body, contentType)
-	})
+		s.serve(f, body, contentType)
+	}()
 }
 
 // serve runs one client message through the rest of the route as an
-// ordinary HTTP request and sends the answer back on the session. f is nil
-// for binary messages, which are fire-and-forget.
-func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
-	s := a.s
-	var ref []byte
+// ordinary HTTP request and sends the answer back on the session: exactly
+// one ack, reply or error for a message with an id. f is nil for binary
+// messages, which are fire-and-forget. It returns when the route call
+// does; past message_timeout the client is answered 504 at once.
+func (s *session) serve(f *clientFrame, body []byte, contentType string) {
+	var ref json.RawMessage
 	method, target := http.MethodPost, ""
 	if f != nil {
 		if hasID(f.ID) {
 			ref = f.ID
 		}
 		if f.Method != "" {
-			method = f.Method
+			method = strings.ToUpper(f.Method)
 		}
 		target = f.Path
 	}
+	var answered atomic.Bool
 	answer := func(result string, typ string, b []byte) {
+		if !answered.CompareAndSwap(false, true) {
+			return
+		}
 		if f == nil {
 			result = "fire_and_forget"
 		} else {
-			s.send(typ, b)
+			s.send(typ, ref, b)
 		}
 		metrics.messages.WithLabelValues(result).Inc()
 	}
-	if a.h.cleaned.Load() {
+	h, base, next, transport := s.route()
+	if h.cleaned.Load() {
 		// Caddy unloaded this config: its handler chain is gone.
 		answer("app_error", frameErr, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
 		return
 	}
-
-	req, err := a.messageRequest(method, target, f, body, contentType)
+	if !validMethod(method) {
+		answer("bad_frame", frameErr, encodeError(ref, http.StatusBadRequest, fmt.Sprintf("method %q is not allowed", method)))
+		return
+	}
+	req, err := base.request(method, target, s.messageHeader(f, transport), body, contentType)
 	if err != nil {
 		answer("bad_frame", frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
 		return
 	}
-	// The opening request's context values (server, placeholders…), but
-	// not its cancellation: a message outlives a dropped connection; it
-	// ends with the session or at message_timeout.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.r.Context()), time.Duration(a.h.MessageTimeout))
+	// Not the connection's cancellation: a message outlives a dropped
+	// connection; it ends with the session or at message_timeout.
+	ctx, cancel := context.WithTimeout(s.ctx, time.Duration(h.MessageTimeout))
 	defer cancel()
-	stop := context.AfterFunc(s.ctx, cancel)
-	defer stop()
-	req = req.WithContext(ctx)
-	rec := newRecorder(a.h.SendQueue)
-	req = a.prepare(req, rec)
-
-	done := make(chan error, 1)
-	start := time.Now()
-	go func() {
-		defer func() {
-			if p := recover(); p != nil {
-				a.h.logger.Error("panic serving message", zap.String("session", s.id), zap.Any("panic", p))
-				done <- caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("panic: %v", p))
-			}
-		}()
-		done <- a.next.ServeHTTP(rec, req)
-	}()
-	select {
-	case err = <-done:
-	case <-ctx.Done():
-	}
-	metrics.appLatency.Observe(time.Since(start).Seconds())
-	if s.ctx.Err() != nil {
-		return // the session ended meanwhile
-	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		answer("timeout", frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
+	rec := newRecorder(h.SendQueue)
+	req = base.prepare(ctx, req, rec)
+	if !h.inScope(req, base) {
+		answer("forbidden", frameErr, encodeError(ref, http.StatusForbidden, "the path is outside this session's messages scope"))
 		return
 	}
-	if err != nil {
-		status := http.StatusInternalServerError
-		var he caddyhttp.HandlerError
-		if errors.As(err, &he) && he.StatusCode != 0 {
-			status = he.StatusCode
+
+	timeout := time.AfterFunc(time.Duration(h.MessageTimeout), func() {
+		if s.ctx.Err() == nil {
+			answer("timeout", frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
 		}
-		a.h.logger.Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
+	})
+	start := time.Now()
+	err = serveRoute(next, rec, req)
+	timeout.Stop()
+	metrics.appLatency.Observe(time.Since(start).Seconds())
+	if s.ctx.Err() != nil || answered.Load() {
+		return // the session ended meanwhile, or the client had its 504
+	}
+	if err != nil {
+		status := errorStatus(err, http.StatusInternalServerError)
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			status = http.StatusGatewayTimeout
+		}
+		h.logger.Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
 		answer("app_error", frameErr, encodeError(ref, status, ""))
 		return
 	}
@@ -242,6 +236,7 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 		answer("app_error", frameErr, encodeError(ref, status, errorText(status, rec.body.Bytes())))
 	case ref == nil:
 		// no id: the client asked for no answer
+		answered.Store(true)
 		metrics.messages.WithLabelValues("served").Inc()
 	case rec.body.Len() == 0:
 		answer("ack", frameAck, encodeAck(ref))
@@ -253,83 +248,36 @@ func (a *attachment) serve(f *clientFrame, body []byte, contentType string) {
 	}
 }
 
-// messageRequest builds the request a client message becomes: method and
-// path from the frame, query and headers from the connection's opening
-// request.
-func (a *attachment) messageRequest(method, target string, f *clientFrame, body []byte, contentType string) (*http.Request, error) {
-	s, opening := a.s, a.r
-	if !validMethod(method) {
-		return nil, fmt.Errorf("invalid method %q", method)
+// messageHeader is what a message adds to the base's headers: the
+// session's identity. Client messages never carry Duplex-Connect or
+// Duplex-Disconnect, so the app can tell them from hooks.
+func (s *session) messageHeader(f *clientFrame, transport string) http.Header {
+	hdr := http.Header{
+		"Duplex-Session":   {s.id},
+		"Duplex-Transport": {transport},
 	}
-	u := &url.URL{Path: opening.URL.Path, RawPath: opening.URL.RawPath, RawQuery: opening.URL.RawQuery}
-	if target != "" {
-		if target[0] != '/' {
-			return nil, fmt.Errorf("path must start with /")
-		}
-		pu, err := url.ParseRequestURI(target)
-		if err != nil {
-			return nil, fmt.Errorf("invalid path: %v", err)
-		}
-		u = &url.URL{Path: pu.Path, RawPath: pu.RawPath, RawQuery: pu.RawQuery}
-		if u.RawQuery == "" {
-			u.RawQuery = opening.URL.RawQuery
-		}
-	}
-
-	hdr := messageHeader(opening.Header)
-	hdr.Set("Duplex-Session", s.id)
-	hdr.Set("Duplex-Transport", a.transport)
 	if s.user != "" {
-		hdr.Set("Duplex-User", s.user)
+		hdr["Duplex-User"] = []string{s.user}
 	}
 	if f != nil && hasID(f.ID) {
-		hdr.Set("Duplex-Message-Id", idText(f.ID))
+		hdr["Duplex-Message-Id"] = []string{idText(f.ID)}
 	}
-	var rb io.ReadCloser = http.NoBody
-	if len(body) > 0 {
-		hdr.Set("Content-Type", contentType)
-		rb = io.NopCloser(bytes.NewReader(body))
-	}
-	req := &http.Request{
-		Method:        method,
-		URL:           u,
-		Proto:         "HTTP/1.1",
-		ProtoMajor:    1,
-		ProtoMinor:    1,
-		Header:        hdr,
-		Body:          rb,
-		ContentLength: int64(len(body)),
-		Host:          opening.Host,
-		RemoteAddr:    opening.RemoteAddr,
-		RequestURI:    u.RequestURI(),
-		TLS:           opening.TLS,
-	}
-	if len(body) > 0 {
-		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-	}
-	return req, nil
+	return hdr
 }
 
-// prepare gives the message request its own replacer and vars, as Caddy's
-// server does for every request, and makes the placeholders and vars set
-// while the session was opened (e.g. {http.auth.user.id}) available too.
-func (a *attachment) prepare(req *http.Request, w http.ResponseWriter) *http.Request {
-	srv, _ := a.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	repl := caddy.NewReplacer()
-	req = caddyhttp.PrepareRequest(req, repl, w, srv)
-	if a.repl != nil {
-		opening := a.repl
-		repl.Map(func(key string) (any, bool) { return opening.Get(key) })
+// inScope reports whether a message request may be served: it satisfies
+// the messages matchers, or by default its path is the opening path or
+// below it.
+func (h *Handler) inScope(req *http.Request, base *requestBase) bool {
+	if h.messages == nil {
+		return underPath(req.URL.Path, base.path)
 	}
-	if openVars, ok := a.r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
-		vars, _ := req.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-		for k, v := range openVars {
-			if _, set := vars[k]; !set && vars != nil {
-				vars[k] = v
-			}
-		}
+	ok, err := h.messages.MatchWithError(req)
+	if err != nil {
+		h.logger.Error("messages matchers failed", zap.Error(err))
+		return false
 	}
-	return req
+	return ok
 }
 
 // applyControlHeaders honours the app's Duplex-Subscribe,
@@ -365,7 +313,7 @@ func headerList(values []string) []string {
 }
 
 // removedHeaders are opening-request headers the app never sees on
-// messages (DESIGN §5): hop-by-hop headers, the upgrade handshake, and
+// messages (README: what the app sees): hop-by-hop headers, the upgrade handshake, and
 // those that describe the opening request's own body or stream.
 var removedHeaders = []string{
 	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
@@ -409,6 +357,9 @@ func stripDuplexHeaders(h http.Header) {
 	}
 }
 
+// validMethod reports whether m (upper-cased) may be a message's method:
+// an HTTP token, but not CONNECT, TRACE or PRI, which no app should be
+// sent from a session.
 func validMethod(m string) bool {
 	if m == "" || len(m) > 32 {
 		return false
@@ -419,7 +370,11 @@ func validMethod(m string) bool {
 			return false
 		}
 	}
-	return !strings.EqualFold(m, http.MethodConnect)
+	switch m {
+	case http.MethodConnect, http.MethodTrace, "PRI":
+		return false
+	}
+	return true
 }
 
 // recorder is the ResponseWriter a message is served into: it keeps the

@@ -2,15 +2,15 @@
 // long-lived duplex sessions. The client authenticates once, at the opening;
 // every message it sends afterwards is served by the rest of the Caddy route
 // as an ordinary HTTP request, and the app pushes to sessions, users and
-// channels through a publish API. See README.md and DESIGN.md for the
-// contract.
+// channels through a publish API. README.md is the contract.
 package duplex
 
 import (
 	"cmp"
-	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,6 +37,9 @@ const (
 	defaultSendQueue      = 1 << 20
 	defaultResumeWindow   = 2 * time.Minute
 	defaultResumeBuffer   = 1000
+	// defaultResumeBufferSize caps the bytes of a session's resume buffer.
+	defaultResumeBufferSize = 8 << 20
+	defaultMaxDetached      = 10000
 	// maxPublishBody bounds a publish API request body.
 	maxPublishBody = 1 << 20
 )
@@ -53,6 +56,27 @@ type App struct {
 	AdminPublish *bool `json:"admin_publish,omitempty"`
 
 	hub *hub
+
+	// places counts, per server, the duplex handlers provisioned under
+	// this config so far; see Handler.key.
+	places *placeCounter
+}
+
+// placeCounter counts duplex handlers per server within one config.
+type placeCounter struct {
+	mu sync.Mutex // guards n
+	n  map[string]int
+}
+
+// place names the next duplex handler of server srv in this config: the
+// server's name and the handler's rank among its duplex handlers, the same
+// across reloads of the same config.
+func (a *App) place(srv string) string {
+	a.places.mu.Lock()
+	defer a.places.mu.Unlock()
+	n := a.places.n[srv]
+	a.places.n[srv] = n + 1
+	return srv + "#" + strconv.Itoa(n)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -66,6 +90,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // Provision attaches the app to the process-wide session hub.
 func (a *App) Provision(caddy.Context) error {
 	a.hub = globalHub
+	a.places = &placeCounter{n: make(map[string]int)}
 	return nil
 }
 
@@ -93,6 +118,15 @@ type Handler struct {
 	// match is answered 401 and no session is opened. Default: no check
 	// beyond the handlers placed before duplex in the route.
 	AuthRaw caddy.ModuleMap `json:"auth,omitempty" caddy:"namespace=http.matchers"`
+
+	// MessagesRaw is a matcher set every client message must satisfy (any
+	// Caddy request matchers, all of which must match, evaluated on the
+	// request the message becomes: its method, path and the opening's
+	// headers). A message that does not match is answered with an error
+	// frame of status 403 and reaches no handler. Default: the opening
+	// request's path and the paths below it (opening /live: /live and
+	// /live/…, not /livex or /rooms/1).
+	MessagesRaw caddy.ModuleMap `json:"messages,omitempty" caddy:"namespace=http.matchers"`
 
 	// User is the identity of the session, a template expanded with the
 	// opening request's placeholders, e.g. `{http.auth.user.id}`. Pushes can
@@ -140,15 +174,19 @@ type Handler struct {
 	ResumeWindow caddy.Duration `json:"resume_window,omitempty"`
 
 	// ResumeBuffer is how many of its latest pushes a session keeps for a
-	// resume (also capped at send_queue bytes); pushes the client acked are
-	// dropped earlier. Default: 1000.
+	// resume (also capped at resume_buffer_size bytes); pushes the client
+	// acked are dropped earlier. Default: 1000.
 	ResumeBuffer int `json:"resume_buffer,omitempty"`
+
+	// ResumeBufferSize caps, in bytes, the pushes a session keeps for a
+	// resume (the second argument of resume_buffer). Default: 8 MiB.
+	ResumeBufferSize int64 `json:"resume_buffer_size,omitempty"`
 
 	// Rate is how many client messages per second one session may send
 	// (a token bucket of Burst). A message over it is answered with an
-	// error frame of status 429; a client that sends a burst's worth of
-	// messages in a row over it is closed with code 1008. Negative turns
-	// the limit off. Default: 100.
+	// error frame of status 429; a client that keeps sending over it (more
+	// than 10 × burst refusals in a row) is closed with code 1008.
+	// Negative turns the limit off. Default: 100.
 	Rate float64 `json:"rate,omitempty"`
 
 	// Burst is the token bucket's size for Rate. Default: 200.
@@ -163,6 +201,18 @@ type Handler struct {
 	// handler); an opening over it is answered 503. 0 is unlimited.
 	// Default: 0.
 	MaxSessions int `json:"max_sessions,omitempty"`
+
+	// MaxSessionsPerIP caps the sessions (attached or detached) this
+	// handler holds for one client IP (Caddy's client_ip, which honours
+	// trusted_proxies); an opening over it is answered 429. Resuming a
+	// session is never refused by it. 0 is unlimited. Default: 0.
+	MaxSessionsPerIP int `json:"max_sessions_per_ip,omitempty"`
+
+	// MaxDetached caps the sessions of this handler that wait, detached,
+	// for their client to resume. Over it, the session detached longest
+	// ends (its resume then opens a new session, resumed:false).
+	// Default: 10000.
+	MaxDetached int `json:"max_detached,omitempty"`
 
 	// MaxAge closes a connection this long after it opened, with code 4003
 	// and reconnect:true: the client reconnects through the auth handlers
@@ -190,23 +240,28 @@ type Handler struct {
 	Disconnect string `json:"disconnect,omitempty"`
 
 	// AllowedOrigins lists the origins (scheme://host[:port]) browsers may
-	// open sessions from, in addition to the request's own host; "*"
-	// allows every origin. Requests without an Origin header (non-browser
-	// clients) are always allowed. Default: same host only.
+	// open sessions and post frames from, besides the request's own
+	// origin (same scheme, host and port); "*" allows every origin.
+	// Requests without an Origin header (non-browser clients) are always
+	// allowed. Default: same origin only.
 	AllowedOrigins []string `json:"allowed_origins,omitempty"`
 
-	auth   caddyhttp.MatcherSet
-	hub    *hub
-	logger *zap.Logger
+	auth     caddyhttp.MatcherSet
+	messages caddyhttp.MatcherSet // nil: the opening path and below
+	hub      *hub
+	logger   *zap.Logger
 	// live tracks the connections this handler instance serves, so they
 	// can be closed when Caddy unloads the config they run under.
 	live *attachmentSet
 	// cleaned is set once Caddy cleaned the handler up: its handler chain
 	// must not serve messages any more.
 	cleaned *atomic.Bool
-	// key identifies the handler's configuration across reloads, so a
-	// session detached under an unloaded config can reach the handler that
-	// replaced it (for its disconnect hook).
+	// key names the handler's place in the config (its server and its
+	// rank among the duplex handlers of that server), the same across
+	// reloads. Sessions are scoped to it: a token is only accepted by the
+	// handler in the place that opened it, and a session detached under an
+	// unloaded config reaches the handler that replaced it (for its
+	// disconnect hook).
 	key string
 	// next is the handler chain after duplex, kept from the first request.
 	next *atomic.Pointer[caddyhttp.Handler]
@@ -234,6 +289,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			h.auth = append(h.auth, m)
 		}
 	}
+	if h.MessagesRaw != nil {
+		mods, err := ctx.LoadModule(h, "MessagesRaw")
+		if err != nil {
+			return fmt.Errorf("duplex: loading messages matchers: %w", err)
+		}
+		for _, m := range mods.(map[string]any) {
+			h.messages = append(h.messages, m)
+		}
+	}
 	if len(h.Transports) == 0 {
 		h.Transports = slices.Clone(knownTransports)
 	}
@@ -244,6 +308,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.SendQueue = cmp.Or(h.SendQueue, defaultSendQueue)
 	h.ResumeWindow = cmp.Or(h.ResumeWindow, caddy.Duration(defaultResumeWindow))
 	h.ResumeBuffer = cmp.Or(h.ResumeBuffer, defaultResumeBuffer)
+	h.ResumeBufferSize = cmp.Or(h.ResumeBufferSize, defaultResumeBufferSize)
+	h.MaxDetached = cmp.Or(h.MaxDetached, defaultMaxDetached)
 	h.Rate = cmp.Or(h.Rate, defaultRate)
 	h.Burst = cmp.Or(h.Burst, defaultBurst)
 	if err := metrics.register(ctx); err != nil {
@@ -254,14 +320,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.cleaned = new(atomic.Bool)
 	h.next = new(atomic.Pointer[caddyhttp.Handler])
 	h.hooks = new(pending)
-	if key, err := json.Marshal(h); err == nil {
-		h.key = string(key)
+	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	app, err := ctx.App("duplex")
+	if err != nil {
+		return fmt.Errorf("duplex: loading the duplex app: %w", err)
 	}
+	serverName := ""
+	if srv != nil {
+		serverName = srv.Name()
+	}
+	h.key = app.(*App).place(serverName)
 	h.hub.register(h)
 	// A server shutting down (reload or stop) waits for open requests
 	// forever with the default grace period; an SSE or stream session is
 	// one. End this handler's sessions as soon as the shutdown starts.
-	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok {
+	if srv != nil {
 		srv.RegisterOnShutdown(h.shutdown)
 	}
 	return nil
@@ -287,10 +360,10 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("duplex: send_queue must be positive")
 	case h.ResumeWindow < 0:
 		return fmt.Errorf("duplex: resume_window must be positive")
-	case h.ResumeBuffer < 0:
+	case h.ResumeBuffer < 0, h.ResumeBufferSize < 0:
 		return fmt.Errorf("duplex: resume_buffer must be positive")
-	case h.Burst < 0, h.MaxSessionsPerUser < 0, h.MaxSessions < 0, h.MaxAge < 0:
-		return fmt.Errorf("duplex: burst, max_sessions_per_user, max_sessions and max_age must not be negative")
+	case h.Burst < 0, h.MaxSessionsPerUser < 0, h.MaxSessions < 0, h.MaxSessionsPerIP < 0, h.MaxDetached < 0, h.MaxAge < 0:
+		return fmt.Errorf("duplex: burst, max_sessions_per_user, max_sessions, max_sessions_per_ip, max_detached and max_age must not be negative")
 	}
 	return nil
 }

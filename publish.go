@@ -223,8 +223,12 @@ func writeAPIError(w http.ResponseWriter, e *apiError) {
 
 // ServeHTTP serves the publish API on the route the handler is placed in:
 // a POST publishes (same body and answers as the admin endpoint's
-// /duplex/publish).
+// /duplex/publish). A session's messages and hooks are refused (403),
+// whatever the route order.
 func (p *Publish) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if isSubrequest(r) {
+		return errSubrequest // a session's message never publishes
+	}
 	p.hub.servePublish(w, r)
 	return nil
 }

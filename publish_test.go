@@ -347,6 +347,9 @@ const sitePublishRoute = `
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			channels lobby room:{http.request.header.X-Room}
 		}

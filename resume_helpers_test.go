@@ -35,6 +35,9 @@ func resumeSite(opts string) string {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 ` + opts + `
 		}
@@ -46,8 +49,8 @@ http://127.0.0.1:{{.HTTP}} {
 
 // rdial says how a connection is opened: transport, protocol (h1 or h2c)
 // and, for websocket and stream, whether the resume cursor goes in the
-// Duplex-Resume header or the ?resume= query parameter (SSE always sends it
-// as Last-Event-ID).
+// Duplex-Resume header or the ?resume= query parameter (SSE sends it as
+// Last-Event-ID, or in the query when via is "query").
 type rdial struct {
 	transport string
 	proto     string
@@ -55,7 +58,7 @@ type rdial struct {
 }
 
 func (d rdial) String() string {
-	if d.transport == "sse" {
+	if d.transport == "sse" && d.via == "" {
 		return d.transport + "/" + d.proto
 	}
 	return d.transport + "/" + d.proto + "/" + d.via
@@ -74,6 +77,7 @@ var rdials = []rdial{
 	{"stream", "h2c", "header"},
 	{"websocket", "h2c", "header"},
 	{"stream", "h1", "query"},
+	{"sse", "h2c", "query"}, // a new EventSource cannot set Last-Event-ID
 }
 
 // rconn is one client connection of a session, of any transport. cut ends
@@ -140,7 +144,7 @@ func withCursor(d rdial, path string, hdr http.Header, cursor string) (string, h
 		return path, h
 	}
 	switch {
-	case d.transport == "sse":
+	case d.transport == "sse" && d.via != "query":
 		h.Set("Last-Event-ID", cursor)
 	case d.via == "query":
 		sep := "?"

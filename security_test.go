@@ -21,6 +21,9 @@ import (
 const secHookRoutes = `
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			disconnect /gone
 			user {http.request.header.X-User}
@@ -85,6 +88,8 @@ func TestSecuritySpoofedHeaders(t *testing.T) {
 						want["Duplex-Connect"] = "open"
 					case "message":
 						want["Duplex-Message-Id"] = "m1"
+					case "disconnect":
+						want["Duplex-Disconnect"] = "done"
 					}
 					for k, v := range want {
 						if got := r.Header.Values(k); len(got) != 1 || got[0] != v {
@@ -183,6 +188,9 @@ func secTokenScenario(t *testing.T, refusals bool) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			auth {
 				header Authorization "Bearer *"
 			}
@@ -311,12 +319,18 @@ func TestSecurityResumeOtherUser(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /plain* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /hooked* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 			user {http.request.header.X-User}
 		}
@@ -387,6 +401,9 @@ func TestSecurityResumeOtherUserIdentityFromHook(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /ident* {
 		duplex {
+			messages {
+				path *
+			}
 			connect
 		}
 		reverse_proxy {{.Upstream}}
@@ -452,6 +469,9 @@ func TestSecurityHostileInput(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			max_message_size 256KiB
 			rate off
 		}

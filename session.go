@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"container/list"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
@@ -14,7 +15,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
@@ -24,22 +24,39 @@ import (
 const closeGrace = 2 * time.Second
 
 // session is one client's duplex session: its identity, its channels (kept
-// by the hub), its push sequence and resume buffer. A session outlives its
-// connections: when one drops, the session is detached and keeps buffering
-// pushes for resume_window; a client that resumes with its cursor gets a
-// new attachment on the same session.
+// by the hub), its push sequence and resume buffer, its inbox of client
+// messages and the answers the client may not have seen yet. A session
+// outlives its connections: when one drops, the session is detached and
+// keeps buffering pushes (and serving the messages it accepted) for
+// resume_window; a client that resumes with its cursor gets a new
+// attachment on the same session.
 //
 // Frames for the client are only ever queued; the attachment's writer
 // goroutine drains the queue into the transport, so publishers never wait
 // on a socket.
+//
+// Locks: hub.mu is taken before a session's mu, never after; s.mu before
+// the hub's detached-list lock (hub.dmu) and the rate gate's lock, which
+// take no other lock. No code holds two sessions' mu at once.
 type session struct {
 	id, token string
 	user      string
 	opened    time.Time
 	hub       *hub
+	// scope is the key of the handler that opened the session: only a
+	// handler in the same place accepts its token (see Handler.key).
+	scope string
+	// ipKey counts the session against max_sessions_per_ip ("" if not).
+	ipKey string
 	// sem bounds the messages served at once (max_inflight), across
 	// attachments, so a resumed session keeps its inbound ordering.
 	sem chan struct{}
+	in  *inbox
+	// posts counts the SSE POSTs being read for this session.
+	posts atomic.Int32
+	// detached is the session's element in the hub's detached list while
+	// it waits for a resume; guarded by hub.dmu.
+	detached *list.Element
 
 	// channels is guarded by hub.mu.
 	channels map[string]struct{}
@@ -52,13 +69,23 @@ type session struct {
 	// gate applies the rate limit to the client's messages.
 	gate *rateGate
 
-	mu        sync.Mutex
-	seq       uint64     // last push sequence number assigned
-	log       []logEntry // resume buffer: the latest pushes, oldest first
-	logBytes  int64
+	mu       sync.Mutex // guards the fields below and the attachments' queues
+	seq      uint64     // last push sequence number assigned
+	log      []logEntry // resume buffer: the latest pushes, oldest first
+	logBytes int64
+	// held are the answers the client may not have seen: see send.
+	held      []heldAnswer
+	heldBytes int64
 	cur       *attachment // nil while detached
-	last      *attachment // the latest attachment, for its settings
-	gen       uint64      // counts attachments; guards the expiry timer
+	// What the latest connection brought: the handler whose options
+	// apply, what requests through the route are built from, and the
+	// route itself.
+	h         *Handler
+	base      *requestBase
+	next      caddyhttp.Handler
+	transport string
+	remote    string
+	gen       uint64 // counts attachments; guards the expiry timer
 	expiry    *time.Timer
 	ended     bool
 	endReason string
@@ -66,6 +93,21 @@ type session struct {
 	// counters for the session's log lines
 	received, pushed, resumes int64
 }
+
+// heldAnswer is an answer (ack, reply or error of a message with an id)
+// kept until the client has surely seen it. pos is the seq of the last
+// push queued before it on its connection: a client whose cursor or ack
+// is past pos has read the answer, since a connection delivers frames in
+// order.
+type heldAnswer struct {
+	typ string
+	b   []byte
+	pos uint64
+}
+
+// maxHeldAnswers bounds the answers a session holds (also to send_queue
+// bytes); past it the oldest, most likely seen, are forgotten.
+const maxHeldAnswers = 2 * inboxSize
 
 // logEntry is a push kept for resume.
 type logEntry struct {
@@ -77,9 +119,8 @@ type logEntry struct {
 type attachment struct {
 	s         *session
 	h         *Handler
-	r         *http.Request // its opening request: headers and placeholders for messages
-	repl      *caddy.Replacer
-	next      caddyhttp.Handler
+	base      *requestBase      // handed to the session when attached
+	next      caddyhttp.Handler // likewise
 	t         transport
 	transport string
 	remote    string
@@ -87,6 +128,7 @@ type attachment struct {
 	// guarded by s.mu
 	out      []outFrame // frames waiting for the writer
 	outBytes int64
+	lastPush uint64     // seq of the last push queued (the cursor at first)
 	closing  *closeInfo // set once the connection must end
 	closed   bool       // the close frame was handed to the writer
 	writing  bool       // a writer goroutine is draining out
@@ -128,33 +170,35 @@ func randomID(n int) string {
 
 func newSession(h *Handler, user string) *session {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &session{
+	s := &session{
 		id:     randomID(16), // 128 bits
 		token:  randomID(24), // 192 bits
 		user:   user,
 		opened: time.Now(),
 		hub:    h.hub,
+		scope:  h.key,
 		sem:    make(chan struct{}, h.MaxInflight),
 		gate:   newRateGate(h.Rate, h.Burst),
+		h:      h,
 		ctx:    ctx,
 		cancel: cancel,
 	}
+	s.in = newInbox(s)
+	return s
 }
 
 // newAttachment prepares a connection for s, opened by r.
 func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handler, transport string, t transport) *attachment {
-	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	base := r.Context()
 	if _, hijacked := t.(*wsConn); hijacked && r.ProtoMajor == 1 {
-		// The connection outlives the request (see serve).
-		base = context.WithoutCancel(base)
+		// The connection outlives the request (see start).
+		base = context.Background()
 	}
 	ctx, cancel := context.WithCancel(base)
 	return &attachment{
 		s:          s,
 		h:          h,
-		r:          r,
-		repl:       repl,
+		base:       newRequestBase(r),
 		next:       next,
 		t:          t,
 		transport:  transport,
@@ -163,6 +207,13 @@ func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handl
 		ctx:        ctx,
 		cancel:     cancel,
 	}
+}
+
+// route is what a request through the route is made of now.
+func (s *session) route() (*Handler, *requestBase, caddyhttp.Handler, string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.h, s.base, s.next, s.transport
 }
 
 // parseCursor splits a resume cursor <token>:<seq>.
@@ -179,11 +230,11 @@ func parseCursor(c string) (token string, seq uint64, ok bool) {
 }
 
 // attach makes a the session's connection and queues the open frame. For
-// a resume (resumed true), the pushes after lastSeq follow it, then live
-// ones: all under one lock, so there is no gap and no duplicate. A
-// connection still attached is closed in favour of the new one. It
-// reports false if the session cannot take a (it ended, or lastSeq is not
-// resumable).
+// a resume (resumed true), the answers the client may have missed and the
+// pushes after lastSeq follow it, then live frames: all under one lock, so
+// there is no gap and no duplicate push. A connection still attached is
+// closed in favour of the new one. It reports false if the session cannot
+// take a (it ended, or lastSeq is not resumable).
 func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.RawMessage) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -200,8 +251,11 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.
 		s.expiry.Stop()
 		s.expiry = nil
 	}
+	s.hub.undetach(s)
 	s.gen++
-	s.cur, s.last = a, a
+	s.cur = a
+	s.h, s.base, s.next, s.transport, s.remote = a.h, a.base, a.next, a.transport, a.remote
+	a.base, a.next = nil, nil
 	if c, ok := a.t.(*sseConn); ok {
 		c.setToken(s.token)
 	}
@@ -210,25 +264,36 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.
 		cursor = lastSeq
 		s.resumes++
 		s.trimLocked(lastSeq) // the client has everything up to lastSeq
+		s.confirmLocked(lastSeq)
 	}
-	open := outFrame{typ: frameOpen, seq: cursor, b: encodeOpen(openFrame{
+	a.lastPush = cursor
+	a.queueLocked(outFrame{typ: frameOpen, seq: cursor, b: encodeOpen(openFrame{
 		Session:   s.id,
 		Token:     s.token,
 		Resumed:   resumed,
 		Heartbeat: int64(time.Duration(a.h.Heartbeat) / time.Second),
 		Data:      data,
-	})}
-	a.out = append(a.out, open)
-	a.outBytes += open.size()
+	})})
+	for i := range s.held {
+		s.held[i].pos = cursor
+		a.queueLocked(outFrame{typ: s.held[i].typ, b: s.held[i].b})
+	}
 	for _, e := range s.log {
 		if e.seq > cursor {
-			f := outFrame{push: e.push, seq: e.seq}
-			a.out = append(a.out, f)
-			a.outBytes += f.size()
+			a.queueLocked(outFrame{push: e.push, seq: e.seq})
 		}
 	}
 	a.wakeWriter()
 	return true
+}
+
+// queueLocked adds f to the writer's queue, whatever its size.
+func (a *attachment) queueLocked(f outFrame) {
+	a.out = append(a.out, f)
+	a.outBytes += f.size()
+	if f.push != nil {
+		a.lastPush = f.seq
+	}
 }
 
 // resumableLocked reports whether a client that has every push up to
@@ -256,11 +321,30 @@ func (s *session) trimLocked(seq uint64) {
 	}
 }
 
+// confirmLocked forgets the held answers queued before push seq: a client
+// that has push seq has read them.
+func (s *session) confirmLocked(seq uint64) {
+	i := 0
+	for i < len(s.held) && s.held[i].pos < seq {
+		s.heldBytes -= int64(len(s.held[i].b))
+		i++
+	}
+	s.dropHeldLocked(i)
+}
+
+func (s *session) dropHeldLocked(n int) {
+	if n > 0 {
+		clear(s.held[:n])
+		s.held = s.held[n:]
+	}
+}
+
 // ack is the client's {"type":"ack","seq":N}.
 func (s *session) ack(seq uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.trimLocked(seq)
+	s.confirmLocked(seq)
 }
 
 // push gives the session the next push: it is buffered for resume and, if a
@@ -278,10 +362,8 @@ func (s *session) push(p *push) bool {
 	e := logEntry{seq: s.seq, push: p}
 	s.log = append(s.log, e)
 	s.logBytes += int64(p.frameSize(s.seq))
-	if h := s.settings(); h != nil {
-		for len(s.log) > 1 && (len(s.log) > h.ResumeBuffer || s.logBytes > h.SendQueue) {
-			s.trimLocked(s.log[0].seq)
-		}
+	for len(s.log) > 1 && (len(s.log) > s.h.ResumeBuffer || s.logBytes > s.h.ResumeBufferSize) {
+		s.trimLocked(s.log[0].seq)
 	}
 	switch a := s.cur; {
 	case a == nil:
@@ -294,20 +376,34 @@ func (s *session) push(p *push) bool {
 	return true
 }
 
-// settings is the handler whose options apply to the session now.
-func (s *session) settings() *Handler {
-	if s.last == nil {
-		return nil
-	}
-	return s.last.h
-}
-
 // send queues an encoded frame (ack, reply, error) for the connection
-// attached now; a detached session drops it.
-func (s *session) send(typ string, b []byte) {
+// attached now. The answer to a message with an id (ref) is also held
+// until the client has surely read it (its cursor or an ack passes it),
+// and sent again after the open frame of a resume: every accepted message
+// gets its answer, even if the connection dropped before or after it was
+// written. A client ignores a second answer to the same ref.
+func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if a := s.cur; a != nil {
+	if s.ended {
+		return
+	}
+	a := s.cur
+	if hasID(ref) {
+		pos := s.seq // detached: after every push so far
+		if a != nil {
+			pos = a.lastPush
+		}
+		s.held = append(s.held, heldAnswer{typ: typ, b: b, pos: pos})
+		s.heldBytes += int64(len(b))
+		n := 0
+		for len(s.held)-n > 1 && (len(s.held)-n > maxHeldAnswers || s.heldBytes > s.h.SendQueue) {
+			s.heldBytes -= int64(len(s.held[n].b))
+			n++
+		}
+		s.dropHeldLocked(n)
+	}
+	if a != nil {
 		a.enqueueLocked(outFrame{typ: typ, b: b})
 	}
 }
@@ -332,10 +428,12 @@ func (s *session) endLocked(c closeInfo) bool {
 		s.expiry.Stop()
 		s.expiry = nil
 	}
+	s.hub.undetach(s)
 	if a := s.cur; a != nil {
 		a.closeLocked(c)
 	}
 	s.log, s.logBytes = nil, 0
+	s.held, s.heldBytes = nil, 0
 	s.cancel()
 	return true
 }
@@ -349,22 +447,24 @@ func (s *session) ending() bool {
 
 // detach is called when a's connection is gone. Unless the session ended
 // or a newer connection took over, it stays for resume_window, buffering
-// pushes; with no window it ends now. It reports whether this call ended
-// the session (the caller then calls finish).
-func (s *session) detach(a *attachment, reason string) (endedNow bool) {
+// pushes and serving the messages it accepted; with no window it ends
+// now. It reports whether this call ended the session (the caller then
+// calls finish), and a session detached longer that must end because this
+// one made max_detached full (the caller terminates it).
+func (s *session) detach(a *attachment, reason string) (endedNow bool, evicted *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ended || s.cur != a {
-		return false
+		return false, nil
 	}
 	s.cur = nil
 	window := time.Duration(a.h.ResumeWindow)
 	if window <= 0 {
-		return s.endLocked(closeInfo{Reason: reason, kind: "connection_lost"})
+		return s.endLocked(closeInfo{Reason: reason, kind: "connection_lost"}), nil
 	}
 	gen := s.gen
 	s.expiry = time.AfterFunc(window, func() { s.expire(gen) })
-	return false
+	return false, s.hub.detach(s, a.h.MaxDetached)
 }
 
 // expire ends a session still detached since attachment gen.
@@ -392,10 +492,10 @@ func (s *session) terminate(c closeInfo) bool {
 func (s *session) finish() {
 	s.hub.remove(s)
 	s.mu.Lock()
-	kind, reason, last := s.endKind, s.endReason, s.last
+	kind, reason, h := s.endKind, s.endReason, s.h
 	s.mu.Unlock()
-	if last != nil && last.h.Disconnect != "" {
-		last.h.sendDisconnect(last, s, reason)
+	if h.Disconnect != "" {
+		h.sendDisconnect(s, reason)
 	}
 	if kind == "" {
 		kind = "other"
@@ -406,7 +506,7 @@ func (s *session) finish() {
 
 func (s *session) logEnd() {
 	s.mu.Lock()
-	h := s.settings()
+	h := s.h
 	fields := []zap.Field{
 		zap.String("session", s.id),
 		zap.String("user", s.user),
@@ -415,14 +515,11 @@ func (s *session) logEnd() {
 		zap.Int64("pushes", s.pushed),
 		zap.Int64("resumes", s.resumes),
 		zap.String("reason", s.endReason),
-	}
-	if s.last != nil {
-		fields = append(fields, zap.String("transport", s.last.transport), zap.String("remote", s.last.remote))
+		zap.String("transport", s.transport),
+		zap.String("remote", s.remote),
 	}
 	s.mu.Unlock()
-	if h != nil {
-		h.logger.Info("session closed", fields...)
-	}
+	h.logger.Info("session closed", fields...)
 }
 
 // enqueueLocked queues f for the writer and reports whether it did. A
@@ -438,8 +535,7 @@ func (a *attachment) enqueueLocked(f outFrame) bool {
 		metrics.slowClosures.Inc()
 		return false
 	}
-	a.out = append(a.out, f)
-	a.outBytes += n
+	a.queueLocked(f)
 	a.wakeWriter()
 	return true
 }
@@ -535,9 +631,11 @@ func (a *attachment) writeBurst() {
 		}
 		clear(frames)
 		if closing != nil {
-			_ = t.writeFrame(frameClose, 0, encodeClose(*closing), nil, nil)
-			_ = t.flush()
-			_ = t.close(closing.Code, closing.Reason)
+			if !closing.quiet {
+				_ = t.writeFrame(frameClose, 0, encodeClose(*closing), nil, nil)
+				_ = t.flush()
+				_ = t.close(closing.Code, closing.Reason)
+			}
 			// Give the client a moment to answer the close, so the
 			// connection is not reset under its last frames.
 			timer := time.NewTimer(closeGrace)
@@ -587,16 +685,14 @@ func (a *attachment) run() {
 	a.s.mu.Lock()
 	a.pinger = time.AfterFunc(time.Duration(a.h.Heartbeat), a.heartbeat)
 	a.s.mu.Unlock()
-	in := newInbox(a)
 
-	a.readLoop(in)
+	a.readLoop()
 	close(a.readerDone)
 	if a.closeReason() == "" {
 		// The client went away: nothing more can be written.
 		_ = a.t.end()
 		a.cancel()
 	}
-	in.stop()
 	a.s.mu.Lock()
 	a.stopped = true // no writer starts any more
 	a.s.mu.Unlock()
@@ -611,7 +707,11 @@ func (a *attachment) run() {
 	if reason == "" {
 		reason = "connection lost"
 	}
-	if s.detach(a, reason) {
+	endedNow, evicted := s.detach(a, reason)
+	if evicted != nil {
+		evicted.terminate(closeEvicted)
+	}
+	if endedNow {
 		s.finish()
 		return
 	}
@@ -639,12 +739,12 @@ func (a *attachment) start() {
 }
 
 // readLoop reads client messages until the connection fails or closes.
-func (a *attachment) readLoop(in *inbox) {
+func (a *attachment) readLoop() {
 	for {
 		msg, binary, err := a.t.readMessage()
 		if errors.Is(err, errTooBig) {
 			metrics.messages.WithLabelValues("too_large").Inc()
-			a.s.send(frameErr, encodeError(nil, http.StatusRequestEntityTooLarge,
+			a.s.send(frameErr, nil, encodeError(nil, http.StatusRequestEntityTooLarge,
 				"message larger than max_message_size ("+strconv.FormatInt(a.h.MaxMessageSize, 10)+" bytes)"))
 			continue
 		}
@@ -653,14 +753,15 @@ func (a *attachment) readLoop(in *inbox) {
 				// A WebSocket close started by the client ends the
 				// session; one answering our close only ends the
 				// connection (the session may be resumable).
-				a.s.terminate(closeInfo{Reason: "closed by the client", kind: "client"})
+				// The close frame was echoed: nothing follows it.
+				a.s.terminate(closeInfo{Reason: "closed by the client", kind: "client", quiet: true})
 			}
 			return
 		}
 		a.s.mu.Lock()
 		a.s.received++
 		a.s.mu.Unlock()
-		if !in.put(msg, binary) {
+		if !a.s.in.put(inMsg{msg, binary}, a.ctx.Done()) {
 			return
 		}
 	}

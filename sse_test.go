@@ -140,6 +140,9 @@ func TestSSEEventStream(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			heartbeat 1s
 		}
@@ -175,7 +178,7 @@ func TestSSEEventStream(t *testing.T) {
 				t.Errorf("open frame %v, want heartbeat 1", ev.frame)
 			}
 
-			waitUntil(t, "two heartbeat comments", 20*time.Second, func() bool { return sc.comments.Load() >= 2 })
+			waitUntil(t, "two ping events", 20*time.Second, func() bool { return sc.pings.Load() >= 2 })
 
 			for i := 1; i <= 3; i++ {
 				c.mustPublish(t, map[string]any{"user": user, "data": i}, 1)
@@ -201,6 +204,9 @@ func TestSSEPostAnswers(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			max_message_size 1KiB
 		}
@@ -403,6 +409,9 @@ func TestSSEPostQueueFull(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /q* {
 		duplex {
+			messages {
+				path *
+			}
 			max_inflight 1
 			message_timeout 2m
 		}

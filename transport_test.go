@@ -25,6 +25,9 @@ import (
 const scenarioRoutes = `
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			channels lobby
 			heartbeat 5s
@@ -151,6 +154,9 @@ func TestStreamTransport(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			max_message_size 1KiB
 		}
@@ -158,12 +164,18 @@ func TestStreamTransport(t *testing.T) {
 	}
 	route /wsonly* {
 		duplex {
+			messages {
+				path *
+			}
 			transports websocket
 		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /sseonly* {
 		duplex {
+			messages {
+				path *
+			}
 			transports sse
 		}
 		reverse_proxy {{.Upstream}}
@@ -298,6 +310,9 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	e := startDuplexEnv(t, sub(`
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			heartbeat 1s
 			resume_window 1s
@@ -390,8 +405,8 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 					t.Errorf("stream: %d ping lines during %s of silence with heartbeat 1s", n, silence)
 				}
 			case *sseDuplex:
-				if n := cc.comments.Load(); n < 2 {
-					t.Errorf("sse: %d heartbeat comments during %s of silence with heartbeat 1s", n, silence)
+				if n := cc.pings.Load(); n < 2 {
+					t.Errorf("sse: %d ping events during %s of silence with heartbeat 1s", n, silence)
 				}
 			}
 		})
@@ -409,6 +424,9 @@ func TestEncodeInFront(t *testing.T) {
 	route /live* {
 		encode gzip zstd
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			heartbeat 30s
 		}
@@ -550,6 +568,9 @@ func TestCurlClients(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 		}
 		reverse_proxy {{.Upstream}}

@@ -49,6 +49,8 @@ type wsConn struct {
 	hijacked bool // an HTTP/1.1 connection taken over from the server
 	maxSize  int64
 	idle     time.Duration // a peer silent this long is dead
+	// textPing: heartbeats also go out as {"type":"ping"} text frames.
+	textPing bool
 	setRead  func(time.Time) error
 	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
@@ -67,7 +69,7 @@ type wsConn struct {
 
 // acceptWebSocket completes the WebSocket handshake on r and returns the
 // transport. Errors are already answered to the client.
-func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration) (*wsConn, error) {
+func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration, textPing bool) (*wsConn, error) {
 	if r.ProtoMajor == 1 {
 		conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
 		if err != nil {
@@ -88,6 +90,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		return &wsConn{
 			br:          br,
 			hijacked:    true,
+			textPing:    textPing,
 			burstWriter: burstWriter{out: conn},
 			maxSize:     maxSize,
 			idle:        idle,
@@ -115,6 +118,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		burstWriter: burstWriter{out: w},
 		maxSize:     maxSize,
 		idle:        idle,
+		textPing:    textPing,
 		setRead:     rc.SetReadDeadline,
 		setWrite:    rc.SetWriteDeadline,
 		release: func() error {
@@ -265,7 +269,21 @@ func (c *wsConn) flush() error {
 	return c.flushLocked()
 }
 
+// pingText is the heartbeat as a text frame, for ?ping=text.
+var pingText = ws.MustCompileFrame(ws.NewTextFrame([]byte(`{"type":"ping"}`)))
+
+// ping sends a ping frame (the client's pong proves it alive) and, for
+// ?ping=text, a text frame a script can see.
 func (c *wsConn) ping() error {
+	if c.textPing {
+		c.wmu.Lock()
+		c.refreshWriteDeadline()
+		_, err := c.buffer().Write(pingText)
+		c.wmu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
 	return c.writeControl(ws.NewPingFrame(nil))
 }
 

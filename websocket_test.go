@@ -22,6 +22,9 @@ const siteLive = `
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			user {http.request.header.X-User}
 			channels lobby room:{http.request.header.X-Room}
 		}
@@ -39,6 +42,9 @@ func TestAuthMatchers(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			auth {
 				header Authorization "Bearer *"
 			}
@@ -146,6 +152,9 @@ http://127.0.0.1:{{.HTTP}} {
 			alice {{.Hash}}
 		}
 		duplex {
+			messages {
+				path *
+			}
 			user {http.auth.user.id}
 		}
 		reverse_proxy {{.Upstream}}
@@ -248,17 +257,28 @@ func TestReplyMapping(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+`
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
-		duplex
+		duplex {
+			messages {
+				path *
+			}
+		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /slowlive* {
 		duplex {
+			messages {
+				path *
+			}
 			message_timeout 1s
 		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /dead* {
-		duplex
+		duplex {
+			messages {
+				path *
+			}
+		}
 		reverse_proxy {{.Dead}}
 	}
 }
@@ -361,6 +381,9 @@ func TestThousandMessagesInOrder(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			max_inflight 1
 			# 1,000 messages back to back: over the default rate limit
 			rate off
@@ -487,6 +510,9 @@ func TestOversizeMessage(t *testing.T) {
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
+			messages {
+				path *
+			}
 			max_message_size 1KiB
 		}
 		reverse_proxy {{.Upstream}}
@@ -539,23 +565,36 @@ func TestOriginCheck(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+`
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
-		duplex
+		duplex {
+			messages {
+				path *
+			}
+		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /wide* {
 		duplex {
+			messages {
+				path *
+			}
 			allowed_origins http://evil.example https://also.example
 		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /any* {
 		duplex {
+			messages {
+				path *
+			}
 			allowed_origins *
 		}
 		reverse_proxy {{.Upstream}}
 	}
 	route /authed* {
 		duplex {
+			messages {
+				path *
+			}
 			auth {
 				header Authorization "Bearer *"
 			}
@@ -697,7 +736,11 @@ func TestNoGoroutineLeak(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+`
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
-		duplex
+		duplex {
+			messages {
+				path *
+			}
+		}
 		reverse_proxy {{.Upstream}} {
 			transport http {
 				keepalive off

@@ -1,0 +1,215 @@
+package duplex
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"reflect"
+	"strings"
+	"unsafe"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// A session sends requests through the rest of the route (the handlers
+// after duplex): one per client message, and the connect and disconnect
+// hooks. They are built from a requestBase and served by routeCall.
+
+// requestBase is what a session's requests are made of, copied from the
+// opening request of its latest connection: its URL, its headers as the
+// app sees them on messages, its addresses and TLS state, and the
+// placeholders and vars the handlers before duplex set (e.g.
+// {http.auth.user.id}). A session keeps this copy instead of the opening
+// request, whose replacer holds the response writer and, through it, the
+// connection and its buffers.
+type requestBase struct {
+	path, rawPath, query string
+	host, remote         string
+	tls                  *tls.ConnectionState
+	local                net.Addr
+	header               http.Header // as messages carry it: see messageHeader
+	srv                  *caddyhttp.Server
+	// placeholders set at the opening, and its vars
+	statics map[string]any
+	vars    map[string]any
+}
+
+// newRequestBase copies what a session's requests need from opening r.
+func newRequestBase(r *http.Request) *requestBase {
+	b := &requestBase{
+		path:    r.URL.Path,
+		rawPath: r.URL.RawPath,
+		query:   r.URL.RawQuery,
+		host:    r.Host,
+		remote:  r.RemoteAddr,
+		tls:     r.TLS,
+		header:  messageHeader(r.Header),
+	}
+	b.srv, _ = r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	b.local, _ = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		b.statics = replacerValues(repl)
+	}
+	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		b.vars = maps.Clone(vars)
+	}
+	return b
+}
+
+// replacerValues copies the values handlers stored in a replacer with Set
+// (such as {http.auth.user.id}). Caddy's Replacer offers no way to list
+// them, so they are read from its value map; if a Caddy version lays it
+// out differently, nothing is copied (and the placeholder tests fail).
+func replacerValues(repl *caddy.Replacer) map[string]any {
+	v := reflect.ValueOf(repl).Elem().FieldByName("static")
+	if !v.IsValid() || v.Type() != reflect.TypeFor[map[string]any]() {
+		return nil
+	}
+	m := *(*map[string]any)(unsafe.Pointer(v.UnsafeAddr()))
+	return maps.Clone(m)
+}
+
+// request builds a request through the route: method and target (path and
+// optional query; "" is the opening path), the base's headers plus extra,
+// and body (sent as contentType).
+func (b *requestBase) request(method, target string, extra http.Header, body []byte, contentType string) (*http.Request, error) {
+	u := &url.URL{Path: b.path, RawPath: b.rawPath, RawQuery: b.query}
+	if target != "" {
+		pu, err := parseTarget(target)
+		if err != nil {
+			return nil, err
+		}
+		u = &url.URL{Path: pu.Path, RawPath: pu.RawPath, RawQuery: pu.RawQuery}
+		if u.RawQuery == "" {
+			u.RawQuery = b.query
+		}
+	}
+	hdr := b.header.Clone()
+	for k, v := range extra {
+		hdr[k] = v
+	}
+	var rb io.ReadCloser = http.NoBody
+	if len(body) > 0 {
+		hdr.Set("Content-Type", contentType)
+		rb = io.NopCloser(bytes.NewReader(body))
+	}
+	req := &http.Request{
+		Method:        method,
+		URL:           u,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        hdr,
+		Body:          rb,
+		ContentLength: int64(len(body)),
+		Host:          b.host,
+		RemoteAddr:    b.remote,
+		RequestURI:    u.RequestURI(),
+		TLS:           b.tls,
+	}
+	if len(body) > 0 {
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	return req, nil
+}
+
+// parseTarget checks a message's path: absolute, no scheme or host, and
+// clean (no dot segments or repeated slashes, which the app might resolve
+// to a path outside the session's message scope).
+func parseTarget(target string) (*url.URL, error) {
+	if target[0] != '/' {
+		return nil, errors.New("path must start with /")
+	}
+	pu, err := url.ParseRequestURI(target)
+	if err != nil {
+		return nil, fmt.Errorf("invalid path: %v", err)
+	}
+	if pu.Host != "" || pu.Scheme != "" || pu.Fragment != "" {
+		return nil, errors.New("path must be a path, not a URL")
+	}
+	clean := path.Clean(pu.Path)
+	if strings.HasSuffix(pu.Path, "/") && clean != "/" {
+		clean += "/"
+	}
+	if clean != pu.Path {
+		return nil, errors.New("path must be clean: no . or .. segments, no repeated slashes")
+	}
+	return pu, nil
+}
+
+// underPath reports whether p is base or a path below it: the default
+// message scope.
+func underPath(p, base string) bool {
+	base = strings.TrimSuffix(base, "/")
+	return base == "" || p == base || strings.HasPrefix(p, base+"/")
+}
+
+// subrequestKey marks, in a request's context, a request a session sends
+// through the route (a message or a hook). duplex and duplex_publish refuse
+// them, wherever the route places them.
+type subrequestKey struct{}
+
+// isSubrequest reports whether r was sent through the route by a session.
+func isSubrequest(r *http.Request) bool {
+	return r.Context().Value(subrequestKey{}) != nil
+}
+
+// errSubrequest refuses a session's request at duplex or duplex_publish.
+var errSubrequest = caddyhttp.Error(http.StatusForbidden,
+	errors.New("duplex: a session's messages and hooks never reach duplex or duplex_publish"))
+
+// prepare gives req a context and replacer of its own, as Caddy's server
+// does for every request, under parent (for cancellation), with the
+// opening's placeholders and vars available too, and marks it as a
+// session's request.
+func (b *requestBase) prepare(parent context.Context, req *http.Request, w http.ResponseWriter) *http.Request {
+	ctx := context.WithValue(parent, subrequestKey{}, true)
+	if b.local != nil {
+		ctx = context.WithValue(ctx, http.LocalAddrContextKey, b.local)
+	}
+	repl := caddy.NewReplacer()
+	req = caddyhttp.PrepareRequest(req.WithContext(ctx), repl, w, b.srv)
+	if len(b.statics) > 0 {
+		statics := b.statics
+		repl.Map(func(key string) (any, bool) {
+			v, ok := statics[key]
+			return v, ok
+		})
+	}
+	if vars, ok := req.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
+		for k, v := range b.vars {
+			if _, set := vars[k]; !set {
+				vars[k] = v
+			}
+		}
+	}
+	return req
+}
+
+// serveRoute serves req through next, turning a panic into a 500 error.
+func serveRoute(next caddyhttp.Handler, w http.ResponseWriter, req *http.Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("duplex: panic in the route: %v", p))
+		}
+	}()
+	return next.ServeHTTP(w, req)
+}
+
+// errorStatus is the HTTP status a route error stands for.
+func errorStatus(err error, otherwise int) int {
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		return he.StatusCode
+	}
+	return otherwise
+}
