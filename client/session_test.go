@@ -255,3 +255,78 @@ func TestNoCaddyDependency(t *testing.T) {
 		}
 	}
 }
+
+// A message the server accepted before the connection dropped is answered
+// while the session is detached; the answer comes after the resume, once.
+func TestAnswerWhileDetached(t *testing.T) {
+	e := startEnv(t, "")
+	for i, name := range []string{"websocket/h2-rfc8441", "stream/h1", "sse/h2"} {
+		t.Run(name, func(t *testing.T) {
+			tc := caseNamed(t, name)
+			p := newProxy(t, fmt.Sprintf("127.0.0.1:%d", tc.port(e)))
+			ev := newEvents()
+			ctx := withContext(t)
+			s, err := client.Dial(ctx, tc.url(e, p.addr()), tc.options(ev))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			ev.expectOpen(t, false)
+			hold := fmt.Sprintf("/live/hold/detached/%d", i)
+			held := make(chan error, 1)
+			go func() {
+				r, err := s.Call(ctx, hold, nil)
+				if err == nil && string(r) != `{"held":true}` {
+					err = fmt.Errorf("reply %s", r)
+				}
+				held <- err
+			}()
+			e.app.waitFor(t, hold)
+			p.refuseNew(true)
+			p.cut()
+			// The session is detached once the server sees the drop: wait
+			// for the admin API to say so, then let the app answer.
+			deadline := time.Now().Add(wait)
+			for {
+				_, raw := e.admin(t, http.MethodGet, "/duplex/sessions/"+s.ID(), nil)
+				if strings.Contains(string(raw), `"attached":false`) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the session is not detached: %s", raw)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			e.app.release(hold)
+			p.refuseNew(false)
+			ev.expectOpen(t, true)
+			select {
+			case err := <-held:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(wait):
+				t.Fatal("the call was not answered after the resume")
+			}
+			if n := e.app.count(hold); n != 1 {
+				t.Fatalf("the app got %s %d times", hold, n)
+			}
+		})
+	}
+}
+
+// Messages outside the session's scope (by default the opening path and
+// below) are refused with 403.
+func TestOutsideScope(t *testing.T) {
+	e := startEnv(t, "")
+	s, err := client.Dial(withContext(t), fmt.Sprintf("http://127.0.0.1:%d/live", e.HTTP), client.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	_, err = s.Call(withContext(t), "/elsewhere", nil)
+	var de *client.Error
+	if !errors.As(err, &de) || de.Status != http.StatusForbidden {
+		t.Fatalf("call outside /live: %v, want a *client.Error 403", err)
+	}
+}

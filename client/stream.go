@@ -30,11 +30,16 @@ type streamConn struct {
 func (c *streamConn) transport() string { return Stream }
 
 func (d *dialer) dialStream(ctx context.Context, cursor string) (conn, error) {
-	t := &tracker{dial: d.opts.DialContext}
+	// The request body is a pipe: it must end when the connection does,
+	// or a failed round trip waits for it forever.
+	pr, pw := io.Pipe()
+	t := &tracker{dial: d.opts.DialContext, lost: func() { pw.CloseWithError(errConnLost) }}
 	rt := d.roundTripper(t)
 	life, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, cancel)
-	pr, pw := io.Pipe()
+	stop := context.AfterFunc(ctx, func() {
+		cancel()
+		pw.CloseWithError(ctx.Err())
+	})
 	fail := func(err error) (conn, error) {
 		stop()
 		pw.Close()

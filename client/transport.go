@@ -54,6 +54,10 @@ func (e *frameRefused) Error() string { return e.err.Error() }
 // connection, so that ending it closes them all.
 type tracker struct {
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// lost, if set, is called when reading a connection fails: it ends a
+	// request body that would otherwise keep Go's HTTP/1.1 transport
+	// waiting for it after the connection is gone.
+	lost func()
 
 	mu     sync.Mutex // guards conns and closed
 	conns  []net.Conn
@@ -73,7 +77,24 @@ func (t *tracker) dialContext(ctx context.Context, network, addr string) (net.Co
 		return nil, net.ErrClosed
 	}
 	t.conns = append(t.conns, c)
+	if t.lost != nil {
+		return &watchedConn{Conn: c, lost: t.lost}, nil
+	}
 	return c, nil
+}
+
+// watchedConn calls lost when a read fails.
+type watchedConn struct {
+	net.Conn
+	lost func()
+}
+
+func (c *watchedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.lost()
+	}
+	return n, err
 }
 
 func (t *tracker) closeAll() {
@@ -198,6 +219,9 @@ func (d *dialer) dial(ctx context.Context, transport, cursor string) (conn, erro
 	}
 	return nil, fmt.Errorf("duplex client: unknown transport %q", transport)
 }
+
+// errConnLost ends the request body of a connection that is gone.
+var errConnLost = errors.New("duplex client: connection lost")
 
 // errNotOpen is an opening whose first frame is not an open frame.
 var errNotOpen = errors.New("duplex client: the server's first frame is not an open frame")
