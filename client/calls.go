@@ -1,7 +1,11 @@
 package client
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
 	"strconv"
 )
 
@@ -65,4 +69,114 @@ func (t *callTable) failAll(err error) {
 	for id := range t.pending {
 		t.settle(id, nil, err)
 	}
+}
+
+// Call sends a POST message to path with data (nil for none, any other
+// value as JSON) and waits for its answer: the reply's data, nil for an
+// ack, or an *Error for an error frame. A call pending when the connection
+// drops stays pending across the resume and is never sent twice; it fails
+// only when ctx or Options.CallTimeout ends, or the session is lost
+// (ErrSessionLost) or ends (ErrClosed).
+func (s *Session) Call(ctx context.Context, path string, data any) (json.RawMessage, error) {
+	return s.CallMethod(ctx, "", path, data)
+}
+
+// CallMethod is Call with another method than POST.
+func (s *Session) CallMethod(ctx context.Context, method, path string, data any) (json.RawMessage, error) {
+	raw, err := encodeData(data)
+	if err != nil {
+		return nil, err
+	}
+	if s.opts.CallTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, s.opts.CallTimeout)
+		defer cancel()
+	}
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return nil, fmt.Errorf("duplex client: call %s: %w", path, err)
+	}
+	c := s.calls.add()
+	frame, err := json.Marshal(messageFrame{ID: c.id, Method: method, Path: path, Data: raw})
+	if err != nil {
+		s.calls.forget(c)
+		s.mu.Unlock()
+		return nil, fmt.Errorf("duplex client: call %s: %w", path, err)
+	}
+	o := &outgoing{frame: frame, call: c}
+	s.outbox = append(s.outbox, o)
+	s.mu.Unlock()
+	s.signal()
+
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		s.calls.forget(c)
+		s.outbox = slices.DeleteFunc(s.outbox, func(x *outgoing) bool { return x == o })
+		s.mu.Unlock()
+		select {
+		case <-c.done: // answered just before
+		default:
+			return nil, fmt.Errorf("duplex client: call %s: %w", path, ctx.Err())
+		}
+	}
+	var de *Error
+	if errors.As(c.err, &de) {
+		return nil, de
+	}
+	if c.err != nil {
+		return nil, fmt.Errorf("duplex client: call %s: %w", path, c.err)
+	}
+	return c.data, nil
+}
+
+// Send sends a POST message to path with data, without an id: the server
+// answers nothing but errors (see Options.OnFrame). It is queued and
+// written once a connection is open.
+func (s *Session) Send(path string, data any) error {
+	raw, err := encodeData(data)
+	if err != nil {
+		return err
+	}
+	frame, err := json.Marshal(messageFrame{Path: path, Data: raw})
+	if err != nil {
+		return fmt.Errorf("duplex client: send %s: %w", path, err)
+	}
+	return s.queue(frame)
+}
+
+// SendFrame sends one client frame as it is (a JSON object, e.g.
+// {"id":"x","path":"/live/a"}); the answers to it come only to
+// Options.OnFrame. Like every frame, it is written once.
+func (s *Session) SendFrame(frame json.RawMessage) error {
+	var probe map[string]json.RawMessage
+	if err := json.Unmarshal(frame, &probe); err != nil {
+		return fmt.Errorf("duplex client: frame is not a JSON object: %w", err)
+	}
+	return s.queue(append(json.RawMessage(nil), frame...))
+}
+
+func (s *Session) queue(frame []byte) error {
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.err
+		s.mu.Unlock()
+		return fmt.Errorf("duplex client: send: %w", err)
+	}
+	s.outbox = append(s.outbox, &outgoing{frame: frame})
+	s.mu.Unlock()
+	s.signal()
+	return nil
+}
+
+func (s *Session) settle(ref json.RawMessage, data json.RawMessage, err error) {
+	if len(ref) == 0 {
+		return
+	}
+	s.mu.Lock()
+	s.calls.settle(refString(ref), data, err)
+	s.mu.Unlock()
 }
