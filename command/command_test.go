@@ -351,3 +351,35 @@ func TestConnect(t *testing.T) {
 		})
 	}
 }
+
+// connect ends when the server ends the session, after printing its close
+// frame.
+func TestConnectEndsWithTheSession(t *testing.T) {
+	e := startEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, caddyBin, "duplex", "connect", "--stay", e.url())
+	stdin, _ := cmd.StdinPipe()
+	defer stdin.Close()
+	stdout, _ := cmd.StdoutPipe()
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(stdout)
+	if !lines.Scan() {
+		t.Fatalf("no open frame; stderr:\n%s", stderr.String())
+	}
+	var open struct{ Session string }
+	json.Unmarshal(lines.Bytes(), &open)
+	if _, errOut, err := run(t, "", "duplex", "sessions", "delete", "--admin", e.admin(), open.Session); err != nil {
+		t.Fatalf("sessions delete: %v\n%s", err, errOut)
+	}
+	if !lines.Scan() || !strings.Contains(lines.Text(), `"type":"close"`) || !strings.Contains(lines.Text(), `"code":4000`) {
+		t.Fatalf("line %q, want the close frame", lines.Text())
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("connect: %v\nstderr:\n%s", err, stderr.String())
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -81,6 +82,8 @@ func runConnect(cmd *cobra.Command, args []string) error {
 
 	out := &frameOut{w: cmd.OutOrStdout(), waiting: map[string]bool{}, idle: make(chan struct{}, 1)}
 	errOut := cmd.ErrOrStderr()
+	ended := make(chan struct{}) // closed when the session ends
+	var endOnce sync.Once
 	opts := client.Options{
 		Transports: transports,
 		HTTP:       httpVersion,
@@ -93,6 +96,9 @@ func runConnect(cmd *cobra.Command, args []string) error {
 		OnState: func(s client.State) {
 			if s == client.StateReconnecting || s == client.StateClosed {
 				fmt.Fprintf(errOut, "# %s\n", s)
+			}
+			if s == client.StateClosed {
+				endOnce.Do(func() { close(ended) })
 			}
 		},
 	}
@@ -117,6 +123,8 @@ func runConnect(cmd *cobra.Command, args []string) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-ended:
+			return sessionEnd(s)
 		case line := <-lines:
 			frame, id, err := parseLine(line, &next)
 			if err != nil {
@@ -135,15 +143,26 @@ func runConnect(cmd *cobra.Command, args []string) error {
 				return fmt.Errorf("duplex connect: reading standard input: %w", err)
 			}
 			if stay {
-				<-ctx.Done()
+				select {
+				case <-ctx.Done():
+				case <-ended:
+					return sessionEnd(s)
+				}
 				return nil
 			}
 			return out.drain(ctx, s, timeout)
 		}
-		if s.Err() != nil {
-			return nil // the server closed the session (its frame was printed)
-		}
 	}
+}
+
+// sessionEnd is the outcome of a session that ended by itself: fine when
+// the server closed it (its close frame was printed), an error otherwise
+// (e.g. reconnections refused with 401).
+func sessionEnd(s *client.Session) error {
+	if err := s.Err(); err != nil && !errors.Is(err, client.ErrClosed) {
+		return err
+	}
+	return nil
 }
 
 // readLines sends the lines of r to lines until r ends or done closes.
