@@ -68,9 +68,12 @@ type Options struct {
 	// MaxFrameSize bounds one server frame. Default 16 MiB.
 	MaxFrameSize int64
 
-	// OnPush, if set, receives every push, in order, exactly once, from
-	// the session's reader goroutine; Pushes then stays empty. It must
-	// not block for long nor wait for a Call of the same session.
+	// The callbacks run on the session's reader goroutine, in the order
+	// of the frames: they must return soon, and must not call Close or
+	// wait for a Call of the same session (its answer could not be read).
+
+	// OnPush, if set, receives every push, in order, exactly once;
+	// Pushes then stays empty.
 	OnPush func(Push)
 	// OnOpen is called for every opened connection, the first included
 	// (before Dial returns).
