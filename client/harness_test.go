@@ -367,6 +367,8 @@ type proxy struct {
 	mu      sync.Mutex // guards the fields below
 	conns   map[*pconn]bool
 	refuse  bool         // close new connections at once
+	// refuseIf closes new connections whose first bytes contain it.
+	refuseIf string
 	upBytes bytes.Buffer // every byte sent from clients to Caddy
 }
 
@@ -405,9 +407,28 @@ func (p *proxy) accept() {
 			c.Close()
 			continue
 		}
+		p.mu.Lock()
+		refuseIf := p.refuseIf
+		p.mu.Unlock()
+		var first []byte
+		if refuseIf != "" {
+			buf := make([]byte, 4096)
+			c.SetReadDeadline(time.Now().Add(wait))
+			n, _ := c.Read(buf)
+			c.SetReadDeadline(time.Time{})
+			if first = buf[:n]; bytes.Contains(first, []byte(refuseIf)) {
+				c.Close()
+				continue
+			}
+		}
 		s, err := net.Dial("tcp", p.target)
 		if err != nil {
 			c.Close()
+			continue
+		}
+		if _, err := s.Write(first); err != nil {
+			c.Close()
+			s.Close()
 			continue
 		}
 		pc := &pconn{client: c, server: s}
@@ -473,6 +494,13 @@ func (p *proxy) freeze() {
 func (p *proxy) refuseNew(on bool) {
 	p.mu.Lock()
 	p.refuse = on
+	p.mu.Unlock()
+}
+
+// refuseContaining closes new connections whose first bytes contain b.
+func (p *proxy) refuseContaining(b string) {
+	p.mu.Lock()
+	p.refuseIf = b
 	p.mu.Unlock()
 }
 

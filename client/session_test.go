@@ -330,3 +330,32 @@ func TestOutsideScope(t *testing.T) {
 		t.Fatalf("call outside /live: %v, want a *client.Error 403", err)
 	}
 }
+
+// A session resumes over another transport when its own no longer opens.
+func TestResumeOverAnotherTransport(t *testing.T) {
+	e := startEnv(t, "")
+	p := newProxy(t, fmt.Sprintf("127.0.0.1:%d", e.HTTP))
+	ev := newEvents()
+	o := caseNamed(t, "websocket/h1").options(ev)
+	o.Transports = []string{client.WebSocket, client.Stream, client.SSE}
+	s, err := client.Dial(withContext(t), "http://"+p.addr()+"/live", o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := ev.expectOpen(t, false)
+	if s.Transport() != client.WebSocket {
+		t.Fatalf("transport %q, want websocket", s.Transport())
+	}
+	e.publish(t, id, 1)
+	expectPushes(t, s, 1, 1)
+	p.refuseContaining("Upgrade: websocket")
+	p.cut()
+	e.publish(t, id, 2)
+	ev.expectOpen(t, true)
+	if s.ID() != id || s.Transport() != client.Stream {
+		t.Fatalf("resumed %q over %q, want %q over stream", s.ID(), s.Transport(), id)
+	}
+	e.publish(t, id, 3)
+	expectPushes(t, s, 2, 3)
+}
