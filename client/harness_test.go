@@ -364,12 +364,12 @@ type proxy struct {
 	target string
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards the fields below
-	conns   map[*pconn]bool
-	refuse  bool         // close new connections at once
+	mu     sync.Mutex // guards the fields below
+	conns  map[*pconn]bool
+	refuse bool // close new connections at once
 	// refuseIf closes new connections whose first bytes contain it.
 	refuseIf string
-	upBytes bytes.Buffer // every byte sent from clients to Caddy
+	upBytes  bytes.Buffer // every byte sent from clients to Caddy
 }
 
 type pconn struct {
