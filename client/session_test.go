@@ -30,9 +30,8 @@ func caseNamed(t *testing.T, name string) tcase {
 // new session numbers its pushes from 1.
 func TestSessionLost(t *testing.T) {
 	e := startEnv(t, "")
-	for i, name := range []string{"websocket/h1", "stream/h2c", "sse/h1"} {
-		t.Run(name, func(t *testing.T) {
-			tc := caseNamed(t, name)
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
 			p := newProxy(t, fmt.Sprintf("127.0.0.1:%d", tc.port(e)))
 			ev := newEvents()
 			ctx := withContext(t)
@@ -82,9 +81,8 @@ func TestSessionLost(t *testing.T) {
 // A session the server closes for good ends the client's session.
 func TestClosedByServer(t *testing.T) {
 	e := startEnv(t, "")
-	for _, name := range []string{"websocket/h2c-rfc8441", "stream/h1", "sse/h2"} {
-		t.Run(name, func(t *testing.T) {
-			tc := caseNamed(t, name)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
 			closes := make(chan client.CloseInfo, 4)
 			o := tc.options(nil)
 			o.OnClose = func(c client.CloseInfo) { closes <- c }
@@ -127,9 +125,8 @@ func TestClosedByServer(t *testing.T) {
 // missed heartbeats: the client resumes on a new one.
 func TestDeadConnection(t *testing.T) {
 	e := startEnv(t, "")
-	for _, name := range []string{"websocket/h1", "stream/h2c", "sse/h1"} {
-		t.Run(name, func(t *testing.T) {
-			tc := caseNamed(t, name)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
 			p := newProxy(t, fmt.Sprintf("127.0.0.1:%d", tc.port(e)))
 			ev := newEvents()
 			s, err := client.Dial(withContext(t), tc.url(e, p.addr()), tc.options(ev))
@@ -260,9 +257,8 @@ func TestNoCaddyDependency(t *testing.T) {
 // while the session is detached; the answer comes after the resume, once.
 func TestAnswerWhileDetached(t *testing.T) {
 	e := startEnv(t, "")
-	for i, name := range []string{"websocket/h2-rfc8441", "stream/h1", "sse/h2"} {
-		t.Run(name, func(t *testing.T) {
-			tc := caseNamed(t, name)
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
 			p := newProxy(t, fmt.Sprintf("127.0.0.1:%d", tc.port(e)))
 			ev := newEvents()
 			ctx := withContext(t)
