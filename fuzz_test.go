@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/http"
+	"strings"
 	"testing"
 )
 
@@ -106,6 +108,76 @@ func FuzzDecodePublish(f *testing.F) {
 				if !json.Valid(frame) || bytes.ContainsAny(frame, "\n\r") {
 					t.Fatalf("push frame %q from %q is not one line of JSON", frame, b)
 				}
+			}
+		}
+	})
+}
+
+// FuzzMessageTarget: a frame's path and method either make a request whose
+// path is clean and absolute (so the messages scope sees what the app
+// will), or are refused; CONNECT, TRACE and PRI never pass; a path the
+// default scope accepts is the opening path or below it.
+func FuzzMessageTarget(f *testing.F) {
+	for _, s := range [][2]string{
+		{"POST", "/live/rooms/1?x=1"}, {"get", "/live/../admin"}, {"TRACE", "/live"},
+		{"pri", "//evil.example/x"}, {"DELETE", "/live/%2e%2e/admin"}, {"PUT", "/live//x"},
+		{"POST", "/livex"}, {"x y", "/live"}, {"POST", "http://h/live"},
+	} {
+		f.Add(s[0], s[1])
+	}
+	base := &requestBase{path: "/live", host: "example.com", header: http.Header{}}
+	f.Fuzz(func(t *testing.T, method, target string) {
+		method = strings.ToUpper(method)
+		if !validMethod(method) {
+			return
+		}
+		switch method {
+		case http.MethodConnect, http.MethodTrace, "PRI":
+			t.Fatalf("method %q accepted", method)
+		}
+		if target == "" {
+			return
+		}
+		req, err := base.request(method, target, nil, nil, "")
+		if err != nil {
+			return
+		}
+		p := req.URL.Path
+		if !strings.HasPrefix(p, "/") || strings.Contains(p, "//") || strings.Contains(p, "/../") || strings.HasSuffix(p, "/..") || strings.Contains(p, "/./") || req.URL.Host != "" {
+			t.Fatalf("target %q made path %q (host %q)", target, p, req.URL.Host)
+		}
+		if underPath(p, "/live") && p != "/live" && !strings.HasPrefix(p, "/live/") {
+			t.Fatalf("%q counted under /live", p)
+		}
+	})
+}
+
+// FuzzPostFrames: an SSE POST body yields frames that each decode and fit
+// max_message_size, no more of them than allowed, or a 4xx error; never a
+// panic.
+func FuzzPostFrames(f *testing.F) {
+	f.Add([]byte("{\"id\":1}\n{\"id\":2}\n"), true)
+	f.Add([]byte(`{"id":"a","data":[1,2]}`), false)
+	f.Add(bytes.Repeat([]byte("{}\n"), 100), true)
+	f.Add([]byte("{\"id\":1}\r\n\n\n{bad"), true)
+	f.Fuzz(func(t *testing.T, body []byte, ndjson bool) {
+		const maxSize, maxFrames = 64, 8
+		frames, err := readPostFrames(bytes.NewReader(body), ndjson, maxSize, maxFrames)
+		if err != nil {
+			if err.status < 400 || err.status > 499 {
+				t.Fatalf("status %d", err.status)
+			}
+			return
+		}
+		if len(frames) == 0 || len(frames) > maxFrames || (!ndjson && len(frames) != 1) {
+			t.Fatalf("%d frames", len(frames))
+		}
+		for _, fr := range frames {
+			if len(fr) > maxSize {
+				t.Fatalf("frame of %d bytes", len(fr))
+			}
+			if _, ferr := decodeClientFrame(fr); ferr != nil {
+				t.Fatalf("frame %q passed but does not decode: %s", fr, ferr.msg)
 			}
 		}
 	})
