@@ -41,8 +41,8 @@ type Options struct {
 	// HTTP selects the HTTP version (HTTPAuto, HTTP1, HTTP2).
 	HTTP string
 	// Header is sent with every opening request and SSE POST (e.g.
-	// Authorization). Duplex-* headers are the client's own and are
-	// overwritten.
+	// Authorization); Duplex-* headers in it are dropped (the client sets
+	// its own).
 	Header http.Header
 	// TLSConfig for https:// and wss:// URLs (nil: the system roots).
 	TLSConfig *tls.Config
