@@ -150,7 +150,8 @@ func (s *Session) Send(path string, data any) error {
 
 // SendFrame sends one client frame as it is (a JSON object, e.g.
 // {"id":"x","path":"/live/a"}); the answers to it come only to
-// Options.OnFrame. Like every frame, it is written once.
+// Options.OnFrame. Like every frame, it is written once. Ids of the form
+// c<number> are the ones Call uses: give others.
 func (s *Session) SendFrame(frame json.RawMessage) error {
 	var probe map[string]json.RawMessage
 	if err := json.Unmarshal(frame, &probe); err != nil {
