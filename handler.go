@@ -26,6 +26,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if isSubrequest(r) {
 		return errSubrequest
 	}
+	next = h.keepNext(next)
 	token := r.Header.Get("Duplex-Token")
 	resume := r.Header.Get("Duplex-Resume")
 	stripDuplexHeaders(r.Header)
@@ -69,7 +70,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
-	op := &opening{w: w, r: r, next: h.keepNext(next), transport: name, bind: func(*session) {}}
+	op := &opening{w: w, r: r, next: next, transport: name, bind: func(*session) {}}
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	op.user, op.channels = h.identity(repl)
 	op.cursor = takeCursor(r, name, resume)

@@ -9,7 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -30,7 +29,8 @@ import (
 	"go.uber.org/goleak"
 )
 
-// binDir holds the binaries built once for the whole test run.
+// binDir holds the binaries built once for the whole test run, on first
+// use: unit tests (frames, hub, limits, adapt) never wait for them.
 var (
 	binDir   string
 	caddyBin string
@@ -44,6 +44,30 @@ var httpc = &http.Client{
 	Transport: &http.Transport{Proxy: nil, DisableCompression: true},
 }
 
+var (
+	caddyOnce sync.Once
+	caddyErr  error
+)
+
+// caddyBinary builds Caddy with the plugin and the race detector, once per
+// test run, the first time an integration test needs it.
+func caddyBinary(t testing.TB) string {
+	t.Helper()
+	caddyOnce.Do(func() {
+		start := time.Now()
+		out, err := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy").CombinedOutput()
+		if err != nil {
+			caddyErr = fmt.Errorf("go build -race ./cmd/caddy: %v\n%s", err, out)
+			return
+		}
+		fmt.Fprintf(os.Stderr, "built caddy (-race) in %s\n", time.Since(start).Round(time.Millisecond))
+	})
+	if caddyErr != nil {
+		t.Fatal(caddyErr)
+	}
+	return caddyBin
+}
+
 func TestMain(m *testing.M) {
 	ignore := goleak.IgnoreCurrent()
 
@@ -54,21 +78,6 @@ func TestMain(m *testing.M) {
 	}
 	binDir = dir
 	caddyBin = filepath.Join(dir, "caddy")
-
-	flag.Parse()
-	if f := flag.Lookup("test.fuzz"); f != nil && f.Value.String() != "" {
-		// A fuzzing run (-run '^$' -fuzz X) starts no Caddy: skip the build.
-		os.Exit(m.Run())
-	}
-	start := time.Now()
-	build := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy")
-	out, err := build.CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "FATAL: go build -race ./cmd/caddy failed: %v\n%s\n", err, out)
-		os.RemoveAll(dir)
-		os.Exit(2)
-	}
-	fmt.Fprintf(os.Stderr, "built caddy (-race) in %s\n", time.Since(start).Round(time.Millisecond))
 
 	code := m.Run()
 
@@ -205,7 +214,7 @@ func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(caddyBin, "run", "--config", cfPath, "--adapter", "caddyfile")
+	cmd := exec.Command(caddyBinary(t), "run", "--config", cfPath, "--adapter", "caddyfile")
 	cmd.Dir = dir
 	// If the test process is killed (a timeout), Caddy goes with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

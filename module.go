@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -68,9 +69,9 @@ type placeCounter struct {
 	n  map[string]int
 }
 
-// place names the next duplex handler of server srv in this config: the
-// server's name and the handler's rank among its duplex handlers, the same
-// across reloads of the same config.
+// place names the next duplex handler of server srv (its listen
+// addresses) in this config: the server and the handler's rank among its
+// duplex handlers.
 func (a *App) place(srv string) string {
 	a.places.mu.Lock()
 	defer a.places.mu.Unlock()
@@ -256,9 +257,10 @@ type Handler struct {
 	// cleaned is set once Caddy cleaned the handler up: its handler chain
 	// must not serve messages any more.
 	cleaned *atomic.Bool
-	// key names the handler's place in the config (its server and its
-	// rank among the duplex handlers of that server), the same across
-	// reloads. Sessions are scoped to it: a token is only accepted by the
+	// key names the handler's place in the config (its server's listen
+	// addresses and its rank among the duplex handlers of that server),
+	// the same across reloads that do not add a duplex handler before it
+	// on the same server. Sessions are scoped to it: a token is only accepted by the
 	// handler in the place that opened it, and a session detached under an
 	// unloaded config reaches the handler that replaced it (for its
 	// disconnect hook).
@@ -325,11 +327,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("duplex: loading the duplex app: %w", err)
 	}
-	serverName := ""
+	server := ""
 	if srv != nil {
-		serverName = srv.Name()
+		// Its listen addresses name the server: unlike its name (srv0…),
+		// they do not change when other sites are added.
+		server = strings.Join(srv.Listen, ",")
 	}
-	h.key = app.(*App).place(serverName)
+	h.key = app.(*App).place(server)
 	h.hub.register(h)
 	// A server shutting down (reload or stop) waits for open requests
 	// forever with the default grace period; an SSE or stream session is
