@@ -344,9 +344,10 @@ func (tg target) httpClient(t *testing.T) *http.Client {
 // dxEvent is what a client connection yields, in order: server frames, for
 // WebSocket the close frame, and finally the end of the connection.
 type dxEvent struct {
-	frame map[string]any
-	raw   []byte
-	sse   *sseEvent // the event that carried the frame (sse)
+	frame   map[string]any
+	raw     []byte
+	session string    // the session id of its connection's open frame
+	sse     *sseEvent // the event that carried the frame (sse)
 	// wsClose is the code of a WebSocket close frame (websocket), 0 if none.
 	wsClose  int
 	wsReason string
@@ -419,15 +420,13 @@ func (p *eventPump) emitFrame(raw []byte, sse *sseEvent) bool {
 	if m["type"] == "open" {
 		p.session, _ = m["session"].(string)
 	}
-	if answers.repeated(p.session, m) {
-		return true // a client ignores a second answer to the same ref
-	}
-	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse})
+	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse, session: p.session})
 }
 
-// answers records, per session, the refs answered so far. The server may
-// send an answer again after a resume (when it cannot know the client saw
-// it); a client ignores the second one, and so do the test clients.
+// answers records, per session, the refs answered so far, as the tests
+// read them. The server may send an answer again after a resume (when it
+// cannot know the client saw it); a client ignores the second one, and so
+// do the test clients' readers (next, nextEvent).
 var answers = answerLog{m: map[string]map[string]bool{}}
 
 type answerLog struct {
@@ -1051,12 +1050,18 @@ func (s *dxSession) next(t *testing.T) dxEvent {
 
 func (s *dxSession) nextWithin(t *testing.T, d time.Duration) dxEvent {
 	t.Helper()
-	select {
-	case e := <-s.conn.frames():
-		return e
-	case <-time.After(d):
-		t.Fatalf("%s: nothing from the server within %s", s.name, d)
-		return dxEvent{}
+	timeout := time.After(d)
+	for {
+		select {
+		case e := <-s.conn.frames():
+			if answers.repeated(e.session, e.frame) {
+				continue // a client ignores a second answer to the same ref
+			}
+			return e
+		case <-timeout:
+			t.Fatalf("%s: nothing from the server within %s", s.name, d)
+			return dxEvent{}
+		}
 	}
 }
 

@@ -615,9 +615,10 @@ type wsClient struct {
 	once   sync.Once
 	exited chan struct{}
 
-	Session string // from the open frame
-	Token   string
-	seq     float64 // last push seq seen
+	Session  string // from the open frame
+	Token    string
+	openedAs string  // the session id of the open frame read last
+	seq      float64 // last push seq seen
 }
 
 func newWSClient(t *testing.T, name string, r io.Reader, w io.Writer, closer func()) *wsClient {
@@ -641,7 +642,6 @@ func (c *wsClient) readLoop() {
 	defer close(c.exited)
 	var msg []byte
 	var msgOp ws.OpCode
-	var session string // from the open frame
 	for {
 		h, err := ws.ReadHeader(c.r)
 		if err != nil {
@@ -678,16 +678,6 @@ func (c *wsClient) readLoop() {
 			msg = payload
 		}
 		if h.Fin {
-			var m map[string]any
-			if msgOp == ws.OpText && json.Unmarshal(msg, &m) == nil {
-				if m["type"] == "open" {
-					session, _ = m["session"].(string)
-				}
-				if answers.repeated(session, m) {
-					msg = nil
-					continue // a client ignores a second answer to the same ref
-				}
-			}
 			if !c.emit(wsEvent{op: msgOp, payload: msg}) {
 				return
 			}
@@ -725,12 +715,24 @@ func (c *wsClient) closeGracefully() {
 
 func (c *wsClient) next(t *testing.T) wsEvent {
 	t.Helper()
-	select {
-	case e := <-c.events:
-		return e
-	case <-time.After(frameWait):
-		t.Fatalf("%s: no frame from the server within %s", c.name, frameWait)
-		return wsEvent{}
+	timeout := time.After(frameWait)
+	for {
+		select {
+		case e := <-c.events:
+			var m map[string]any
+			if e.op == ws.OpText && json.Unmarshal(e.payload, &m) == nil {
+				if m["type"] == "open" {
+					c.openedAs, _ = m["session"].(string)
+				}
+				if answers.repeated(c.openedAs, m) {
+					continue // a client ignores a second answer to the same ref
+				}
+			}
+			return e
+		case <-timeout:
+			t.Fatalf("%s: no frame from the server within %s", c.name, frameWait)
+			return wsEvent{}
+		}
 	}
 }
 

@@ -353,11 +353,17 @@ type rsess struct {
 
 // nextEvent waits (bounded) for the next event of the connection.
 func (s *rsess) nextEvent(d time.Duration) (dxEvent, error) {
-	select {
-	case e := <-s.conn.frames():
-		return e, nil
-	case <-time.After(d):
-		return dxEvent{}, fmt.Errorf("%s (%s): nothing from the server within %s (last seq %d)", s.name, s.conn.d, d, s.last)
+	timeout := time.After(d)
+	for {
+		select {
+		case e := <-s.conn.frames():
+			if answers.repeated(e.session, e.frame) {
+				continue // a client ignores a second answer to the same ref
+			}
+			return e, nil
+		case <-timeout:
+			return dxEvent{}, fmt.Errorf("%s (%s): nothing from the server within %s (last seq %d)", s.name, s.conn.d, d, s.last)
+		}
 	}
 }
 

@@ -1,6 +1,6 @@
 package duplex_test
 
-// Resume (DESIGN §7, SPEC-CHOICES "Issue 4"): sessions outlive their
+// Resume (README: guarantees and resuming): sessions outlive their
 // connections; a client that lost its connection comes back with its
 // cursor <token>:<last seq>, over any transport, and gets every push after
 // it exactly once, in order. Everything here runs against the real -race
@@ -81,6 +81,7 @@ func TestChaosResume(t *testing.T) {
 		cuts      = 6    // connection cuts per session
 		ahead     = 40   // the publisher runs at most this many pushes ahead of a channel's slowest session
 		ackEvery  = 23   // sessions ack every this many pushes
+		msgEvery  = 17   // and send a message with an id every this many
 	)
 	seed := chaosSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
@@ -155,12 +156,46 @@ func TestChaosResume(t *testing.T) {
 		}
 	})
 
+	// Every message with an id ends with at least one answer, also when
+	// its connection is cut right after it was sent (a repeat is allowed).
+	sent := make([][]string, n)
+	inFlightAtCut := make([][]bool, n) // per message: sent right before a cut
+	answered := make([]map[string]bool, n)
+	message := func(i int, s *rsess, beforeCut bool) error {
+		id := fmt.Sprintf("%s-m%d", s.name, len(sent[i]))
+		sent[i] = append(sent[i], id)
+		inFlightAtCut[i] = append(inFlightAtCut[i], beforeCut)
+		return s.sendJSON(map[string]any{"id": id, "path": "/live/chaos/msg", "data": len(sent[i])})
+	}
+	// isAnswer records an answer frame of session i and reports whether e
+	// was one.
+	isAnswer := func(i int, s *rsess, e dxEvent) (bool, error) {
+		switch e.frame["type"] {
+		case "ack", "reply", "error":
+		default:
+			return false, nil
+		}
+		ref, _ := e.frame["ref"].(string)
+		if e.frame["type"] != "reply" || !slices.Contains(sent[i], ref) {
+			return true, fmt.Errorf("%s: unexpected answer %s", s.name, e.raw)
+		}
+		answered[i][ref] = true
+		return true, nil
+	}
 	for i, s := range sessions {
+		answered[i] = map[string]bool{}
 		wg.Go(func() {
 			ch, total := i%nChan, totals[i%nChan]
 			di, next := i%len(rdials), 0
 			for s.last < total {
 				for next < len(cutAt[i]) && cutAt[i][next] <= s.last {
+					if next%2 == 0 {
+						// a message in flight when the connection is cut
+						if err := message(i, s, true); err != nil {
+							fail(err)
+							return
+						}
+					}
 					s.conn.cut()
 					di = (di + 1 + i%3) % len(rdials)
 					if err := s.resumeOver(t, rdials[di]); err != nil {
@@ -179,6 +214,13 @@ func TestChaosResume(t *testing.T) {
 					fail(fmt.Errorf("%s (%s): no push for 30s after seq %d of %d", s.name, s.conn.d, s.last, total))
 					return
 				}
+				if ok, err := isAnswer(i, s, e); ok || err != nil {
+					if err != nil {
+						fail(err)
+						return
+					}
+					continue
+				}
 				f, err := s.checkPush(e)
 				if err != nil {
 					fail(err)
@@ -190,6 +232,12 @@ func TestChaosResume(t *testing.T) {
 					return
 				}
 				seen[i].Store(int64(s.last))
+				if s.last%msgEvery == 0 {
+					if err := message(i, s, false); err != nil {
+						fail(err)
+						return
+					}
+				}
 				if s.last%ackEvery == 0 {
 					if err := s.sendJSON(map[string]any{"type": "ack", "seq": s.last}); err != nil {
 						fail(err)
@@ -215,6 +263,34 @@ func TestChaosResume(t *testing.T) {
 	if got, err := duplexMetric(c, `caddy_duplex_resumes_total{result="failed"}`); err != nil || got != 0 {
 		t.Errorf("resumes_total{failed} = %v (%v), want 0", got, err)
 	}
+	// Every message the server accepted got its answer. A message written
+	// just before its connection was cut may never have reached the
+	// server (it was lost in flight, as on any network); one the app
+	// served was accepted and must be answered.
+	served := map[string]bool{}
+	for _, r := range app.requests() {
+		if id := r.Header.Get("Duplex-Message-Id"); id != "" {
+			served[id] = true
+		}
+	}
+	for i, s := range sessions {
+		var owed []string
+		for k, id := range sent[i] {
+			if !answered[i][id] && (served[id] || !inFlightAtCut[i][k]) {
+				owed = append(owed, id)
+			}
+		}
+		for len(owed) > 0 {
+			e, err := s.nextEvent(frameWait)
+			if err != nil {
+				t.Fatalf("%s: no answer to %v (served by the app: %v): %v", s.name, owed, servedOf(served, owed), err)
+			}
+			if ok, err := isAnswer(i, s, e); !ok || err != nil {
+				t.Fatalf("%s: waiting for answers to %v; got %s (%v)", s.name, owed, e.raw, err)
+			}
+			owed = slices.DeleteFunc(owed, func(id string) bool { return answered[i][id] })
+		}
+	}
 	// Nothing is left over: the next push on each channel is the next
 	// frame every session gets.
 	for ch := range nChan {
@@ -224,6 +300,14 @@ func TestChaosResume(t *testing.T) {
 		must(t, s.expectPushN(totals[i%nChan]+1))
 	}
 	t.Logf("%d pushes received by %d sessions across %d resumes", publishes*perChan, n, resumed.Load())
+}
+
+func servedOf(served map[string]bool, ids []string) []bool {
+	out := make([]bool, len(ids))
+	for i, id := range ids {
+		out[i] = served[id]
+	}
+	return out
 }
 
 // ---------------------------------------------------------------------------
@@ -272,7 +356,7 @@ func TestResumeAcrossReloads(t *testing.T) {
 	deadline := time.Now().Add(3 * time.Minute)
 
 	// publish retries a publish that got no answer (the admin endpoint is
-	// being replaced): its id makes the retry harmless (DESIGN §6).
+	// being replaced): its id makes the retry harmless (README: publishing).
 	publish := func(k int) error {
 		body := map[string]any{"channel": "all", "id": fmt.Sprintf("reload-%d", k), "data": map[string]any{"n": k}}
 		var last error
@@ -981,9 +1065,9 @@ func TestResumeBufferAndAck(t *testing.T) {
 // ---------------------------------------------------------------------------
 // 4b. Resuming from the oldest cursor the buffer still holds while pushes
 // keep coming: whether the server finds it still held or already dropped,
-// the answer starts with an open frame (DESIGN §4: "always first"):
+// the answer starts with an open frame (always first, as the README says):
 // resumed:true followed by every push after the cursor, or resumed:false
-// and a new session (DESIGN §7). The session, which has not ended, is never
+// and a new session (README: guarantees and resuming). The session, which has not ended, is never
 // reported as ended.
 
 func TestResumeCursorAtBufferEdge(t *testing.T) {
