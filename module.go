@@ -18,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+
+	_ "github.com/caddy-duplex/duplex/command" // caddy duplex connect|publish|sessions
 )
 
 func init() {

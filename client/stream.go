@@ -1,0 +1,134 @@
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"sync"
+)
+
+// streamConn is the stream transport: a POST whose request body carries
+// client frames and whose response body carries server frames, one JSON
+// object per line, both at once (README, "The session protocol").
+type streamConn struct {
+	br  *bufio.Reader
+	max int64
+
+	wmu sync.Mutex // guards writes to pw
+	pw  *io.PipeWriter
+
+	closeOnce sync.Once
+	release   func()
+}
+
+func (c *streamConn) transport() string { return Stream }
+
+func (d *dialer) dialStream(ctx context.Context, cursor string) (conn, error) {
+	// The request body is a pipe: it must end when the connection does,
+	// or a failed round trip waits for it forever.
+	pr, pw := io.Pipe()
+	t := &tracker{dial: d.opts.DialContext, lost: func() { pw.CloseWithError(errConnLost) }}
+	rt := d.roundTripper(t)
+	life, cancel := context.WithCancel(context.Background())
+	stop := context.AfterFunc(ctx, func() {
+		cancel()
+		pw.CloseWithError(ctx.Err())
+	})
+	fail := func(err error) (conn, error) {
+		stop()
+		pw.Close()
+		cancel()
+		t.closeAll()
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(life, http.MethodPost, d.u.String(), pr)
+	if err != nil {
+		return fail(fmt.Errorf("duplex client: stream: %w", err))
+	}
+	req.Header = d.header(cursor)
+	req.Header.Set("Content-Type", "application/x-ndjson")
+	req.Header.Set("Accept", "application/x-ndjson")
+	resp, err := rt.RoundTrip(req)
+	if err != nil {
+		return fail(fmt.Errorf("duplex client: stream: %w", err))
+	}
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); resp.StatusCode != http.StatusOK || mt != "application/x-ndjson" {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		resp.Body.Close()
+		return fail(&statusError{transport: Stream, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
+	}
+	if !stop() {
+		resp.Body.Close()
+		return fail(fmt.Errorf("duplex client: stream: %w", ctx.Err()))
+	}
+	return &streamConn{
+		br:  bufio.NewReader(resp.Body),
+		max: d.opts.MaxFrameSize,
+		pw:  pw,
+		release: func() {
+			pw.Close()
+			resp.Body.Close()
+			cancel()
+			t.closeAll()
+		},
+	}, nil
+}
+
+func (c *streamConn) read() ([]byte, error) {
+	for {
+		line, err := readLine(c.br, c.max)
+		if err != nil {
+			return nil, err
+		}
+		if line = bytes.TrimSpace(line); len(line) > 0 {
+			return line, nil
+		}
+	}
+}
+
+// readLine reads one line of at most max bytes, without its line end.
+func readLine(br *bufio.Reader, max int64) ([]byte, error) {
+	var line []byte
+	for {
+		frag, err := br.ReadSlice('\n')
+		if int64(len(line)+len(frag)) > max+2 {
+			return nil, fmt.Errorf("duplex client: server frame larger than %d bytes", max)
+		}
+		line = append(line, frag...)
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return bytes.TrimRight(line, "\r\n"), nil
+	}
+}
+
+func (c *streamConn) write(_ context.Context, frames [][]byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	for i, f := range frames {
+		line := make([]byte, 0, len(f)+1)
+		line = append(append(line, f...), '\n')
+		if n, err := c.pw.Write(line); err != nil {
+			if n > 0 {
+				i++ // part of it went out: it must not be sent again
+			}
+			return i, fmt.Errorf("duplex client: stream write: %w", err)
+		}
+	}
+	return len(frames), nil
+}
+
+// bye: the transport cannot end the session (the server keeps it for
+// its resume window).
+func (c *streamConn) bye() bool { return false }
+
+func (c *streamConn) close() { c.closeOnce.Do(c.release) }
