@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -75,6 +77,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		if err != nil {
 			return nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
 		}
+		conn = rawConn(conn)
 		// Frames the client sent right behind its handshake may be in the
 		// server's read buffer; read those first, then the connection, and
 		// let both of the server's 4 KiB buffers go.
@@ -299,3 +302,25 @@ func (c *wsConn) close(code int, reason string) error {
 
 // end releases the connection.
 func (c *wsConn) end() error { return c.release() }
+
+// rawConn returns the network connection under a hijacked one. Caddy wraps
+// a hijacked connection to count its bytes for the access log, and reads
+// those counts when the request's handler returns; the session outlives
+// the request and keeps reading and writing, so it must not go through
+// the wrapper (the access log line of a WebSocket over HTTP/1.1 counts its
+// handshake only). Any other connection is returned as it is.
+func rawConn(c net.Conn) net.Conn {
+	v := reflect.ValueOf(c)
+	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct ||
+		v.Elem().Type().Name() != "hijackedConn" {
+		return c
+	}
+	f := v.Elem().FieldByName("Conn")
+	if !f.IsValid() || !f.CanInterface() {
+		return c
+	}
+	if inner, ok := f.Interface().(net.Conn); ok && inner != nil {
+		return inner
+	}
+	return c
+}
