@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-duplex/duplex/protocol"
+
 	"go.uber.org/zap"
 )
 
@@ -61,8 +63,11 @@ func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 	}, nil
 }
 
-// setToken names the session whose cursors the event ids carry.
-func (c *sseConn) setToken(token string) {
+func (c *sseConn) name() string          { return transportSSE }
+func (c *sseConn) outlivesRequest() bool { return false }
+
+// attached names the session whose cursors the event ids carry.
+func (c *sseConn) attached(token string) {
 	c.wmu.Lock()
 	c.token = token
 	c.wmu.Unlock()
@@ -97,7 +102,7 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	defer c.wmu.Unlock()
 	var head [128]byte
 	buf := head[:0]
-	if typ == framePush || typ == frameOpen {
+	if typ == protocol.TypePush || typ == protocol.TypeOpen {
 		buf = append(buf, sseID...)
 		buf = append(buf, c.token...)
 		buf = append(buf, ':')
@@ -231,9 +236,7 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(http.StatusUnauthorized, "unknown or ended session token")
 		return
 	}
-	s.mu.Lock()
-	s.received += int64(len(frames))
-	s.mu.Unlock()
+	s.received.Add(int64(len(frames)))
 	h.logger.Debug("frames posted", zap.String("session", s.id), zap.Int("frames", len(frames)))
 	w.WriteHeader(http.StatusAccepted)
 }

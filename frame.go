@@ -10,40 +10,16 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
-)
 
-// Frame types (README: the session protocol).
-const (
-	frameOpen    = "open"
-	framePush    = "push"
-	frameAck     = "ack"
-	frameReply   = "reply"
-	frameErr     = "error"
-	frameClose   = "close"
-	frameMessage = "message"
-)
-
-// Close codes sent in close frames (and as the WebSocket close code).
-const (
-	// codeClosedByApp: the app or an operator ended the session
-	// (Duplex-Close, publish "close", DELETE on the sessions API).
-	codeClosedByApp = 4000
-	// codeSlowConsumer: the session could not keep up with its pushes.
-	codeSlowConsumer = 4008
-	// codeReplaced: a newer connection resumed the session.
-	codeReplaced = 4009
-	// codeRestart: the config the session ran under was unloaded
-	// (reload or shutdown); reconnecting lands on the new config.
-	codeRestart = 4012
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // closeInfo says why a connection or session ends; it becomes the close
-// frame (encodeClose sets its type).
+// frame.
 type closeInfo struct {
-	Type      string `json:"type"`
-	Code      int    `json:"code"`
-	Reason    string `json:"reason"`
-	Reconnect bool   `json:"reconnect"`
+	Code      int
+	Reason    string
+	Reconnect bool
 	// kind is the reason's metric label when the close ends the session.
 	kind string
 	// quiet: the client closed the connection (its WebSocket close was
@@ -53,46 +29,16 @@ type closeInfo struct {
 }
 
 var (
-	closeRestart = closeInfo{Code: codeRestart, Reason: "server restarting", Reconnect: true}
+	closeRestart = closeInfo{Code: protocol.CodeRestart, Reason: "server restarting", Reconnect: true}
 	// closeShutdown ends sessions for good when the process exits.
-	closeShutdown = closeInfo{Code: codeRestart, Reason: "shutdown", Reconnect: true, kind: "shutdown"}
-	closeSlow     = closeInfo{Code: codeSlowConsumer, Reason: "send queue full", Reconnect: true}
+	closeShutdown = closeInfo{Code: protocol.CodeRestart, Reason: "shutdown", Reconnect: true, kind: "shutdown"}
+	closeSlow     = closeInfo{Code: protocol.CodeSlowConsumer, Reason: "send queue full", Reconnect: true}
 	// closeReplaced goes to a connection whose session a newer one resumed.
-	closeReplaced = closeInfo{Code: codeReplaced, Reason: "resumed on another connection"}
+	closeReplaced = closeInfo{Code: protocol.CodeReplaced, Reason: "resumed on another connection"}
 )
 
 func closedByApp(reason string) closeInfo {
-	return closeInfo{Code: codeClosedByApp, Reason: reason, kind: "app"}
-}
-
-// openFrame is the first frame of every session.
-type openFrame struct {
-	Type      string          `json:"type"`
-	Session   string          `json:"session"`
-	Token     string          `json:"token"`
-	Resumed   bool            `json:"resumed"`
-	Heartbeat int64           `json:"heartbeat"`
-	Data      json.RawMessage `json:"data,omitempty"`
-}
-
-// answerFrame is an ack, reply or error frame.
-type answerFrame struct {
-	Type     string          `json:"type"`
-	Ref      json.RawMessage `json:"ref,omitempty"`
-	Status   int             `json:"status,omitempty"`
-	Data     json.RawMessage `json:"data,omitempty"`
-	Encoding string          `json:"encoding,omitempty"`
-	Error    string          `json:"error,omitempty"`
-}
-
-// clientFrame is a frame sent by the client.
-type clientFrame struct {
-	Type   string          `json:"type"`
-	ID     json.RawMessage `json:"id"`
-	Data   json.RawMessage `json:"data"`
-	Method string          `json:"method"`
-	Path   string          `json:"path"`
-	Seq    uint64          `json:"seq"`
+	return closeInfo{Code: protocol.CodeClosedByApp, Reason: reason, kind: "app"}
 }
 
 // clientError is a client frame that cannot be served; it becomes an error
@@ -112,7 +58,7 @@ const maxIDLength = 256
 
 // decodeClientFrame parses one client frame. On error, f.ID is the
 // frame's id when it could be read, so the error frame can name it.
-func decodeClientFrame(b []byte) (f clientFrame, err *clientError) {
+func decodeClientFrame(b []byte) (f protocol.Message, err *clientError) {
 	if !utf8.Valid(b) {
 		return f, badFrame("frame is not valid UTF-8")
 	}
@@ -137,7 +83,7 @@ func decodeClientFrame(b []byte) (f clientFrame, err *clientError) {
 		return f, e
 	}
 	switch f.Type {
-	case "", frameMessage, frameAck:
+	case "", protocol.TypeMessage, protocol.TypeAck:
 	default:
 		return f, badFrame("unknown frame type %q", f.Type)
 	}
@@ -196,25 +142,24 @@ func mustJSON(v any) []byte {
 	return b
 }
 
-func encodeOpen(f openFrame) []byte {
-	f.Type = frameOpen
+func encodeOpen(f protocol.Open) []byte {
+	f.Type = protocol.TypeOpen
 	return mustJSON(f)
 }
 
 func encodeClose(c closeInfo) []byte {
-	c.Type = frameClose
-	return mustJSON(c)
+	return mustJSON(protocol.Close{Type: protocol.TypeClose, Code: c.Code, Reason: c.Reason, Reconnect: c.Reconnect})
 }
 
 func encodeAck(ref json.RawMessage) []byte {
-	return mustJSON(answerFrame{Type: frameAck, Ref: ref})
+	return mustJSON(protocol.Answer{Type: protocol.TypeAck, Ref: ref})
 }
 
 func encodeError(ref json.RawMessage, status int, msg string) []byte {
 	if msg == "" {
 		msg = statusText(status)
 	}
-	return mustJSON(answerFrame{Type: frameErr, Ref: ref, Status: status, Error: msg})
+	return mustJSON(protocol.Answer{Type: protocol.TypeError, Ref: ref, Status: status, Error: msg})
 }
 
 func statusText(status int) string {
@@ -227,7 +172,7 @@ func statusText(status int) string {
 // encodeReply embeds an app's answer body: JSON as JSON, text as a string,
 // anything else as base64.
 func encodeReply(ref json.RawMessage, status int, contentType string, body []byte) []byte {
-	f := answerFrame{Type: frameReply, Ref: ref, Status: status}
+	f := protocol.Answer{Type: protocol.TypeReply, Ref: ref, Status: status}
 	f.Data, f.Encoding = embedBody(contentType, body)
 	return mustJSON(f)
 }

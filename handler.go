@@ -212,12 +212,16 @@ func (h *Handler) open(op *opening, s *session) {
 // serveNew serves new session s on the accepted transport t.
 func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission) {
 	op.bind(s) // before attach: pushes the stream already sent follow the open frame
-	a := newAttachment(s, h, op.r, op.next, op.transport, t)
+	a := newAttachment(s, h, op.r, op.next, t)
 	h.hub.add(s, op.channels, ad)
-	s.attach(a, false, 0, op.data)
+	if !s.attach(a, false, 0, op.data) {
+		// Ended already (its user was closed by the app meanwhile).
+		a.drop()
+		return
+	}
 	if h.MaxSessionsPerUser > 0 && s.user != "" {
 		for _, old := range h.hub.oldestOf(s.user, h.MaxSessionsPerUser) {
-			old.terminate(closeTooMany)
+			old.end(closeTooMany)
 		}
 	}
 	metrics.opened.WithLabelValues(op.transport).Inc()
@@ -235,7 +239,7 @@ func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission) 
 func (h *Handler) resume(op *opening) bool {
 	s, lastSeq := op.resumable, op.lastSeq
 	s.mu.Lock()
-	ok := !s.ended && s.resumableLocked(lastSeq)
+	ok := s.state != stateEnded && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
 	if !ok {
 		return false
@@ -247,7 +251,7 @@ func (h *Handler) resume(op *opening) bool {
 			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
 		return true
 	}
-	a := newAttachment(s, h, op.r, op.next, op.transport, t)
+	a := newAttachment(s, h, op.r, op.next, t)
 	if !s.attach(a, true, lastSeq, op.data) {
 		// The session ended, or a push trimmed the buffer past the
 		// cursor, since the check above: the client starts over on the

@@ -62,21 +62,21 @@ func (h *Handler) runConnect(r *http.Request, next caddyhttp.Handler, s *session
 	if method == http.MethodConnect {
 		method = http.MethodGet // an RFC 8441 WebSocket opening
 	}
-	base := newRequestBase(r)
-	req, err := base.request(method, "", hdr, nil, "")
-	if err != nil {
-		return &connectResult{status: http.StatusBadRequest, err: err}
-	}
+	call := &routeCall{base: newRequestBase(r), next: next, method: method, header: hdr}
 	// The hook must answer within message_timeout; a stream then lives as
 	// long as the session it is bound to.
 	ctx, cancel := context.WithCancel(context.Background())
 	w := newHookWriter(h.SendQueue)
-	req = base.prepare(ctx, req, w)
+	req, err := call.request(ctx, w)
+	if err != nil {
+		cancel()
+		return &connectResult{status: http.StatusBadRequest, err: err}
+	}
 
 	done := make(chan error, 1)
 	go func() {
 		defer cancel()
-		err := serveRoute(next, w, req)
+		err := call.serve(w, req)
 		if err != nil && errorStatus(err, 0) == http.StatusInternalServerError {
 			h.logger.Error("connect hook failed", zap.String("session", s.id), zap.Error(err))
 		}
@@ -124,6 +124,10 @@ type hookWriter struct {
 	header  http.Header
 	decided chan struct{} // closed when a streaming answer started
 
+	// mu guards the fields below: the route writes the answer while the
+	// opening reads it and binds the stream to its session. It is taken
+	// before the target session's mu (deliver pushes under it, keeping
+	// the stream's order).
 	mu        sync.Mutex
 	status    int
 	body      bytes.Buffer
@@ -366,7 +370,7 @@ func headerSafe(s string) string {
 // pending counts work under way that Cleanup may wait for; unlike a
 // WaitGroup, it may be added to while someone waits.
 type pending struct {
-	mu   sync.Mutex
+	mu   sync.Mutex // guards n and idle
 	n    int
 	idle chan struct{} // closed when n drops to 0
 }
@@ -413,15 +417,16 @@ const disconnectAttempts = 6
 // postHook POSTs body to the disconnect path through next and returns the
 // app's status.
 func (h *Handler) postHook(base *requestBase, next caddyhttp.Handler, hdr http.Header, body []byte) (int, error) {
-	req, err := base.request(http.MethodPost, h.Disconnect, hdr, body, "application/json")
-	if err != nil {
-		return 0, err
-	}
+	call := &routeCall{base: base, next: next, method: http.MethodPost, target: h.Disconnect,
+		header: hdr, body: body, contentType: "application/json"}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(h.MessageTimeout))
 	defer cancel()
 	rec := newRecorder(1 << 16)
-	req = base.prepare(ctx, req, rec)
-	if err := serveRoute(next, rec, req); err != nil {
+	req, err := call.request(ctx, rec)
+	if err != nil {
+		return 0, err
+	}
+	if err := call.serve(rec, req); err != nil {
 		return 0, fmt.Errorf("duplex: disconnect hook: %w", err)
 	}
 	return rec.statusCode(), nil

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // errUnknownSession is returned for a session id that is not (or no longer)
@@ -279,18 +281,17 @@ func (h *hub) successor(key string) *Handler {
 // endSessionsOf ends for good every session last served by handler hd.
 func (h *hub) endSessionsOf(hd *Handler, c closeInfo) {
 	h.mu.RLock()
-	var ended []*session
+	var mine []*session
 	for _, s := range h.sessions {
 		s.mu.Lock()
-		mine := s.h == hd
-		s.mu.Unlock()
-		if mine && s.end(c) {
-			ended = append(ended, s)
+		if s.h == hd {
+			mine = append(mine, s)
 		}
+		s.mu.Unlock()
 	}
 	h.mu.RUnlock()
-	for _, s := range ended {
-		s.finish()
+	for _, s := range mine {
+		s.end(c)
 	}
 }
 
@@ -317,15 +318,15 @@ func (h *hub) resumable(cursor, scope string) (*session, uint64) {
 	if cursor == "" {
 		return nil, 0
 	}
-	token, seq, ok := parseCursor(cursor)
+	c, ok := protocol.ParseCursor(cursor)
 	if !ok {
 		return nil, 0
 	}
-	s := h.byToken(token, scope)
+	s := h.byToken(c.Token, scope)
 	if s == nil {
 		return nil, 0
 	}
-	return s, seq
+	return s, c.Seq
 }
 
 // byToken finds an open session by its token, if it was opened by a
@@ -335,7 +336,7 @@ func (h *hub) byToken(token, scope string) *session {
 	h.mu.RLock()
 	s := h.tokens[tokenKey(token)]
 	h.mu.RUnlock()
-	if s == nil || s.scope != scope || !s.tokenMatches(token) || s.ending() {
+	if s == nil || s.scope != scope || !s.tokenMatches(token) || s.ended() {
 		return nil
 	}
 	return s
@@ -345,7 +346,7 @@ func (h *hub) byToken(token, scope string) *session {
 func (h *hub) get(id string) *session {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	if s := h.sessions[id]; s != nil && !s.ending() {
+	if s := h.sessions[id]; s != nil && !s.ended() {
 		return s
 	}
 	return nil
@@ -381,53 +382,56 @@ func (h *hub) subscribeLocked(s *session, c string) {
 // encoded once; each session only queues it, so no socket write happens
 // here and a slow session never holds up the others.
 func (h *hub) deliver(m *publishMsg) (int, error) {
-	var p *push
-	if m.Close == nil {
-		p = newPush(m.Channel, m.Data)
+	targets, err := h.targets(m)
+	if err != nil {
+		return 0, err
 	}
-	var ended []*session
-	send := func(s *session) int {
-		ok := false
-		switch {
-		case s.id == m.Except:
-		case m.Close != nil:
-			if ok = s.end(closedByApp(*m.Close)); ok {
-				ended = append(ended, s)
-			}
-		default:
-			ok = s.push(p)
-		}
-		if ok {
-			return 1
-		}
-		return 0
-	}
-	defer func() {
-		for _, s := range ended {
-			s.finish() // takes hub.mu: after the read lock is released
-		}
-	}()
-
-	h.mu.RLock()
-	defer h.mu.RUnlock()
 	n := 0
-	switch {
-	case m.Session != "":
-		s := h.sessions[m.Session]
-		if s == nil || s.ending() {
-			return 0, errUnknownSession
+	if m.Close != nil {
+		c := closedByApp(*m.Close)
+		for _, s := range targets {
+			if s.end(c) {
+				n++
+			}
 		}
-		n = send(s)
-	case m.User != "":
-		for s := range h.users[m.User] {
-			n += send(s)
-		}
-	default:
-		for s := range h.channels[m.Channel] {
-			n += send(s)
+		return n, nil
+	}
+	p := newPush(m.Channel, m.Data)
+	for _, s := range targets {
+		if s.push(p) {
+			n++
 		}
 	}
 	return n, nil
+}
+
+// targets returns the sessions publish m is for (its except left out).
+func (h *hub) targets(m *publishMsg) ([]*session, error) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	var set map[*session]struct{}
+	switch {
+	case m.Session != "":
+		s := h.sessions[m.Session]
+		if s == nil || s.ended() {
+			return nil, errUnknownSession
+		}
+		if s.id == m.Except {
+			return nil, nil
+		}
+		return []*session{s}, nil
+	case m.User != "":
+		set = h.users[m.User]
+	default:
+		set = h.channels[m.Channel]
+	}
+	out := make([]*session, 0, len(set))
+	for s := range set {
+		if s.id != m.Except {
+			out = append(out, s)
+		}
+	}
+	return out, nil
 }
 
 // sessionInfo describes a session on the sessions API.
@@ -456,7 +460,7 @@ func (h *hub) infoLocked(s *session) sessionInfo {
 	}
 	s.mu.Lock()
 	info.Transport, info.Remote = s.transport, s.remote
-	info.Attached = s.cur != nil
+	info.Attached = s.state == stateAttached
 	s.mu.Unlock()
 	return info
 }
@@ -466,7 +470,7 @@ func (h *hub) info(id string) (sessionInfo, bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	s := h.sessions[id]
-	if s == nil || s.ending() {
+	if s == nil || s.ended() {
 		return sessionInfo{}, false
 	}
 	return h.infoLocked(s), true
@@ -479,7 +483,7 @@ func (h *hub) list(user, channel string) []sessionInfo {
 	defer h.mu.RUnlock()
 	out := []sessionInfo{}
 	for _, s := range h.sessions {
-		if s.ending() || (user != "" && s.user != user) {
+		if s.ended() || (user != "" && s.user != user) {
 			continue
 		}
 		if channel != "" {

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-duplex/duplex/protocol"
+
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 )
@@ -31,15 +33,16 @@ func testSession(h *hub, id, user string, sendQueue int64) *session {
 	}
 	s := newSession(hd, user)
 	s.id = id
-	a := &attachment{s: s, h: hd, readerDone: make(chan struct{})}
-	s.cur = a
+	// stopped: no writer starts, the queue stays for queued to read
+	a := &attachment{s: s, h: hd, out: outbox{limit: sendQueue, stopped: true}, readerDone: make(chan struct{})}
+	s.cur, s.state = a, stateAttached
 	return s
 }
 
 // queued renders the frames queued for s as the client would see them.
 func queued(s *session) []string {
 	var out []string
-	for _, f := range s.cur.out {
+	for _, f := range s.cur.out.frames {
 		if f.push != nil {
 			out = append(out, string(pushPrefix)+strconv.FormatUint(f.seq, 10)+string(f.push.suffix))
 		} else {
@@ -126,15 +129,16 @@ func TestHubCloseTarget(t *testing.T) {
 	h.add(a, nil, nil)
 	h.add(b, nil, nil)
 	reason := "logout"
+	connA, connB := a.cur, b.cur
 	n, err := h.deliver(&publishMsg{User: "u", Close: &reason, Except: "b"})
 	if n != 1 || err != nil {
 		t.Fatalf("delivered %d, %v", n, err)
 	}
-	if c := a.cur.closing; !a.ended || c == nil || c.Code != codeClosedByApp || c.Reason != "logout" || c.Reconnect {
-		t.Errorf("a: ended=%v closing=%+v", a.ended, c)
+	if c := connA.out.closing; !a.ended() || c == nil || c.Code != protocol.CodeClosedByApp || c.Reason != "logout" || c.Reconnect {
+		t.Errorf("a: ended=%v closing=%+v", a.ended(), c)
 	}
-	if b.ended || b.cur.closing != nil {
-		t.Errorf("excepted session closed: %+v", b.cur.closing)
+	if b.ended() || connB.out.closing != nil {
+		t.Errorf("excepted session closed: %+v", connB.out.closing)
 	}
 	if _, err := h.deliver(&publishMsg{Session: "a", Data: json.RawMessage(`1`)}); !errors.Is(err, errUnknownSession) {
 		t.Errorf("closed session still known: %v", err)
@@ -152,17 +156,17 @@ func TestSlowConsumerClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if c := slow.cur.closing; c == nil || c.Code != codeSlowConsumer || !c.Reconnect {
+	if c := slow.cur.out.closing; c == nil || c.Code != protocol.CodeSlowConsumer || !c.Reconnect {
 		t.Errorf("slow connection not closed as slow consumer: %+v", c)
 	}
-	if slow.cur.outBytes > 200 {
-		t.Errorf("slow connection queued %d bytes over its 200-byte send queue", slow.cur.outBytes)
+	if slow.cur.out.bytes > 200 {
+		t.Errorf("slow connection queued %d bytes over its 200-byte send queue", slow.cur.out.bytes)
 	}
-	if slow.ended || slow.seq != 10 {
-		t.Errorf("slow session should live on for a resume: ended=%v seq=%d", slow.ended, slow.seq)
+	if slow.ended() || slow.seq != 10 {
+		t.Errorf("slow session should live on for a resume: ended=%v seq=%d", slow.ended(), slow.seq)
 	}
-	if fast.cur.closing != nil || len(fast.cur.out) != 10 {
-		t.Errorf("fast session affected: closing=%+v queued=%d", fast.cur.closing, len(fast.cur.out))
+	if fast.cur.out.closing != nil || len(fast.cur.out.frames) != 10 {
+		t.Errorf("fast session affected: closing=%+v queued=%d", fast.cur.out.closing, len(fast.cur.out.frames))
 	}
 }
 
@@ -184,7 +188,7 @@ func BenchmarkDeliverFanout(b *testing.B) {
 		if i%64 == 0 {
 			b.StopTimer()
 			for _, s := range sessions {
-				s.cur.out, s.cur.outBytes = s.cur.out[:0], 0
+				s.cur.out.frames, s.cur.out.bytes = s.cur.out.frames[:0], 0
 				s.log, s.logBytes = s.log[:0], 0
 			}
 			b.StartTimer()
@@ -201,7 +205,7 @@ func TestResumeBufferBounds(t *testing.T) {
 	h := newHub()
 	s := testSession(h, "s", "", 1<<30)
 	s.h.ResumeBufferSize = 1000
-	s.cur = nil // detached: everything goes to the buffer only
+	s.cur, s.state = nil, stateDetached // everything goes to the buffer only
 	data := json.RawMessage(`"` + strings.Repeat("x", 200) + `"`)
 	for range 20 {
 		s.push(newPush("", data))
@@ -227,8 +231,8 @@ func TestHeldAnswersConfirmedByAck(t *testing.T) {
 	h := newHub()
 	s := testSession(h, "s", "", 1<<20)
 	ref := json.RawMessage(`"m1"`)
-	s.send(frameAck, ref, encodeAck(ref))
-	s.send(frameErr, nil, encodeError(nil, 400, "no id: not held"))
+	s.send(protocol.TypeAck, ref, encodeAck(ref))
+	s.send(protocol.TypeError, nil, encodeError(nil, 400, "no id: not held"))
 	if len(s.held) != 1 {
 		t.Fatalf("%d answers held, want 1 (the one with an id)", len(s.held))
 	}

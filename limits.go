@@ -5,6 +5,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-duplex/duplex/protocol"
+
 	"golang.org/x/time/rate"
 )
 
@@ -20,29 +22,18 @@ const (
 	idempotencyWindow = 2 * time.Minute
 )
 
-// Close codes of the limits.
-const (
-	// codePolicy: the client kept sending over its rate (WebSocket 1008).
-	codePolicy = 1008
-	// codeTooMany: the user opened more sessions than allowed.
-	codeTooMany = 4001
-	// codeMaxAge: the connection reached max_age; reconnecting passes the
-	// auth chain (and connect hook) again and resumes the session.
-	codeMaxAge = 4003
-)
-
 var (
-	closeRateAbuse = closeInfo{Code: codePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
-	closeTooMany   = closeInfo{Code: codeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
-	closeMaxAge    = closeInfo{Code: codeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
+	closeRateAbuse = closeInfo{Code: protocol.CodePolicy, Reason: "message rate limit exceeded", kind: "rate_limit"}
+	closeTooMany   = closeInfo{Code: protocol.CodeTooMany, Reason: "too many sessions for this user", kind: "too_many_sessions"}
+	closeMaxAge    = closeInfo{Code: protocol.CodeMaxAge, Reason: "max_age reached: reconnect to authenticate again", Reconnect: true}
 	// closeEvicted ends the session detached longest when max_detached is
 	// reached; its client can only start over (resumed:false).
-	closeEvicted = closeInfo{Code: codeClosedByApp, Reason: "max_detached reached", kind: "evicted"}
+	closeEvicted = closeInfo{Code: protocol.CodeClosedByApp, Reason: "max_detached reached", kind: "evicted"}
 )
 
 // rateGate applies the rate option to one session's messages.
 type rateGate struct {
-	mu       sync.Mutex
+	mu       sync.Mutex // guards lim and rejected (messages are checked from several goroutines)
 	lim      *rate.Limiter
 	rejected int // consecutive messages refused
 	burst    int

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-duplex/duplex/protocol"
+
 	"go.uber.org/zap"
 )
 
@@ -105,13 +107,15 @@ func (in *inbox) drain() {
 
 // handle checks a message against the rate limit and decodes it, then
 // serves it once the session has a max_inflight slot. The slot is held
-// until the route call returns, also past message_timeout.
+// until the route call returns, also past message_timeout. A message
+// costs no goroutine of its own unless max_inflight lets several run at
+// once.
 func (s *session) handle(m inMsg) {
-	var f *clientFrame
+	var f *protocol.Message
 	body, contentType := m.b, "application/octet-stream"
 	if ok, abuse := s.gate.allow(); !ok {
 		if abuse {
-			s.terminate(closeRateAbuse)
+			s.end(closeRateAbuse)
 			return
 		}
 		metrics.messages.WithLabelValues("rate_limited").Inc()
@@ -121,17 +125,17 @@ func (s *session) handle(m inMsg) {
 				ref = frame.ID
 			}
 		}
-		s.send(frameErr, ref, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
+		s.send(protocol.TypeError, ref, encodeError(ref, http.StatusTooManyRequests, "message rate limit exceeded"))
 		return
 	}
 	if !m.binary {
 		frame, ferr := decodeClientFrame(m.b)
 		if ferr != nil {
 			metrics.messages.WithLabelValues("bad_frame").Inc()
-			s.send(frameErr, frame.ID, encodeError(frame.ID, ferr.status, ferr.msg))
+			s.send(protocol.TypeError, frame.ID, encodeError(frame.ID, ferr.status, ferr.msg))
 			return
 		}
-		if frame.Type == frameAck {
+		if frame.Type == protocol.TypeAck {
 			s.ack(frame.Seq)
 			return
 		}
@@ -142,6 +146,14 @@ func (s *session) handle(m inMsg) {
 	select {
 	case s.sem <- struct{}{}:
 	case <-s.ctx.Done():
+		return
+	}
+	if len(s.sem) == cap(s.sem) {
+		// Every slot is taken: the next message would wait anyway, so
+		// this one is served here, on the inbox's goroutine (always, with
+		// the default max_inflight 1).
+		defer func() { <-s.sem }()
+		s.serve(f, body, contentType)
 		return
 	}
 	go func() {
@@ -155,7 +167,7 @@ func (s *session) handle(m inMsg) {
 // one ack, reply or error for a message with an id. f is nil for binary
 // messages, which are fire-and-forget. It returns when the route call
 // does; past message_timeout the client is answered 504 at once.
-func (s *session) serve(f *clientFrame, body []byte, contentType string) {
+func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 	var ref json.RawMessage
 	method, target := http.MethodPost, ""
 	if f != nil {
@@ -182,36 +194,37 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 	h, base, next, transport := s.route()
 	if h.cleaned.Load() {
 		// Caddy unloaded this config: its handler chain is gone.
-		answer("app_error", frameErr, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
+		answer("app_error", protocol.TypeError, encodeError(ref, http.StatusServiceUnavailable, "server restarting; resume to continue"))
 		return
 	}
 	if !validMethod(method) {
-		answer("bad_frame", frameErr, encodeError(ref, http.StatusBadRequest, fmt.Sprintf("method %q is not allowed", method)))
+		answer("bad_frame", protocol.TypeError, encodeError(ref, http.StatusBadRequest, fmt.Sprintf("method %q is not allowed", method)))
 		return
 	}
-	req, err := base.request(method, target, s.messageHeader(f, transport), body, contentType)
-	if err != nil {
-		answer("bad_frame", frameErr, encodeError(ref, http.StatusBadRequest, err.Error()))
-		return
-	}
+	call := &routeCall{base: base, next: next, method: method, target: target,
+		header: s.messageHeader(f, transport), body: body, contentType: contentType}
 	// Not the connection's cancellation: a message outlives a dropped
 	// connection; it ends with the session or at message_timeout.
 	ctx, cancel := context.WithTimeout(s.ctx, time.Duration(h.MessageTimeout))
 	defer cancel()
 	rec := newRecorder(h.SendQueue)
-	req = base.prepare(ctx, req, rec)
+	req, err := call.request(ctx, rec)
+	if err != nil {
+		answer("bad_frame", protocol.TypeError, encodeError(ref, http.StatusBadRequest, err.Error()))
+		return
+	}
 	if !h.inScope(req, base) {
-		answer("forbidden", frameErr, encodeError(ref, http.StatusForbidden, "the path is outside this session's messages scope"))
+		answer("forbidden", protocol.TypeError, encodeError(ref, http.StatusForbidden, "the path is outside this session's messages scope"))
 		return
 	}
 
 	timeout := time.AfterFunc(time.Duration(h.MessageTimeout), func() {
 		if s.ctx.Err() == nil {
-			answer("timeout", frameErr, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
+			answer("timeout", protocol.TypeError, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
 		}
 	})
 	start := time.Now()
-	err = serveRoute(next, rec, req)
+	err = call.serve(rec, req)
 	timeout.Stop()
 	metrics.appLatency.Observe(time.Since(start).Seconds())
 	if s.ctx.Err() != nil || answered.Load() {
@@ -223,7 +236,7 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 			status = http.StatusGatewayTimeout
 		}
 		h.logger.Debug("message failed", zap.String("session", s.id), zap.Int("status", status), zap.Error(err))
-		answer("app_error", frameErr, encodeError(ref, status, ""))
+		answer("app_error", protocol.TypeError, encodeError(ref, status, ""))
 		return
 	}
 
@@ -231,27 +244,27 @@ func (s *session) serve(f *clientFrame, body []byte, contentType string) {
 	status := rec.statusCode()
 	switch {
 	case rec.overflow:
-		answer("app_error", frameErr, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
+		answer("app_error", protocol.TypeError, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
 	case status >= 400:
-		answer("app_error", frameErr, encodeError(ref, status, errorText(status, rec.body.Bytes())))
+		answer("app_error", protocol.TypeError, encodeError(ref, status, errorText(status, rec.body.Bytes())))
 	case ref == nil:
 		// no id: the client asked for no answer
 		answered.Store(true)
 		metrics.messages.WithLabelValues("served").Inc()
 	case rec.body.Len() == 0:
-		answer("ack", frameAck, encodeAck(ref))
+		answer("ack", protocol.TypeAck, encodeAck(ref))
 	default:
-		answer("reply", frameReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
+		answer("reply", protocol.TypeReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
 	if closeAfter {
-		s.terminate(closedByApp(closeReason))
+		s.end(closedByApp(closeReason))
 	}
 }
 
 // messageHeader is what a message adds to the base's headers: the
 // session's identity. Client messages never carry Duplex-Connect or
 // Duplex-Disconnect, so the app can tell them from hooks.
-func (s *session) messageHeader(f *clientFrame, transport string) http.Header {
+func (s *session) messageHeader(f *protocol.Message, transport string) http.Header {
 	hdr := http.Header{
 		"Duplex-Session":   {s.id},
 		"Duplex-Transport": {transport},

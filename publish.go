@@ -174,7 +174,7 @@ func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string)
 		}
 		writeJSON(w, http.StatusOK, info)
 	case sub == "" && r.Method == http.MethodDelete:
-		s.terminate(closedByApp("deleted"))
+		s.end(closedByApp("deleted"))
 		w.WriteHeader(http.StatusNoContent)
 	case sub == "channels" && r.Method == http.MethodPost:
 		var change struct {

@@ -195,14 +195,38 @@ func (b *requestBase) prepare(parent context.Context, req *http.Request, w http.
 	return req
 }
 
-// serveRoute serves req through next, turning a panic into a 500 error.
-func serveRoute(next caddyhttp.Handler, w http.ResponseWriter, req *http.Request) (err error) {
+// routeCall is one request through the route a session was opened on: a
+// client message, or the connect or disconnect hook. They differ only in
+// method, target, headers and body; each is built from the opening's
+// requestBase and served by the handlers after duplex in its route.
+type routeCall struct {
+	base        *requestBase
+	next        caddyhttp.Handler
+	method      string
+	target      string      // path and optional query; "" is the opening path
+	header      http.Header // added to the base's headers
+	body        []byte
+	contentType string
+}
+
+// request builds the call's request under parent (for cancellation), to
+// be answered into w.
+func (c *routeCall) request(parent context.Context, w http.ResponseWriter) (*http.Request, error) {
+	req, err := c.base.request(c.method, c.target, c.header, c.body, c.contentType)
+	if err != nil {
+		return nil, err
+	}
+	return c.base.prepare(parent, req, w), nil
+}
+
+// serve serves req through the route, turning a panic into a 500 error.
+func (c *routeCall) serve(w http.ResponseWriter, req *http.Request) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("duplex: panic in the route: %v", p))
 		}
 	}()
-	return next.ServeHTTP(w, req)
+	return c.next.ServeHTTP(w, req)
 }
 
 // errorStatus is the HTTP status a route error stands for.

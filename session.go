@@ -7,21 +7,15 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
-	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-duplex/duplex/protocol"
+
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
-
-// closeGrace is how long a closing WebSocket waits for the client to
-// answer the close before the connection is dropped.
-const closeGrace = 2 * time.Second
 
 // session is one client's duplex session: its identity, its channels (kept
 // by the hub), its push sequence and resume buffer, its inbox of client
@@ -31,13 +25,17 @@ const closeGrace = 2 * time.Second
 // resume_window; a client that resumes with its cursor gets a new
 // attachment on the same session.
 //
-// Frames for the client are only ever queued; the attachment's writer
-// goroutine drains the queue into the transport, so publishers never wait
-// on a socket.
+// Frames for the client are only ever queued in the attachment's outbox;
+// its writer goroutine drains the queue into the transport, so publishers
+// never wait on a socket.
 //
-// Locks: hub.mu is taken before a session's mu, never after; s.mu before
-// the hub's detached-list lock (hub.dmu) and the rate gate's lock, which
-// take no other lock. No code holds two sessions' mu at once.
+// Lock order: hub.mu or a connect stream's hookWriter.mu, then a session's
+// mu, then one of the locks that take no other: the hub's detached-list
+// lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
+// inbox and transport (wmu) locks are never held while another is taken;
+// a handler's attachmentSet lock only before outbox locks (closeAll). No code holds two sessions' mu at once; end must be
+// called with no lock held (it unregisters the session and runs the
+// disconnect hook).
 type session struct {
 	id, token string
 	user      string
@@ -65,15 +63,19 @@ type session struct {
 	upstream atomic.Bool
 	// gate applies the rate limit to the client's messages.
 	gate *rateGate
+	// received counts the client's messages, for the session's log line.
+	received atomic.Int64
 
-	mu       sync.Mutex // guards the fields below and the attachments' queues
-	seq      uint64     // last push sequence number assigned
-	log      []logEntry // resume buffer: the latest pushes, oldest first
+	mu    sync.Mutex // guards the fields below
+	state sessionState
+	cur   *attachment // the connection, while attached
+	seq   uint64      // last push sequence number assigned
+	// log is the resume buffer: the latest pushes, oldest first.
+	log      []logEntry
 	logBytes int64
 	// held are the answers the client may not have seen: see send.
 	held      []heldAnswer
 	heldBytes int64
-	cur       *attachment // nil while detached
 	// What the latest connection brought: the handler whose options
 	// apply, what requests through the route are built from, and the
 	// route itself.
@@ -84,11 +86,35 @@ type session struct {
 	remote    string
 	gen       uint64 // counts attachments; guards the expiry timer
 	expiry    *time.Timer
-	ended     bool
 	endReason string
 	endKind   string // metric label
 	// counters for the session's log lines
-	received, pushed, resumes int64
+	pushed, resumes int64
+}
+
+// sessionState is where a session is in its life. A session is created
+// new while its opening is decided, then is attached to one connection
+// at a time, detached between connections, and ended once, by end.
+type sessionState uint8
+
+const (
+	stateNew      sessionState = iota // being opened: not attached yet
+	stateAttached                     // cur serves it
+	stateDetached                     // waiting resume_window for a resume
+	stateEnded                        // for good
+)
+
+func (st sessionState) String() string {
+	switch st {
+	case stateNew:
+		return "new"
+	case stateAttached:
+		return "attached"
+	case stateDetached:
+		return "detached"
+	default:
+		return "ended"
+	}
 }
 
 // heldAnswer is an answer (ack, reply or error of a message with an id)
@@ -110,49 +136,6 @@ const maxHeldAnswers = 2 * inboxSize
 type logEntry struct {
 	seq  uint64
 	push *push
-}
-
-// attachment is one connection serving a session.
-type attachment struct {
-	s         *session
-	h         *Handler
-	base      *requestBase      // handed to the session when attached
-	next      caddyhttp.Handler // likewise
-	t         transport
-	transport string
-	remote    string
-
-	// guarded by s.mu
-	out      []outFrame // frames waiting for the writer
-	outBytes int64
-	lastPush uint64     // seq of the last push queued (the cursor at first)
-	closing  *closeInfo // set once the connection must end
-	closed   bool       // the close frame was handed to the writer
-	writing  bool       // a writer goroutine is draining out
-	stopped  bool       // the connection is done: no writer starts
-
-	writers    sync.WaitGroup
-	readerDone chan struct{} // closed when the reader has returned
-	pinger     *time.Timer
-
-	ctx    context.Context // ends with the connection
-	cancel context.CancelFunc
-}
-
-// outFrame is a frame waiting to be written: a push (shared payload plus
-// this session's sequence number) or an already encoded frame.
-type outFrame struct {
-	push *push
-	seq  uint64 // of a push; the cursor of an open frame
-	typ  string // of b
-	b    []byte
-}
-
-func (f outFrame) size() int64 {
-	if f.push != nil {
-		return int64(f.push.frameSize(f.seq))
-	}
-	return int64(len(f.b))
 }
 
 // randomID returns n bytes from crypto/rand, base64url-encoded.
@@ -184,46 +167,11 @@ func newSession(h *Handler, user string) *session {
 	return s
 }
 
-// newAttachment prepares a connection for s, opened by r.
-func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handler, transport string, t transport) *attachment {
-	base := r.Context()
-	if _, hijacked := t.(*wsConn); hijacked && r.ProtoMajor == 1 {
-		// The connection outlives the request (see start).
-		base = context.Background()
-	}
-	ctx, cancel := context.WithCancel(base)
-	return &attachment{
-		s:          s,
-		h:          h,
-		base:       newRequestBase(r),
-		next:       next,
-		t:          t,
-		transport:  transport,
-		remote:     r.RemoteAddr,
-		readerDone: make(chan struct{}),
-		ctx:        ctx,
-		cancel:     cancel,
-	}
-}
-
 // route is what a request through the route is made of now.
 func (s *session) route() (*Handler, *requestBase, caddyhttp.Handler, string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.h, s.base, s.next, s.transport
-}
-
-// parseCursor splits a resume cursor <token>:<seq>.
-func parseCursor(c string) (token string, seq uint64, ok bool) {
-	i := strings.LastIndexByte(c, ':')
-	if i <= 0 {
-		return "", 0, false
-	}
-	seq, err := strconv.ParseUint(c[i+1:], 10, 64)
-	if err != nil {
-		return "", 0, false
-	}
-	return c[:i], seq, true
 }
 
 // attach makes a the session's connection and queues the open frame. For
@@ -235,27 +183,26 @@ func parseCursor(c string) (token string, seq uint64, ok bool) {
 func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.RawMessage) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.ended {
+	if s.state == stateEnded {
 		return false
 	}
 	if resumed && !s.resumableLocked(lastSeq) {
 		return false
 	}
 	if old := s.cur; old != nil {
-		old.closeLocked(closeReplaced)
+		old.close(closeReplaced)
 	}
 	if s.expiry != nil {
 		s.expiry.Stop()
 		s.expiry = nil
 	}
 	s.hub.undetach(s)
+	s.state = stateAttached
 	s.gen++
 	s.cur = a
-	s.h, s.base, s.next, s.transport, s.remote = a.h, a.base, a.next, a.transport, a.remote
+	s.h, s.base, s.next, s.transport, s.remote = a.h, a.base, a.next, a.t.name(), a.remote
 	a.base, a.next = nil, nil
-	if c, ok := a.t.(*sseConn); ok {
-		c.setToken(s.token)
-	}
+	a.t.attached(s.token)
 	cursor := uint64(0) // a new session: pushes from a connect stream
 	if resumed {
 		cursor = lastSeq
@@ -263,8 +210,9 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.
 		s.trimLocked(lastSeq) // the client has everything up to lastSeq
 		s.confirmLocked(lastSeq)
 	}
-	a.lastPush = cursor
-	a.queueLocked(outFrame{typ: frameOpen, seq: cursor, b: encodeOpen(openFrame{
+	a.out.setCursor(cursor)
+	frames := make([]outFrame, 0, 1+len(s.held)+len(s.log))
+	frames = append(frames, outFrame{typ: protocol.TypeOpen, seq: cursor, b: encodeOpen(protocol.Open{
 		Session:   s.id,
 		Token:     s.token,
 		Resumed:   resumed,
@@ -273,24 +221,15 @@ func (s *session) attach(a *attachment, resumed bool, lastSeq uint64, data json.
 	})})
 	for i := range s.held {
 		s.held[i].pos = cursor
-		a.queueLocked(outFrame{typ: s.held[i].typ, b: s.held[i].b})
+		frames = append(frames, outFrame{typ: s.held[i].typ, b: s.held[i].b})
 	}
 	for _, e := range s.log {
 		if e.seq > cursor {
-			a.queueLocked(outFrame{push: e.push, seq: e.seq})
+			frames = append(frames, outFrame{push: e.push, seq: e.seq})
 		}
 	}
-	a.wakeWriter()
+	a.queue(frames...)
 	return true
-}
-
-// queueLocked adds f to the writer's queue, whatever its size.
-func (a *attachment) queueLocked(f outFrame) {
-	a.out = append(a.out, f)
-	a.outBytes += f.size()
-	if f.push != nil {
-		a.lastPush = f.seq
-	}
 }
 
 // resumableLocked reports whether a client that has every push up to
@@ -351,7 +290,7 @@ func (s *session) ack(seq uint64) {
 func (s *session) push(p *push) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.ended {
+	if s.state == stateEnded {
 		return false
 	}
 	s.seq++
@@ -365,7 +304,7 @@ func (s *session) push(p *push) bool {
 	switch a := s.cur; {
 	case a == nil:
 		metrics.pushBuffered.Inc()
-	case a.enqueueLocked(outFrame{push: p, seq: e.seq}):
+	case a.offer(outFrame{push: p, seq: e.seq}):
 		metrics.pushDelivered.Inc()
 	default:
 		metrics.pushDropped.Inc()
@@ -382,14 +321,14 @@ func (s *session) push(p *push) bool {
 func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.ended {
+	if s.state == stateEnded {
 		return
 	}
 	a := s.cur
 	if hasID(ref) {
 		pos := s.seq // detached: after every push so far
 		if a != nil {
-			pos = a.lastPush
+			pos = a.out.cursor()
 		}
 		s.held = append(s.held, heldAnswer{typ: typ, b: b, pos: pos})
 		s.heldBytes += int64(len(b))
@@ -401,24 +340,43 @@ func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 		s.dropHeldLocked(n)
 	}
 	if a != nil {
-		a.enqueueLocked(outFrame{typ: typ, b: b})
+		a.offer(outFrame{typ: typ, b: b})
 	}
+}
+
+// ended reports whether the session has ended.
+func (s *session) ended() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state == stateEnded
+}
+
+// attachedNow reports whether a connection serves the session.
+func (s *session) attachedNow() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state == stateAttached
 }
 
 // end ends the session for good with close frame c, if it has not ended
-// yet; the caller then removes it from the hub. It reports whether this
-// call ended it.
+// yet, and reports whether this call ended it. It is the one way a
+// session ends: the connection (if any) gets c, the buffers go, the
+// messages in flight are cancelled, then the session leaves the hub, the
+// disconnect hook runs and the end is logged. It must be called with no
+// lock held.
 func (s *session) end(c closeInfo) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.endLocked(c)
+	return s.endIf(nil, c)
 }
 
-func (s *session) endLocked(c closeInfo) bool {
-	if s.ended {
+// endIf is end when cond, checked under s.mu (nil: always), holds.
+func (s *session) endIf(cond func() bool, c closeInfo) bool {
+	s.mu.Lock()
+	if s.state == stateEnded || (cond != nil && !cond()) {
+		s.mu.Unlock()
 		return false
 	}
-	s.ended = true
+	opened := s.state != stateNew
+	s.state = stateEnded
 	s.endReason = c.Reason
 	s.endKind = c.kind
 	if s.expiry != nil {
@@ -427,89 +385,61 @@ func (s *session) endLocked(c closeInfo) bool {
 	}
 	s.hub.undetach(s)
 	if a := s.cur; a != nil {
-		a.closeLocked(c)
+		a.close(c)
+		s.cur = nil
 	}
 	s.log, s.logBytes = nil, 0
 	s.held, s.heldBytes = nil, 0
 	s.cancel()
-	return true
-}
-
-// ending reports whether the session has ended.
-func (s *session) ending() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ended
-}
-
-// detach is called when a's connection is gone. Unless the session ended
-// or a newer connection took over, it stays for resume_window, buffering
-// pushes and serving the messages it accepted; with no window it ends
-// now. It reports whether this call ended the session (the caller then
-// calls finish), and a session detached longer that must end because this
-// one made max_detached full (the caller terminates it).
-func (s *session) detach(a *attachment, reason string) (endedNow bool, evicted *session) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.ended || s.cur != a {
-		return false, nil
-	}
-	s.cur = nil
-	window := time.Duration(a.h.ResumeWindow)
-	if window <= 0 {
-		return s.endLocked(closeInfo{Reason: reason, kind: "connection_lost"}), nil
-	}
-	gen := s.gen
-	s.expiry = time.AfterFunc(window, func() { s.expire(gen) })
-	return false, s.hub.detach(s, a.h.MaxDetached)
-}
-
-// evict ends a session that max_detached pushed out, unless it resumed
-// meanwhile.
-func (s *session) evict() {
-	s.mu.Lock()
-	ended := s.cur == nil && s.endLocked(closeEvicted)
+	h, kind := s.h, c.kind
 	s.mu.Unlock()
-	if ended {
-		s.finish()
-	}
-}
 
-// expire ends a session still detached since attachment gen.
-func (s *session) expire(gen uint64) {
-	s.mu.Lock()
-	ended := s.cur == nil && s.gen == gen && s.endLocked(closeInfo{Reason: "resume window expired", kind: "expired"})
-	s.mu.Unlock()
-	if ended {
-		s.finish()
-	}
-}
-
-// terminate ends the session for good with close frame c and unregisters
-// it. It must not be called with hub.mu held.
-func (s *session) terminate(c closeInfo) bool {
-	if !s.end(c) {
-		return false
-	}
-	s.finish()
-	return true
-}
-
-// finish unregisters an ended session and logs its end. It must not be
-// called with hub.mu held.
-func (s *session) finish() {
 	s.hub.remove(s)
-	s.mu.Lock()
-	kind, reason, h := s.endKind, s.endReason, s.h
-	s.mu.Unlock()
+	if !opened {
+		return true // an opening that did not get to serve the session
+	}
 	if h.Disconnect != "" {
-		h.sendDisconnect(s, reason)
+		h.sendDisconnect(s, c.Reason)
 	}
 	if kind == "" {
 		kind = "other"
 	}
 	metrics.ended.WithLabelValues(kind).Inc()
 	s.logEnd()
+	return true
+}
+
+// detach is called when a's connection is gone. Unless the session ended
+// or a newer connection took over, it stays for resume_window, buffering
+// pushes and serving the messages it accepted; with no window it ends
+// now. It reports whether the session is now detached. A session detached
+// longer that this one pushes out of max_detached is ended.
+func (s *session) detach(a *attachment, reason string) bool {
+	s.mu.Lock()
+	if s.state != stateAttached || s.cur != a {
+		s.mu.Unlock()
+		return false
+	}
+	window := time.Duration(a.h.ResumeWindow)
+	if window <= 0 {
+		s.mu.Unlock()
+		s.endIf(func() bool { return s.cur == a }, closeInfo{Reason: reason, kind: "connection_lost"})
+		return false
+	}
+	s.state = stateDetached
+	s.cur = nil
+	gen := s.gen
+	s.expiry = time.AfterFunc(window, func() {
+		s.endIf(func() bool { return s.state == stateDetached && s.gen == gen },
+			closeInfo{Reason: "resume window expired", kind: "expired"})
+	})
+	evicted := s.hub.detach(s, a.h.MaxDetached)
+	s.mu.Unlock()
+	if evicted != nil {
+		// Unless it resumed meanwhile.
+		evicted.endIf(func() bool { return evicted.state == stateDetached }, closeEvicted)
+	}
+	return true
 }
 
 func (s *session) logEnd() {
@@ -519,7 +449,7 @@ func (s *session) logEnd() {
 		zap.String("session", s.id),
 		zap.String("user", s.user),
 		zap.Duration("duration", time.Since(s.opened)),
-		zap.Int64("messages", s.received),
+		zap.Int64("messages", s.received.Load()),
 		zap.Int64("pushes", s.pushed),
 		zap.Int64("resumes", s.resumes),
 		zap.String("reason", s.endReason),
@@ -530,297 +460,8 @@ func (s *session) logEnd() {
 	h.logger.Info("session closed", fields...)
 }
 
-// enqueueLocked queues f for the writer and reports whether it did. A
-// connection whose queue would exceed send_queue is closed as a slow
-// consumer instead; the session stays and can resume from its buffer.
-func (a *attachment) enqueueLocked(f outFrame) bool {
-	if a.closing != nil {
-		return false
-	}
-	n := f.size()
-	if a.outBytes+n > a.h.SendQueue {
-		a.closeLocked(closeSlow)
-		metrics.slowClosures.Inc()
-		return false
-	}
-	a.queueLocked(f)
-	a.wakeWriter()
-	return true
-}
-
-// wakeWriter makes sure a writer goroutine drains the queue. Writers run
-// only while there is something to write, so an idle connection holds none.
-// Called with s.mu held.
-func (a *attachment) wakeWriter() {
-	if a.writing || a.stopped || a.t == nil {
-		return
-	}
-	a.writing = true
-	a.writers.Go(a.writeBurst)
-}
-
-// close ends the connection with close frame c (the session stays unless
-// it was ended).
-func (a *attachment) close(c closeInfo) {
-	a.s.mu.Lock()
-	defer a.s.mu.Unlock()
-	a.closeLocked(c)
-}
-
-func (a *attachment) closeLocked(c closeInfo) {
-	if a.closing != nil {
-		return
-	}
-	a.closing = &c
-	a.wakeWriter()
-}
-
-// take hands the queued frames to the writer. With nothing to write it
-// reports done, and the writer ends.
-func (a *attachment) take(buf []outFrame) (frames []outFrame, closing *closeInfo, done bool) {
-	a.s.mu.Lock()
-	defer a.s.mu.Unlock()
-	if len(a.out) == 0 && (a.closing == nil || a.closed) {
-		a.writing = false
-		a.out = nil
-		return buf, nil, true
-	}
-	buf = append(buf[:0], a.out...)
-	clear(a.out)
-	a.out = a.out[:0]
-	a.outBytes = 0
-	if a.closing != nil {
-		a.closed = true // the close frame is written once, after these
-	}
-	return buf, a.closing, false
-}
-
-// closeReason is why the connection is closing, "" if it is not.
-func (a *attachment) closeReason() string {
-	a.s.mu.Lock()
-	defer a.s.mu.Unlock()
-	if a.closing != nil {
-		return a.closing.Reason
-	}
-	return ""
-}
-
-// fail ends the connection after a write error.
-func (a *attachment) fail() {
-	_ = a.t.end()
-	a.cancel()
-}
-
-// writeBurst writes queued frames until the queue is empty (or the close
-// frame is written).
-func (a *attachment) writeBurst() {
-	t := a.t
-	var frames []outFrame
-	var seqBuf [20]byte
-	for {
-		var closing *closeInfo
-		var done bool
-		frames, closing, done = a.take(frames)
-		if done {
-			return
-		}
-		for _, f := range frames {
-			var err error
-			if f.push != nil {
-				err = t.writeFrame(framePush, f.seq, pushPrefix, strconv.AppendUint(seqBuf[:0], f.seq, 10), f.push.suffix)
-			} else {
-				err = t.writeFrame(f.typ, f.seq, f.b, nil, nil)
-			}
-			if err != nil {
-				a.h.logger.Debug("write failed", zap.String("session", a.s.id), zap.Error(err))
-				a.fail()
-				return
-			}
-		}
-		clear(frames)
-		if closing != nil {
-			if !closing.quiet {
-				_ = t.writeFrame(frameClose, 0, encodeClose(*closing), nil, nil)
-				_ = t.flush()
-				_ = t.close(closing.Code, closing.Reason)
-			}
-			// Give the client a moment to answer the close, so the
-			// connection is not reset under its last frames.
-			timer := time.NewTimer(closeGrace)
-			select {
-			case <-a.readerDone:
-			case <-timer.C:
-			}
-			timer.Stop()
-			a.fail()
-			return
-		}
-		if err := t.flush(); err != nil {
-			a.fail()
-			return
-		}
-	}
-}
-
-// heartbeat pings the peer every heartbeat, from a timer (no goroutine
-// waits for it in between); a failed ping ends the connection.
-//
-// A ping counts as a writer: run waits for it before the connection (and,
-// for HTTP/2 and SSE, the request's response) is given up.
-func (a *attachment) heartbeat() {
-	a.s.mu.Lock()
-	if a.stopped {
-		a.s.mu.Unlock()
-		return
-	}
-	a.writers.Add(1)
-	a.s.mu.Unlock()
-	defer a.writers.Done()
-	if a.ctx.Err() != nil {
-		return
-	}
-	if err := a.t.ping(); err != nil {
-		a.fail()
-		return
-	}
-	a.s.mu.Lock()
-	if !a.stopped {
-		a.pinger.Reset(time.Duration(a.h.Heartbeat))
-	}
-	a.s.mu.Unlock()
-}
-
-// run serves the attachment until its connection ends: client messages are
-// read here, queued frames written by a writer goroutine, messages served
-// by a dispatcher goroutine.
-func (a *attachment) run() {
-	s := a.s
-	a.h.live.add(a)
-	if age := time.Duration(a.h.MaxAge); age > 0 {
-		timer := time.AfterFunc(age, func() { a.close(closeMaxAge) })
-		defer timer.Stop()
-	}
-	gauge := metrics.connections.WithLabelValues(a.transport)
-	gauge.Inc()
-	defer gauge.Dec()
-	a.s.mu.Lock()
-	a.pinger = time.AfterFunc(time.Duration(a.h.Heartbeat), a.heartbeat)
-	a.s.mu.Unlock()
-
-	a.readLoop()
-	close(a.readerDone)
-	if a.closeReason() == "" {
-		// The client went away: nothing more can be written.
-		_ = a.t.end()
-		a.cancel()
-	}
-	a.s.mu.Lock()
-	a.stopped = true // no writer or ping starts any more
-	a.s.mu.Unlock()
-	a.pinger.Stop()
-	a.writers.Wait()
-	a.cancel()
-	_ = a.t.close(1001, "going away")
-	_ = a.t.end()
-	a.h.live.remove(a)
-
-	reason := a.closeReason()
-	if reason == "" {
-		reason = "connection lost"
-	}
-	endedNow, evicted := s.detach(a, reason)
-	if evicted != nil {
-		evicted.evict()
-	}
-	if endedNow {
-		s.finish()
-		return
-	}
-	if !s.ending() {
-		a.h.logger.Info("session detached",
-			zap.String("session", s.id),
-			zap.String("transport", a.transport),
-			zap.String("remote", a.remote),
-			zap.String("reason", reason))
-	}
-}
-
-// start runs the attachment. A WebSocket on a hijacked HTTP/1.1
-// connection no longer needs the request: it runs in a goroutine of its own
-// and the request's handler returns, so an idle session does not keep
-// Caddy's whole handler stack (and the server's connection goroutine)
-// alive. Streams over HTTP/2, stream and SSE must stay inside their
-// request.
-func (a *attachment) start() {
-	if c, ok := a.t.(*wsConn); ok && c.hijacked {
-		go a.run()
-		return
-	}
-	a.run()
-}
-
-// readLoop reads client messages until the connection fails or closes.
-func (a *attachment) readLoop() {
-	for {
-		msg, binary, err := a.t.readMessage()
-		if errors.Is(err, errTooBig) {
-			metrics.messages.WithLabelValues("too_large").Inc()
-			a.s.send(frameErr, nil, encodeError(nil, http.StatusRequestEntityTooLarge,
-				"message larger than max_message_size ("+strconv.FormatInt(a.h.MaxMessageSize, 10)+" bytes)"))
-			continue
-		}
-		if err != nil {
-			if errors.Is(err, errClientClosed) && a.closeReason() == "" {
-				// A WebSocket close started by the client ends the
-				// session; one answering our close only ends the
-				// connection (the session may be resumable).
-				// The close frame was echoed: nothing follows it.
-				a.s.terminate(closeInfo{Reason: "closed by the client", kind: "client", quiet: true})
-			}
-			return
-		}
-		a.s.mu.Lock()
-		a.s.received++
-		a.s.mu.Unlock()
-		if !a.s.in.put(inMsg{msg, binary}, a.ctx.Done()) {
-			return
-		}
-	}
-}
-
 // tokenMatches compares a presented token with the session's in constant
 // time.
 func (s *session) tokenMatches(token string) bool {
 	return subtle.ConstantTimeCompare([]byte(s.token), []byte(token)) == 1
-}
-
-// attachmentSet is the set of connections a handler instance serves.
-type attachmentSet struct {
-	mu sync.Mutex
-	m  map[*attachment]struct{}
-}
-
-func newAttachmentSet() *attachmentSet {
-	return &attachmentSet{m: make(map[*attachment]struct{})}
-}
-
-func (as *attachmentSet) add(a *attachment) {
-	as.mu.Lock()
-	as.m[a] = struct{}{}
-	as.mu.Unlock()
-}
-
-func (as *attachmentSet) remove(a *attachment) {
-	as.mu.Lock()
-	delete(as.m, a)
-	as.mu.Unlock()
-}
-
-// closeAll asks every connection to close; it does not wait for them.
-func (as *attachmentSet) closeAll(c closeInfo) {
-	as.mu.Lock()
-	defer as.mu.Unlock()
-	for a := range as.m {
-		a.close(c)
-	}
 }

@@ -62,6 +62,10 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*strea
 	}, nil
 }
 
+func (c *streamConn) name() string          { return transportStream }
+func (c *streamConn) attached(string)       {}
+func (c *streamConn) outlivesRequest() bool { return false }
+
 func (c *streamConn) readMessage() ([]byte, bool, error) {
 	for {
 		line, err := readLine(c.br, c.maxSize)

@@ -29,6 +29,14 @@ var errClientClosed = errors.New("duplex: closed by the client")
 // it in one goroutine and writes to it from another; implementations make
 // control writes (pongs, pings, close) safe to call alongside writeFrame.
 type transport interface {
+	// name is the transport's name (transportWebSocket, …).
+	name() string
+	// attached tells the transport the token of the session it now
+	// serves (SSE event ids carry cursors).
+	attached(token string)
+	// outlivesRequest reports whether the connection no longer needs its
+	// request (a hijacked HTTP/1.1 connection): see attachment.start.
+	outlivesRequest() bool
 	// readMessage returns the next client message, and whether it was
 	// binary. It returns errTooBig for an oversize message and any other
 	// error once the connection is gone.

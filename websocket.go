@@ -132,6 +132,10 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}, nil
 }
 
+func (c *wsConn) name() string          { return transportWebSocket }
+func (c *wsConn) attached(string)       {}
+func (c *wsConn) outlivesRequest() bool { return c.hijacked }
+
 func (c *wsConn) readMessage() ([]byte, bool, error) {
 	var (
 		msg    []byte
