@@ -114,18 +114,20 @@ func (h *Handler) serveOpening(op *opening) {
 		}
 		fresh.user = op.user
 	}
-	if s := op.resumable; s != nil && s.user != op.user {
+	if !op.mayResume(true) {
 		op.resumable = nil // a session of another user: this opening starts a new one
 	}
 	if op.resumable != nil {
-		if h.resume(op) {
+		if outcome := h.resume(op); outcome != resumeGone {
+			// Served (or refused: the client has its answer).
 			if fresh != nil {
 				fresh.end(closeInfo{Reason: "resumed instead"})
 			}
 			return
 		}
-		// The session ended meanwhile, or the pushes after the cursor are
-		// gone: the client starts over with a new session (resumed:false).
+		// resumeGone: the session ended meanwhile, or the pushes after the
+		// cursor are gone: the client starts over with a new session
+		// (resumed:false).
 	}
 	if op.cursor != "" {
 		metrics.resumes.WithLabelValues("failed").Inc()
@@ -136,12 +138,21 @@ func (h *Handler) serveOpening(op *opening) {
 	h.open(op, fresh)
 }
 
+// mayResume reports whether the opening may resume the session its cursor
+// names: only a session of the same user. Before the connect hook has run
+// (userFinal false), an opening without a user yet may still get one from
+// the hook, so it passes; the check is made again once the user is final.
+func (op *opening) mayResume(userFinal bool) bool {
+	s := op.resumable
+	return s != nil && (s.user == op.user || (!userFinal && op.user == ""))
+}
+
 // connect runs the connect hook for op (fresh is the session it would
 // open); false means the app refused and the client has its answer.
 func (h *Handler) connect(op *opening, fresh *session) bool {
 	target, resuming := fresh, false
-	if s := op.resumable; s != nil && (op.user == "" || s.user == op.user) {
-		target, resuming = s, true
+	if op.mayResume(false) {
+		target, resuming = op.resumable, true
 	}
 	res := h.runConnect(op.r, op.next, target, op.user, op.transport, resuming)
 	if !res.accepted() {
@@ -233,33 +244,42 @@ func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission) 
 	a.start()
 }
 
+// What resume did with an opening.
+type resumeOutcome int
+
+const (
+	resumeServed  resumeOutcome = iota // served: resumed, or (see resume) a new session on the accepted connection
+	resumeGone                         // not resumable from the cursor; nothing was written to the client
+	resumeRefused                      // the transport could not be accepted; the client has its answer
+)
+
 // resume serves op.resumable on this opening, from the client's lastSeq.
-// It reports false if the session can no longer be resumed from there
-// (nothing was written to the client then).
-func (h *Handler) resume(op *opening) bool {
+// If the session can no longer be resumed from there once the connection
+// is accepted (it ended, or a push trimmed the buffer past the cursor in
+// between), the client starts over on that connection with a new session
+// (resumed:false), which is also resumeServed.
+func (h *Handler) resume(op *opening) resumeOutcome {
 	s, lastSeq := op.resumable, op.lastSeq
 	s.mu.Lock()
 	ok := s.state != stateEnded && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
 	if !ok {
-		return false
+		return resumeGone
 	}
 	t, err := h.accept(op)
 	if err != nil {
 		op.bind(nil)
 		h.logger.Debug("session resume failed", zap.String("transport", op.transport),
 			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
-		return true
+		return resumeRefused
 	}
 	a := newAttachment(s, h, op.r, op.next, t)
 	if !s.attach(a, true, lastSeq, op.data) {
-		// The session ended, or a push trimmed the buffer past the
-		// cursor, since the check above: the client starts over on the
-		// connection it has (resumed:false). A resume is not refused by
-		// the session limits, so this new session is admitted regardless.
+		// A resume is not refused by the session limits, so this new
+		// session is admitted regardless.
 		metrics.resumes.WithLabelValues("failed").Inc()
 		h.serveNew(op, t, newSession(h, op.user), nil)
-		return true
+		return resumeServed
 	}
 	op.bind(s)
 	if h.Connect && len(op.channels) > 0 {
@@ -273,7 +293,7 @@ func (h *Handler) resume(op *opening) bool {
 		zap.String("remote", op.r.RemoteAddr),
 		zap.Uint64("from_seq", lastSeq))
 	a.start()
-	return true
+	return resumeServed
 }
 
 // clientIP is the opening's client IP as Caddy determined it (honouring
