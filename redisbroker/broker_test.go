@@ -1,0 +1,295 @@
+package redisbroker
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var bg = context.Background()
+
+// open registers session id on n with channels and holds it from seq 0.
+func (n *node) open(t *testing.T, id, user string, maxLen int64, channels ...string) {
+	t.Helper()
+	if err := n.Register(bg, Session{ID: id, User: user, Token: "tok-" + id, MaxLen: maxLen, Channels: channels}); err != nil {
+		t.Fatal(err)
+	}
+	n.Hold(bg, n.rec, id, 0)
+}
+
+func (n *node) publish(t *testing.T, p Publish) int {
+	t.Helper()
+	got, err := n.Publish(bg, p)
+	if err != nil {
+		t.Fatalf("publish %+v: %v", p, err)
+	}
+	return got
+}
+
+func TestKeySlot(t *testing.T) {
+	// The Redis Cluster specification's example: CRC16 of "123456789".
+	if s := keySlot("123456789"); s != 0x31C3 {
+		t.Fatalf("keySlot(123456789) = %d, want %d", s, 0x31C3)
+	}
+}
+
+// A publish on any node reaches every target on every node once, in
+// order, with its own seq per session; delivered counts them all.
+func TestPublishAcrossNodes(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s1", "alice", 100, "room")
+	b.open(t, "s2", "bob", 100, "room")
+	b.open(t, "s3", "alice", 100)
+
+	if n := b.publish(t, Publish{Channel: "room", Payload: []byte("1")}); n != 2 {
+		t.Fatalf("channel publish reached %d, want 2", n)
+	}
+	if n := a.publish(t, Publish{User: "alice", Payload: []byte("2")}); n != 2 {
+		t.Fatalf("user publish reached %d, want 2", n)
+	}
+	if n := a.publish(t, Publish{Channel: "room", Except: "s1", Payload: []byte("3")}); n != 1 {
+		t.Fatalf("publish with except reached %d, want 1", n)
+	}
+	if n := b.publish(t, Publish{Session: "s1", Payload: []byte("4")}); n != 1 {
+		t.Fatalf("session publish reached %d, want 1", n)
+	}
+	a.rec.waitFor(t, "s1's pushes", func() bool { return a.rec.seqs("s1") == "1:1 2:2 3:4" })
+	b.rec.waitFor(t, "s2's and s3's pushes", func() bool {
+		return b.rec.seqs("s2") == "1:1 2:3" && b.rec.seqs("s3") == "1:2"
+	})
+	if _, err := a.Publish(bg, Publish{Session: "nope", Payload: []byte("x")}); !errors.Is(err, ErrUnknownSession) {
+		t.Fatalf("publish to an unknown session: %v, want ErrUnknownSession", err)
+	}
+}
+
+// A client resumes on another node: the pushes after its cursor come from
+// the log, later ones live to the new node, and the old node is told.
+func TestResumeOnAnotherNode(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "", 100, "room")
+	for i := 1; i <= 3; i++ {
+		a.publish(t, Publish{Channel: "room", Payload: []byte(strconv.Itoa(i))})
+	}
+	a.rec.waitFor(t, "three pushes on a", func() bool { return len(a.rec.pushes["s"]) == 3 })
+
+	// The client had seq 2 when its connection to a dropped.
+	seq, err := b.Attach(bg, "s")
+	if err != nil || seq != 3 {
+		t.Fatalf("attach on b: seq %d, %v; want 3", seq, err)
+	}
+	missed, complete, err := b.Replay(bg, "s", 2)
+	if err != nil || !complete || len(missed) != 1 || missed[0].Seq != 3 || string(missed[0].Payload) != "3" {
+		t.Fatalf("replay after 2: %v complete=%v err=%v", missed, complete, err)
+	}
+	b.publish(t, Publish{Channel: "room", Payload: []byte("4")}) // before Hold: waits
+	b.Hold(bg, b.rec, "s", seq)
+	a.publish(t, Publish{Channel: "room", Payload: []byte("5")})
+	b.rec.waitFor(t, "pushes 4 and 5 on b", func() bool { return b.rec.seqs("s") == "4:4 5:5" })
+	a.rec.waitFor(t, "the takeover on a", func() bool { return len(a.rec.commands) == 1 && a.rec.commands[0] == "s takeover " })
+	if got := a.rec.seqs("s"); got != "1:1 2:2 3:3" {
+		t.Fatalf("a kept delivering after the takeover: %s", got)
+	}
+}
+
+// Pushes published while a node's pub/sub connection is gone are read
+// from the log once it is back: nothing is missing, nothing is doubled.
+func TestPubSubLossRepaired(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "", 1000, "room")
+	a.publish(t, Publish{Channel: "room", Payload: []byte("1")})
+	a.rec.waitFor(t, "the first push", func() bool { return len(a.rec.pushes["s"]) == 1 })
+
+	admin := r.client(t)
+	var want []string
+	want = append(want, "1:1")
+	for round := range 5 {
+		if err := admin.Do(bg, "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 20 {
+			v := strconv.Itoa(2 + round*20 + i)
+			b.publish(t, Publish{Channel: "room", Payload: []byte(v)})
+			want = append(want, v+":"+v)
+		}
+	}
+	wantText := joinSpace(want)
+	a.rec.waitFor(t, "every push once, in order", func() bool { return a.rec.seqs("s") == wantText })
+	if a.GapRepairs() == 0 {
+		t.Errorf("no gap was repaired: the kills did not cost a push (test did not test)")
+	}
+}
+
+// A node that missed pushes no longer in the log reports the session
+// lost rather than delivering a gap.
+func TestGapBeyondLogIsLost(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "", 2, "room")
+	a.stop() // a hears nothing now
+	for i := 1; i <= 5; i++ {
+		b.publish(t, Publish{Channel: "room", Payload: []byte(strconv.Itoa(i))})
+	}
+	a.run()
+	a.rec.waitFor(t, "s lost", func() bool { return len(a.rec.lost) == 1 && a.rec.lost[0] == "s" })
+	if got := a.rec.seqs("s"); got != "" {
+		t.Fatalf("delivered across the gap: %s", got)
+	}
+	if _, complete, err := b.Replay(bg, "s", 0); err != nil || complete {
+		t.Fatalf("replay from 0 with a log of 2: complete=%v err=%v; want incomplete", complete, err)
+	}
+}
+
+// Redis restarted without its data: every session held is lost.
+func TestEpochChangeLosesSessions(t *testing.T) {
+	r := startRedis(t)
+	a := startNode(t, r, "a")
+	a.open(t, "s", "", 10, "room")
+	a.rec.waitFor(t, "the epoch to be seen", func() bool { return a.Epoch() != "" })
+	if err := r.client(t).FlushAll(bg).Err(); err != nil {
+		t.Fatal(err)
+	}
+	a.rec.waitFor(t, "s lost", func() bool { return len(a.rec.lost) == 1 })
+}
+
+// The same publish id sent to two nodes at once is applied once.
+func TestPublishIDOnceAcrossNodes(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "", 100, "room")
+	var runs atomic.Int32
+	var wg sync.WaitGroup
+	counts := make([]int, 8)
+	for i := range counts {
+		n := a
+		if i%2 == 1 {
+			n = b
+		}
+		wg.Go(func() {
+			got, err := n.Once(bg, "pub-1", time.Minute, func() (int, error) {
+				runs.Add(1)
+				return n.Publish(bg, Publish{Channel: "room", Payload: []byte("once")})
+			})
+			if err != nil {
+				t.Error(err)
+			}
+			counts[i] = got
+		})
+	}
+	wg.Wait()
+	if runs.Load() != 1 {
+		t.Fatalf("publish applied %d times, want once", runs.Load())
+	}
+	for i, c := range counts {
+		if c != 1 {
+			t.Errorf("caller %d got delivered %d, want 1", i, c)
+		}
+	}
+	a.rec.waitFor(t, "one push", func() bool { return a.rec.seqs("s") == "1:once" })
+}
+
+// Close reaches the holding node; the session then takes no pushes and
+// cannot be attached.
+func TestCloseAcrossNodes(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "u", 10)
+	if n := b.publish(t, Publish{User: "u", Close: true, Payload: []byte(`{"reason":"bye"}`)}); n != 1 {
+		t.Fatalf("close reached %d, want 1", n)
+	}
+	a.rec.waitFor(t, "the close", func() bool { return len(a.rec.commands) == 1 && a.rec.commands[0] == `s close {"reason":"bye"}` })
+	if n := b.publish(t, Publish{User: "u", Payload: []byte("late")}); n != 0 {
+		t.Fatalf("a closed session took a push")
+	}
+	if _, err := b.Attach(bg, "s"); !errors.Is(err, ErrClosed) {
+		t.Fatalf("attach of a closed session: %v, want ErrClosed", err)
+	}
+}
+
+// Detached sessions expire with their window; ended ones leave no keys
+// and no index entries.
+func TestDetachExpiresAndEndCleansUp(t *testing.T) {
+	r := startRedis(t)
+	a := startNode(t, r, "a")
+	a.open(t, "gone", "u", 10, "room")
+	a.open(t, "ended", "u", 10, "room")
+	if err := a.Detach(bg, "gone", 200*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.End(bg, "ended"); err != nil {
+		t.Fatal(err)
+	}
+	a.rec.waitFor(t, "the detached session to expire", func() bool {
+		_, err := a.Lookup(bg, "gone")
+		return errors.Is(err, ErrUnknownSession)
+	})
+	// An expired session leaves the channel and user sets lazily: the
+	// next publish to them drops it.
+	if n := a.publish(t, Publish{Channel: "room", Payload: []byte("x")}); n != 0 {
+		t.Fatalf("publish reached %d ended or expired sessions", n)
+	}
+	if n := a.publish(t, Publish{User: "u", Payload: []byte("x")}); n != 0 {
+		t.Fatalf("publish reached %d ended or expired sessions", n)
+	}
+	left, err := r.client(t).Keys(bg, "t:s:*").Result()
+	if err != nil || len(left) != 0 {
+		t.Fatalf("session keys left: %v %v", left, err)
+	}
+	if ids, _ := a.Members(bg, "", "room"); len(ids) != 0 {
+		t.Fatalf("channel members left: %v", ids)
+	}
+	if ids, _ := a.Members(bg, "u", ""); len(ids) != 0 {
+		t.Fatalf("user members left: %v", ids)
+	}
+}
+
+// Redis stopped: calls fail with ErrUnavailable within the timeout; when
+// it continues, so do they.
+func TestRedisUnavailable(t *testing.T) {
+	r := startRedis(t)
+	a := startNode(t, r, "a", func(c *Config) { c.Timeout = 300 * time.Millisecond })
+	a.open(t, "s", "", 10, "room")
+	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	_, err := a.Publish(bg, Publish{Channel: "room", Payload: []byte("x")})
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("publish with Redis stopped: %v, want ErrUnavailable", err)
+	}
+	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := a.Publish(bg, Publish{Channel: "room", Payload: []byte("y")})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("publish after Redis continued: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	nodes, err := a.Nodes(bg)
+	if err != nil || len(nodes) != 1 || nodes[0] != "a" {
+		t.Fatalf("nodes: %v %v", nodes, err)
+	}
+}
+
+func joinSpace(ss []string) string {
+	out := ""
+	for i, s := range ss {
+		if i > 0 {
+			out += " "
+		}
+		out += s
+	}
+	return out
+}

@@ -1,0 +1,176 @@
+package redisbroker
+
+import (
+	"context"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// pend starts holding session id with its pushes waiting: they are
+// delivered from Hold on.
+func (b *Broker) pend(id string) {
+	b.mu.Lock()
+	b.held[id] = &holding{pending: true}
+	b.mu.Unlock()
+}
+
+// Hold makes this node deliver session id's pushes after seq (the caller
+// has the ones up to it, from Register or Attach and Replay). Pushes that
+// arrived since Register or Attach are delivered now, and missing ones
+// read from the log.
+func (b *Broker) Hold(ctx context.Context, h Handler, id string, seq uint64) {
+	b.mu.Lock()
+	hd := b.held[id]
+	if hd == nil {
+		hd = &holding{}
+		b.held[id] = hd
+	}
+	b.mu.Unlock()
+	hd.mu.Lock()
+	defer hd.mu.Unlock()
+	waiting := hd.waiting
+	hd.pending, hd.waiting, hd.last = false, nil, seq
+	slices.SortFunc(waiting, func(x, y Entry) int { return cmpSeq(x.Seq, y.Seq) })
+	for _, e := range waiting {
+		b.deliverLocked(ctx, h, id, hd, e)
+	}
+}
+
+// Release stops delivering session id's pushes on this node.
+func (b *Broker) Release(id string) {
+	b.mu.Lock()
+	delete(b.held, id)
+	b.mu.Unlock()
+}
+
+func (b *Broker) holding(id string) *holding {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.held[id]
+}
+
+// receive handles one message on this node's channel: "p <id> <seq>
+// <payload>" a push, "c <id> <kind> <payload>" a command.
+func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
+	kind, rest, _ := cutSpace(msg)
+	id, rest, _ := cutSpace(rest)
+	switch kind {
+	case "p":
+		seqText, payload, _ := cutSpace(rest)
+		seq, err := strconv.ParseUint(seqText, 10, 64)
+		if err != nil {
+			return
+		}
+		hd := b.holding(id)
+		if hd == nil {
+			return // not held here (any more): its log has it
+		}
+		hd.mu.Lock()
+		defer hd.mu.Unlock()
+		e := Entry{Seq: seq, Payload: []byte(payload)}
+		if hd.pending {
+			hd.waiting = append(hd.waiting, e)
+			return
+		}
+		b.deliverLocked(ctx, h, id, hd, e)
+	case "c":
+		cmd, payload, _ := cutSpace(rest)
+		if cmd == "takeover" {
+			b.Release(id)
+		}
+		h.Command(id, cmd, []byte(payload))
+	}
+}
+
+// deliverLocked delivers e to session id after the pushes it missed, read
+// from the log; a push already delivered is dropped. hd.mu is held.
+func (b *Broker) deliverLocked(ctx context.Context, h Handler, id string, hd *holding, e Entry) {
+	if hd.lost || e.Seq <= hd.last {
+		return
+	}
+	if e.Seq > hd.last+1 {
+		missed, complete, err := b.replayRange(ctx, id, hd.last, e.Seq-1)
+		if err != nil || !complete {
+			b.loseLocked(h, id, hd)
+			return
+		}
+		b.gapRepairs.Add(1)
+		for _, m := range missed {
+			h.Deliver(id, m.Seq, m.Payload)
+			hd.last = m.Seq
+		}
+	}
+	h.Deliver(id, e.Seq, e.Payload)
+	hd.last = e.Seq
+}
+
+// resync catches every session held here up with its log: after a pub/sub
+// (re)subscription, pushes published meanwhile never reached this node.
+func (b *Broker) resync(ctx context.Context, h Handler) {
+	b.mu.Lock()
+	ids := make([]string, 0, len(b.held))
+	for id := range b.held {
+		ids = append(ids, id)
+	}
+	b.mu.Unlock()
+	for _, id := range ids {
+		hd := b.holding(id)
+		if hd == nil {
+			continue
+		}
+		hd.mu.Lock()
+		if !hd.pending && !hd.lost {
+			missed, complete, err := b.replayRange(ctx, id, hd.last, 0)
+			switch {
+			case err != nil:
+				// Redis is away: the next resubscription tries again.
+			case !complete:
+				b.loseLocked(h, id, hd)
+			default:
+				if len(missed) > 0 {
+					b.gapRepairs.Add(1)
+				}
+				for _, m := range missed {
+					h.Deliver(id, m.Seq, m.Payload)
+					hd.last = m.Seq
+				}
+			}
+		}
+		hd.mu.Unlock()
+	}
+}
+
+// lose reports session id lost.
+func (b *Broker) lose(h Handler, id string) {
+	hd := b.holding(id)
+	if hd == nil {
+		return
+	}
+	hd.mu.Lock()
+	defer hd.mu.Unlock()
+	b.loseLocked(h, id, hd)
+}
+
+func (b *Broker) loseLocked(h Handler, id string, hd *holding) {
+	if hd.lost {
+		return
+	}
+	hd.lost = true
+	b.Release(id)
+	h.Lost(id)
+}
+
+func cutSpace(s string) (before, after string, found bool) {
+	return strings.Cut(s, " ")
+}
+
+func cmpSeq(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}

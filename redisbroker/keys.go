@@ -1,0 +1,18 @@
+package redisbroker
+
+// keys names the Redis keys and channels under one prefix (see the key
+// layout in the package documentation).
+type keys struct{ prefix string }
+
+func (k keys) session(id string) string  { return k.prefix + ":s:{" + id + "}" }
+func (k keys) log(id string) string      { return k.prefix + ":s:{" + id + "}:log" }
+func (k keys) channels(id string) string { return k.prefix + ":s:{" + id + "}:ch" }
+func (k keys) channel(c string) string   { return k.prefix + ":c:{" + c + "}" }
+func (k keys) user(u string) string      { return k.prefix + ":u:{" + u + "}" }
+func (k keys) token(t string) string     { return k.prefix + ":t:{" + t + "}" }
+func (k keys) publishID(id string) string {
+	return k.prefix + ":p:{" + id + "}"
+}
+func (k keys) nodes() string          { return k.prefix + ":nodes" }
+func (k keys) epoch() string          { return k.prefix + ":epoch" }
+func (k keys) node(name string) string { return k.prefix + ":n:" + name }

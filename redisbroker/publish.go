@@ -1,0 +1,201 @@
+package redisbroker
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Publish is one publish: exactly one target (Session, User or Channel),
+// and a push payload or, with Close, a close frame for the targets.
+type Publish struct {
+	Session, User, Channel string
+	// Except leaves one session out.
+	Except string
+	// Payload is the push (opaque here), or the close frame with Close.
+	Payload []byte
+	Close   bool
+}
+
+// publishScript applies one publish to the sessions whose keys are KEYS
+// (meta and log of each, in turn; ids in ARGV[4..]): each gets the push
+// with its next seq in its log and on its node's channel (ARGV[3] is the
+// channel prefix), or the close (ARGV[2] "1"). It returns how many it
+// reached and the ids of those that are gone.
+var publishScript = redis.NewScript(`
+local n, gone = 0, {}
+for i = 1, #KEYS / 2 do
+  local meta, log, id = KEYS[2*i-1], KEYS[2*i], ARGV[3+i]
+  local node = redis.call('HGET', meta, 'node')
+  if not node or redis.call('HEXISTS', meta, 'closed') == 1 then
+    if not node then gone[#gone+1] = id end
+  elseif ARGV[2] == '1' then
+    redis.call('HSET', meta, 'closed', ARGV[1])
+    redis.call('PUBLISH', ARGV[3] .. node, 'c ' .. id .. ' close ' .. ARGV[1])
+    n = n + 1
+  else
+    local seq = redis.call('HINCRBY', meta, 'seq', 1)
+    local maxlen = redis.call('HGET', meta, 'maxlen') or '1000'
+    redis.call('XADD', log, 'MAXLEN', maxlen, seq .. '-1', 'p', ARGV[1])
+    redis.call('PUBLISH', ARGV[3] .. node, 'p ' .. id .. ' ' .. seq .. ' ' .. ARGV[1])
+    n = n + 1
+  end
+end
+return {n, gone}
+`)
+
+// scriptBatch bounds the sessions one script call handles, so a fan-out
+// to many sessions does not block Redis for long.
+const scriptBatch = 256
+
+// Publish applies p to every session it targets, on whichever node holds
+// it, and returns how many sessions it reached (detached ones too). A
+// session target that does not exist is ErrUnknownSession.
+func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
+	var ids []string
+	switch {
+	case p.Session != "":
+		ids = []string{p.Session}
+	default:
+		var err error
+		ids, err = b.Members(ctx, p.User, p.Channel)
+		if err != nil {
+			return 0, err
+		}
+	}
+	if p.Except != "" {
+		for i, id := range ids {
+			if id == p.Except {
+				ids = append(ids[:i:i], ids[i+1:]...)
+				break
+			}
+		}
+	}
+	n, gone := 0, []string{}
+	for _, group := range b.groups(ids) {
+		for len(group) > 0 {
+			batch := group[:min(len(group), scriptBatch)]
+			group = group[len(batch):]
+			k := make([]string, 0, 2*len(batch))
+			argv := make([]any, 0, 3+len(batch))
+			argv = append(argv, p.Payload, boolArg(p.Close), b.k.node(""))
+			for _, id := range batch {
+				k = append(k, b.k.session(id), b.k.log(id))
+				argv = append(argv, id)
+			}
+			cctx, cancel := b.call(ctx)
+			res, err := publishScript.Run(cctx, b.rdb, k, argv...).Slice()
+			cancel()
+			if err != nil {
+				return n, unavailable("publishing", err)
+			}
+			reached, _ := res[0].(int64)
+			n += int(reached)
+			for _, g := range res[1].([]any) {
+				gone = append(gone, g.(string))
+			}
+		}
+	}
+	if p.Session != "" && n == 0 && len(gone) > 0 {
+		return 0, ErrUnknownSession
+	}
+	if len(gone) > 0 && p.Session == "" {
+		b.forget(ctx, p.User, p.Channel, gone)
+	}
+	return n, nil
+}
+
+// forget drops expired sessions from a user's or channel's set.
+func (b *Broker) forget(ctx context.Context, user, channel string, ids []string) {
+	key := b.k.user(user)
+	if user == "" {
+		key = b.k.channel(channel)
+	}
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	_ = b.rdb.SRem(cctx, key, anys(ids)...).Err()
+}
+
+// groups splits session ids by Redis Cluster slot (one group on other
+// Redis), since one script may only touch keys of one slot.
+func (b *Broker) groups(ids []string) [][]string {
+	if _, cluster := b.rdb.(*redis.ClusterClient); !cluster {
+		return [][]string{ids}
+	}
+	by := make(map[uint16][]string)
+	var order []uint16
+	for _, id := range ids {
+		slot := keySlot(id)
+		if _, ok := by[slot]; !ok {
+			order = append(order, slot)
+		}
+		by[slot] = append(by[slot], id)
+	}
+	out := make([][]string, 0, len(order))
+	for _, s := range order {
+		out = append(out, by[s])
+	}
+	return out
+}
+
+func boolArg(v bool) string {
+	if v {
+		return "1"
+	}
+	return "0"
+}
+
+// ErrPublishPending: a publish with the same id is being applied by
+// another node or request and did not finish in time.
+var ErrPublishPending = errors.New("redisbroker: a publish with this id is under way")
+
+// Once applies publish fn once per id cluster-wide within window: the
+// first caller runs it and records its count; a later one gets that count
+// without running it (waiting for it if the first is still under way).
+func (b *Broker) Once(ctx context.Context, id string, window time.Duration, fn func() (int, error)) (int, error) {
+	key := b.k.publishID(id)
+	cctx, cancel := b.call(ctx)
+	won, err := b.rdb.SetNX(cctx, key, "", window).Result()
+	cancel()
+	if err != nil {
+		return 0, unavailable("recording a publish id", err)
+	}
+	if won {
+		n, err := fn()
+		cctx, cancel := b.call(ctx)
+		defer cancel()
+		if err != nil {
+			_ = b.rdb.Del(cctx, key).Err() // not applied: a retry may apply it
+			return n, err
+		}
+		_ = b.rdb.SetArgs(cctx, key, strconv.Itoa(n), redis.SetArgs{KeepTTL: true, Mode: "XX"}).Err()
+		return n, nil
+	}
+	deadline := time.Now().Add(b.cfg.Timeout)
+	for {
+		cctx, cancel := b.call(ctx)
+		v, err := b.rdb.Get(cctx, key).Result()
+		cancel()
+		switch {
+		case errors.Is(err, redis.Nil):
+			// The first caller failed and gave the id back: apply it.
+			return b.Once(ctx, id, window, fn)
+		case err != nil:
+			return 0, unavailable("reading a publish id", err)
+		case v != "":
+			n, _ := strconv.Atoi(v)
+			return n, nil
+		}
+		if time.Now().After(deadline) {
+			return 0, ErrPublishPending
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

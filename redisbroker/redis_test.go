@@ -1,0 +1,191 @@
+package redisbroker
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// redisServer is a real redis-server started for one test.
+type redisServer struct {
+	addr string
+	cmd  *exec.Cmd
+}
+
+// startRedis starts redis-server on a free port, without persistence, and
+// stops it when the test ends.
+func startRedis(t *testing.T) *redisServer {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		once := sync.Once{}
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "Ready to accept connections") {
+				once.Do(func() { close(ready) })
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGCONT)
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	select {
+	case <-ready:
+	case <-time.After(30 * time.Second):
+		t.Fatal("redis-server did not start")
+	}
+	return &redisServer{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd}
+}
+
+func (r *redisServer) client(t *testing.T) *redis.Client {
+	c := redis.NewClient(&redis.Options{Addr: r.addr})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// recorder is a Handler that keeps what it was given.
+type recorder struct {
+	mu       sync.Mutex
+	pushes   map[string][]Entry
+	commands []string
+	lost     []string
+	changed  chan struct{}
+}
+
+func newRecorder() *recorder {
+	return &recorder{pushes: make(map[string][]Entry), changed: make(chan struct{}, 1)}
+}
+
+func (r *recorder) Deliver(id string, seq uint64, payload []byte) {
+	r.mu.Lock()
+	r.pushes[id] = append(r.pushes[id], Entry{seq, append([]byte(nil), payload...)})
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *recorder) Command(id, kind string, payload []byte) {
+	r.mu.Lock()
+	r.commands = append(r.commands, id+" "+kind+" "+string(payload))
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *recorder) Lost(id string) {
+	r.mu.Lock()
+	r.lost = append(r.lost, id)
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *recorder) poke() {
+	select {
+	case r.changed <- struct{}{}:
+	default:
+	}
+}
+
+// waitFor waits until cond holds on the recorder (checked under its lock).
+func (r *recorder) waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		r.mu.Lock()
+		ok := cond()
+		r.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-r.changed:
+		case <-time.After(50 * time.Millisecond):
+		case <-deadline:
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			t.Fatalf("waiting for %s: pushes %v, commands %v, lost %v", what, r.pushes, r.commands, r.lost)
+		}
+	}
+}
+
+// seqs renders the pushes of a session as "seq:payload".
+func (r *recorder) seqs(id string) string {
+	var b strings.Builder
+	for i, e := range r.pushes[id] {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		fmt.Fprintf(&b, "%d:%s", e.Seq, e.Payload)
+	}
+	return b.String()
+}
+
+// node is a broker running against r, with its recorder.
+type node struct {
+	*Broker
+	rec    *recorder
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func startNode(t *testing.T, r *redisServer, name string, opts ...func(*Config)) *node {
+	t.Helper()
+	cfg := Config{Addrs: []string{r.addr}, NodeID: name, Prefix: "t", NodeTTL: 600 * time.Millisecond, Timeout: time.Second}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	b, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &node{Broker: b, rec: newRecorder()}
+	n.run()
+	t.Cleanup(func() {
+		n.stop()
+		b.Close()
+	})
+	return n
+}
+
+func (n *node) run() {
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel, n.done = cancel, make(chan struct{})
+	go func() {
+		defer close(n.done)
+		n.Run(ctx, n.rec)
+	}()
+}
+
+func (n *node) stop() {
+	n.cancel()
+	<-n.done
+}
