@@ -17,6 +17,7 @@ import (
 //	GET    /duplex/sessions/<id>
 //	DELETE /duplex/sessions/<id>
 //	POST   /duplex/sessions/<id>/channels
+//	GET    /duplex/cluster
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.

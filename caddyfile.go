@@ -1,6 +1,8 @@
 package duplex
 
 import (
+	"encoding/json"
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -310,6 +312,18 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //
 //	duplex {
 //		admin_publish on|off   # serve /duplex/* on the admin endpoint; default on
+//		broker memory          # the default: this process's sessions only
+//		broker redis <address...>
+//		broker redis {
+//			address <address...>   # several: Redis Cluster, or Sentinels with master_name
+//			master_name <name>
+//			username <name>
+//			password <password>    # placeholders such as {env.REDIS_PASSWORD}
+//			db <n>
+//			tls
+//			prefix <prefix>        # default duplex
+//			node_id <id>           # default random per process
+//		}
 //	}
 func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 	d.Next() // consume option name
@@ -332,6 +346,12 @@ func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 			default:
 				return nil, d.Errf("duplex: admin_publish: want on or off, got %q", v)
 			}
+		case "broker":
+			raw, err := parseBroker(d)
+			if err != nil {
+				return nil, err
+			}
+			app.BrokerRaw = raw
 		default:
 			return nil, d.Errf("duplex: unknown global option %q", d.Val())
 		}
@@ -340,6 +360,75 @@ func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 		Name:  "duplex",
 		Value: caddyconfig.JSON(app, nil),
 	}, nil
+}
+
+// parseBroker parses `broker memory` or `broker redis …` (see parseGlobal).
+func parseBroker(d *caddyfile.Dispenser) (json.RawMessage, error) {
+	nest := d.Nesting()
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	switch name := d.Val(); name {
+	case "memory":
+		if d.NextArg() || d.NextBlock(nest) {
+			return nil, d.Err("duplex: broker memory takes no options")
+		}
+		return marshalBroker("memory", nil), nil
+	case "redis":
+		at := d.Token()
+		r := new(RedisBroker)
+		r.Addresses = d.RemainingArgs()
+		for d.NextBlock(nest) {
+			opt := d.Val()
+			switch opt {
+			case "address":
+				r.Addresses = append(r.Addresses, d.RemainingArgs()...)
+				if len(r.Addresses) == 0 {
+					return nil, d.ArgErr()
+				}
+			case "master_name", "username", "password", "prefix", "node_id":
+				v, err := oneArg(d)
+				if err != nil {
+					return nil, err
+				}
+				switch opt {
+				case "master_name":
+					r.MasterName = v
+				case "username":
+					r.Username = v
+				case "password":
+					r.Password = v
+				case "prefix":
+					r.Prefix = v
+				case "node_id":
+					r.NodeID = v
+				}
+			case "db":
+				v, err := oneArg(d)
+				if err != nil {
+					return nil, err
+				}
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 0 {
+					return nil, d.Errf("duplex: broker redis: db: want a number ≥ 0, got %q", v)
+				}
+				r.DB = n
+			case "tls":
+				if d.NextArg() {
+					return nil, d.ArgErr()
+				}
+				r.TLS = true
+			default:
+				return nil, d.Errf("duplex: broker redis: unknown option %q", opt)
+			}
+		}
+		if len(r.Addresses) == 0 {
+			return nil, fmt.Errorf("duplex: broker redis: no address, at %s:%d", at.File, at.Line)
+		}
+		return marshalBroker("redis", r), nil
+	default:
+		return nil, d.Errf("duplex: unknown broker %q (want memory or redis)", name)
+	}
 }
 
 // oneArg reads exactly one argument of the current subdirective.

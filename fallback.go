@@ -188,11 +188,22 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		return
 	}
 	s := h.hub.byToken(token, h.key)
+	remote := false
 	if s == nil {
-		reject(http.StatusUnauthorized, "unknown or ended session token")
-		return
-	}
-	if _, _, _, transport := s.route(); transport != transportSSE {
+		// Perhaps held by another node of a cluster.
+		var err error
+		s, err = h.hub.brokerOf().find(r.Context(), h, protocol.Cursor{Token: token})
+		if err != nil {
+			w.Header().Set("Retry-After", retryAfter)
+			reject(http.StatusServiceUnavailable, "sessions are unavailable; retry later")
+			return
+		}
+		if s == nil {
+			reject(http.StatusUnauthorized, "unknown or ended session token")
+			return
+		}
+		remote = true
+	} else if _, _, _, transport := s.route(); transport != transportSSE {
 		reject(http.StatusConflict, "the session is not an SSE session: send frames on its connection")
 		return
 	}
@@ -224,21 +235,46 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(perr.status, perr.msg)
 		return
 	}
+	status, msg := 0, ""
+	if remote {
+		var err error
+		status, err = h.hub.brokerOf().forward(r.Context(), s, frames)
+		if err != nil {
+			w.Header().Set("Retry-After", retryAfter)
+			reject(http.StatusServiceUnavailable, "the node holding the session cannot be reached; retry later")
+			return
+		}
+		msg = http.StatusText(status)
+	} else {
+		status, msg = s.takePost(frames)
+	}
+	if status != http.StatusAccepted {
+		reject(status, msg)
+		return
+	}
+	h.logger.Debug("frames posted", zap.String("session", s.id), zap.Int("frames", len(frames)), zap.Bool("forwarded", remote))
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// takePost queues the frames of an SSE POST for s, all or none, and
+// returns the status to answer with its reason: 202 queued, 409 not an
+// SSE session, 429 the inbox is full, 401 the session ended.
+func (s *session) takePost(frames [][]byte) (int, string) {
+	if _, _, _, transport := s.route(); transport != transportSSE {
+		return http.StatusConflict, "the session is not an SSE session: send frames on its connection"
+	}
 	msgs := make([]inMsg, len(frames))
 	for i, f := range frames {
 		msgs[i] = inMsg{b: f}
 	}
 	if !s.in.offer(msgs...) {
-		reject(http.StatusTooManyRequests, "the session's inbound queue is full; retry later")
-		return
+		return http.StatusTooManyRequests, "the session's inbound queue is full; retry later"
 	}
 	if s.ctx.Err() != nil {
-		reject(http.StatusUnauthorized, "unknown or ended session token")
-		return
+		return http.StatusUnauthorized, "unknown or ended session token"
 	}
 	s.received.Add(int64(len(frames)))
-	h.logger.Debug("frames posted", zap.String("session", s.id), zap.Int("frames", len(frames)))
-	w.WriteHeader(http.StatusAccepted)
+	return http.StatusAccepted, ""
 }
 
 // readPostFrames reads the frames of a POST body as it arrives: one frame,

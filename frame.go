@@ -26,6 +26,9 @@ type closeInfo struct {
 	// echoed), so no close frame follows; RFC 6455 allows no data after
 	// a close.
 	quiet bool
+	// moved: another node resumed the session; it ends here without a
+	// disconnect hook (that node owns the session now).
+	moved bool
 }
 
 var (
@@ -35,6 +38,12 @@ var (
 	closeSlow     = closeInfo{Code: protocol.CodeSlowConsumer, Reason: "send queue full", Reconnect: true}
 	// closeReplaced goes to a connection whose session a newer one resumed.
 	closeReplaced = closeInfo{Code: protocol.CodeReplaced, Reason: "resumed on another connection"}
+	// closeMoved ends this node's copy of a session another node resumed.
+	closeMoved = closeInfo{Code: protocol.CodeReplaced, Reason: "resumed on another connection", moved: true}
+	// closeLost ends a session whose pushes a clustered broker can no
+	// longer deliver without a gap (Redis lost them): the client
+	// reconnects and starts over (resumed:false).
+	closeLost = closeInfo{Code: protocol.CodeRestart, Reason: "session state lost", Reconnect: true, kind: "lost"}
 )
 
 func closedByApp(reason string) closeInfo {

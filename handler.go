@@ -15,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // ServeHTTP opens a session for a session-opening request and serves it
@@ -105,7 +107,12 @@ type opening struct {
 
 // serveOpening decides what the opening becomes and serves it.
 func (h *Handler) serveOpening(op *opening) {
-	op.resumable, op.lastSeq = h.hub.resumable(op.cursor, h.key)
+	var err error
+	op.resumable, op.lastSeq, err = h.hub.resumable(op.r.Context(), h, op.cursor)
+	if err != nil {
+		h.unavailable(op, err)
+		return
+	}
 	var fresh *session // the new session, if the opening gets one
 	if h.Connect {
 		fresh = newSession(h, op.user)
@@ -208,28 +215,57 @@ func (h *Handler) open(op *opening, s *session) {
 		h.refuse(op.w, op.r, status, err.Error())
 		return
 	}
+	if err := h.hub.brokerOf().register(op.r.Context(), s, op.channels); err != nil {
+		h.hub.release(ad)
+		s.end(closeInfo{Reason: err.Error()})
+		h.unavailable(op, err)
+		return
+	}
 	t, err := h.accept(op)
 	if err != nil {
 		h.hub.release(ad)
 		op.bind(nil)
 		s.end(closeInfo{Reason: "opening failed"})
+		h.hub.brokerOf().ended(s)
 		h.logger.Debug("session opening failed", zap.String("transport", op.transport),
 			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
 		return
 	}
-	h.serveNew(op, t, s, ad)
+	h.serveNew(op, t, s, ad, true)
 }
 
-// serveNew serves new session s on the accepted transport t.
-func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission) {
+// unavailable answers an opening the broker cannot serve now: 503 with
+// Retry-After.
+func (h *Handler) unavailable(op *opening, err error) {
+	op.bind(nil)
+	h.logger.Error("opening refused: broker unavailable", zap.Error(err))
+	op.w.Header().Set("Retry-After", retryAfter)
+	h.refuse(op.w, op.r, http.StatusServiceUnavailable, "sessions are unavailable; retry later")
+}
+
+// serveNew serves new session s on the accepted transport t; registered
+// says the broker knows it already.
+func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission, registered bool) {
 	op.bind(s) // before attach: pushes the stream already sent follow the open frame
 	a := newAttachment(s, h, op.r, op.next, t)
+	var regErr error
+	if !registered {
+		regErr = h.hub.brokerOf().register(op.r.Context(), s, op.channels)
+	}
 	h.hub.add(s, op.channels, ad)
 	if !s.attach(a, false, 0, op.data) {
 		// Ended already (its user was closed by the app meanwhile).
 		a.drop()
 		return
 	}
+	if regErr != nil {
+		// The connection is open already: tell the client to come back.
+		h.logger.Error("session not registered: broker unavailable", zap.String("session", s.id), zap.Error(regErr))
+		s.end(closeInfo{Code: protocol.CodeRestart, Reason: "sessions are unavailable; retry later", Reconnect: true, kind: "broker"})
+		a.start()
+		return
+	}
+	h.hub.brokerOf().hold(s)
 	if h.MaxSessionsPerUser > 0 && s.user != "" {
 		for _, old := range h.hub.oldestOf(s.user, h.MaxSessionsPerUser) {
 			old.end(closeTooMany)
@@ -260,6 +296,14 @@ const (
 // (resumed:false), which is also resumeServed.
 func (h *Handler) resume(op *opening) resumeOutcome {
 	s, lastSeq := op.resumable, op.lastSeq
+	channels, err := h.hub.brokerOf().claim(op.r.Context(), s, lastSeq)
+	if errors.Is(err, errUnknownSession) {
+		return resumeGone
+	}
+	if err != nil {
+		h.unavailable(op, err)
+		return resumeRefused
+	}
 	s.mu.Lock()
 	ok := s.state != stateEnded && s.resumableLocked(lastSeq)
 	s.mu.Unlock()
@@ -269,21 +313,36 @@ func (h *Handler) resume(op *opening) resumeOutcome {
 	t, err := h.accept(op)
 	if err != nil {
 		op.bind(nil)
+		if s.claimed {
+			h.hub.brokerOf().detached(s, time.Duration(h.ResumeWindow))
+		}
 		h.logger.Debug("session resume failed", zap.String("transport", op.transport),
 			zap.String("remote", op.r.RemoteAddr), zap.Error(err))
 		return resumeRefused
 	}
 	a := newAttachment(s, h, op.r, op.next, t)
+	if s.claimed {
+		// A session this node did not hold: it joins the hub now. A
+		// resume is not refused by the session limits.
+		s.claimed = false
+		h.hub.add(s, channels, nil)
+		s.mu.Lock()
+		s.state = stateDetached
+		s.mu.Unlock()
+	}
 	if !s.attach(a, true, lastSeq, op.data) {
 		// A resume is not refused by the session limits, so this new
 		// session is admitted regardless.
 		metrics.resumes.WithLabelValues("failed").Inc()
-		h.serveNew(op, t, newSession(h, op.user), nil)
+		h.serveNew(op, t, newSession(h, op.user), nil, false)
 		return resumeServed
 	}
+	h.hub.brokerOf().hold(s)
 	op.bind(s)
 	if h.Connect && len(op.channels) > 0 {
-		h.hub.subscribe(s, op.channels, nil)
+		if err := h.hub.subscribe(op.r.Context(), s, op.channels, nil); err != nil {
+			h.logger.Error("connect hook's channels not recorded", zap.String("session", s.id), zap.Error(err))
+		}
 	}
 	metrics.resumes.WithLabelValues("resumed").Inc()
 	h.logger.Info("session resumed",

@@ -9,7 +9,6 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/caddy-duplex/duplex/protocol"
 )
@@ -30,21 +29,6 @@ type publishMsg struct {
 	Data   json.RawMessage `json:"data,omitempty"`
 	Except string          `json:"except,omitempty"`
 	Close  *string         `json:"close,omitempty"`
-}
-
-// broker carries publishes to the sessions they target, wherever they are.
-// The memory broker reaches the sessions of this process; a clustered
-// broker would also fan out to other nodes.
-type broker interface {
-	// publish delivers m and returns how many sessions it reached.
-	publish(ctx context.Context, m *publishMsg) (int, error)
-}
-
-// memoryBroker delivers publishes to this process's hub.
-type memoryBroker struct{ hub *hub }
-
-func (b memoryBroker) publish(_ context.Context, m *publishMsg) (int, error) {
-	return b.hub.deliver(m)
 }
 
 // hub is the registry of open sessions: by id, by user and by channel. One
@@ -72,8 +56,9 @@ type hub struct {
 	dmu      sync.Mutex
 	detached map[string]*list.List
 
-	broker broker
-	// idem remembers publish ids.
+	// memory is the broker of a config without a duplex app or broker.
+	memory *MemoryBroker
+	// idem remembers publish ids (memory broker).
 	idem *idempotency
 	// handlers maps handler config keys to the handler of the running
 	// config with that key.
@@ -98,7 +83,7 @@ func newHub() *hub {
 		detached:      make(map[string]*list.List),
 		idem:          newIdempotency(),
 	}
-	h.broker = memoryBroker{h}
+	h.memory = &MemoryBroker{hub: h}
 	return h
 }
 
@@ -111,10 +96,11 @@ func (h *hub) adminPublish() bool {
 // publish hands m to the broker, unless a publish with the same id was
 // applied within the idempotency window: then it returns that one's count.
 func (h *hub) publish(ctx context.Context, m *publishMsg) (int, error) {
+	b := h.brokerOf()
 	if m.ID == "" {
-		return h.broker.publish(ctx, m)
+		return b.publish(ctx, m)
 	}
-	return h.idem.do(m.ID, time.Now(), func() (int, error) { return h.broker.publish(ctx, m) })
+	return b.once(ctx, m.ID, func() (int, error) { return b.publish(ctx, m) })
 }
 
 // Refusals of admit.
@@ -312,21 +298,26 @@ func (h *hub) oldestOf(user string, keep int) []*session {
 	return all[:len(all)-keep]
 }
 
-// resumable finds the open session a resume cursor <token>:<seq> names, if
-// it was opened by a handler in place scope.
-func (h *hub) resumable(cursor, scope string) (*session, uint64) {
+// resumable finds the session a resume cursor <token>:<seq> names, if it
+// was opened by handler hd's place (tokens are scoped to where they were
+// issued): one this node holds, or, with a clustered broker, one held
+// elsewhere or by nobody now. It returns the cursor's seq too.
+func (h *hub) resumable(ctx context.Context, hd *Handler, cursor string) (*session, uint64, error) {
 	if cursor == "" {
-		return nil, 0
+		return nil, 0, nil
 	}
 	c, ok := protocol.ParseCursor(cursor)
 	if !ok {
-		return nil, 0
+		return nil, 0, nil
 	}
-	s := h.byToken(c.Token, scope)
-	if s == nil {
-		return nil, 0
+	if s := h.byToken(c.Token, hd.key); s != nil {
+		return s, c.Seq, nil
 	}
-	return s, c.Seq
+	s, err := h.brokerOf().find(ctx, hd, c)
+	if s == nil || err != nil {
+		return nil, 0, err
+	}
+	return s, c.Seq, nil
 }
 
 // byToken finds an open session by its token, if it was opened by a
@@ -352,12 +343,21 @@ func (h *hub) get(id string) *session {
 	return nil
 }
 
-// subscribe and unsubscribe change a session's channels.
-func (h *hub) subscribe(s *session, add, remove []string) {
+// subscribe changes a session's channels, here and in the broker.
+func (h *hub) subscribe(ctx context.Context, s *session, add, remove []string) error {
+	if !h.subscribeLocal(s, add, remove) {
+		return errUnknownSession
+	}
+	return h.brokerOf().subscribe(ctx, s, add, remove)
+}
+
+// subscribeLocal changes the channels of a session this node holds; false
+// if it holds no such session.
+func (h *hub) subscribeLocal(s *session, add, remove []string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.sessions[s.id] != s {
-		return
+		return false
 	}
 	for _, c := range add {
 		h.subscribeLocked(s, c)
@@ -368,6 +368,7 @@ func (h *hub) subscribe(s *session, add, remove []string) {
 			removeMember(h.channels, c, s)
 		}
 	}
+	return true
 }
 
 func (h *hub) subscribeLocked(s *session, c string) {

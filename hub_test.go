@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -105,7 +106,7 @@ func TestHubSubscribeAndRemove(t *testing.T) {
 	h := newHub()
 	a := testSession(h, "a", "", 1<<20)
 	h.add(a, []string{"x"}, nil)
-	h.subscribe(a, []string{"y", "z"}, []string{"x"})
+	h.subscribe(context.Background(), a, []string{"y", "z"}, []string{"x"})
 	if got := h.list("", "x"); len(got) != 0 {
 		t.Errorf("still on x: %v", got)
 	}

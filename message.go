@@ -300,7 +300,9 @@ func (s *session) applyControlHeaders(h http.Header) (closeReason string, closeA
 	add := headerList(h.Values("Duplex-Subscribe"))
 	remove := headerList(h.Values("Duplex-Unsubscribe"))
 	if len(add) > 0 || len(remove) > 0 {
-		s.hub.subscribe(s, add, remove)
+		if err := s.hub.subscribe(s.ctx, s, add, remove); err != nil && !errors.Is(err, errUnknownSession) {
+			s.h.logger.Error("channel change not recorded", zap.String("session", s.id), zap.Error(err))
+		}
 	}
 	if v, ok := h["Duplex-Close"]; ok {
 		reason := strings.TrimSpace(strings.Join(v, ", "))

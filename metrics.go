@@ -21,6 +21,11 @@ type duplexMetrics struct {
 	appLatency   prometheus.Histogram   // time the route took to answer a message
 	publishes    *prometheus.CounterVec // publish API requests, by result
 	slowClosures prometheus.Counter     // connections closed as slow consumers
+	// cluster (broker redis)
+	brokerErrors prometheus.Counter   // failed broker calls
+	redisLatency prometheus.Histogram // Redis round trips
+	gapRepairs   prometheus.Counter   // pushes missed on pub/sub, read from a log
+	clusterNodes prometheus.Gauge     // live nodes, as of the last heartbeat
 
 	// the push counters, resolved once: they are bumped per subscriber
 	pushDelivered, pushBuffered, pushDropped prometheus.Counter
@@ -70,11 +75,29 @@ func newDuplexMetrics() *duplexMetrics {
 			Help: "Connections closed because their send queue was full.",
 		}),
 	}
+	m.brokerErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Subsystem: sub, Name: "broker_errors_total",
+		Help: "Broker calls that failed because Redis was unreachable or failing.",
+	})
+	m.redisLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: ns, Subsystem: sub, Name: "redis_latency_seconds",
+		Help:    "Round trips to Redis (commands, pipelines and scripts) of the redis broker.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12),
+	})
+	m.gapRepairs = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Subsystem: sub, Name: "gap_repairs_total",
+		Help: "Times a node read pushes it had missed on Redis pub/sub from a session's log.",
+	})
+	m.clusterNodes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: ns, Subsystem: sub, Name: "cluster_nodes",
+		Help: "Live nodes sharing the sessions (broker redis), as this node last saw them.",
+	})
 	m.pushDelivered = m.pushes.WithLabelValues("delivered")
 	m.pushBuffered = m.pushes.WithLabelValues("buffered")
 	m.pushDropped = m.pushes.WithLabelValues("dropped")
 	m.collectors = []prometheus.Collector{m.connections, m.opened, m.ended, m.messages,
-		m.pushes, m.resumes, m.appLatency, m.publishes, m.slowClosures}
+		m.pushes, m.resumes, m.appLatency, m.publishes, m.slowClosures,
+		m.brokerErrors, m.redisLatency, m.gapRepairs, m.clusterNodes}
 	return m
 }
 

@@ -7,6 +7,7 @@ package duplex
 
 import (
 	"cmp"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strconv"
@@ -27,6 +28,8 @@ func init() {
 	caddy.RegisterModule(Handler{})
 	caddy.RegisterModule(Publish{})
 	caddy.RegisterModule(AdminAPI{})
+	caddy.RegisterModule(MemoryBroker{})
+	caddy.RegisterModule(RedisBroker{})
 }
 
 // Defaults of the handler's options.
@@ -55,8 +58,13 @@ type App struct {
 	// AdminPublish serves the publish and sessions API under /duplex/ on
 	// Caddy's admin endpoint. Default: true.
 	AdminPublish *bool `json:"admin_publish,omitempty"`
+	// BrokerRaw is the broker module that keeps the sessions: memory (the
+	// default, this process only) or redis (several nodes sharing
+	// sessions; see "Running a cluster" in the README).
+	BrokerRaw json.RawMessage `json:"broker,omitempty" caddy:"namespace=duplex.brokers inline_key=broker"`
 
-	hub *hub
+	hub    *hub
+	broker broker
 
 	// places counts, per server, the duplex handlers provisioned under
 	// this config so far; see Handler.key.
@@ -80,6 +88,21 @@ func (a *App) place(srv string) string {
 	return srv + "#" + strconv.Itoa(n)
 }
 
+// brokerOrMemory is the app's broker, or the memory broker.
+func (a *App) brokerOrMemory() broker {
+	if a.broker != nil {
+		return a.broker
+	}
+	return a.hub.memory
+}
+
+// clustered reports whether the app's broker shares sessions between
+// nodes.
+func (a *App) clustered() bool {
+	_, ok := a.broker.(*RedisBroker)
+	return ok
+}
+
 // CaddyModule returns the Caddy module information.
 func (App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
@@ -88,10 +111,22 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision attaches the app to the process-wide session hub.
-func (a *App) Provision(caddy.Context) error {
+// Provision attaches the app to the process-wide session hub and loads
+// its broker.
+func (a *App) Provision(ctx caddy.Context) error {
 	a.hub = globalHub
 	a.places = &placeCounter{n: make(map[string]int)}
+	if a.BrokerRaw != nil {
+		mod, err := ctx.LoadModule(a, "BrokerRaw")
+		if err != nil {
+			return fmt.Errorf("duplex: loading broker: %w", err)
+		}
+		b, ok := mod.(broker)
+		if !ok {
+			return fmt.Errorf("duplex: module %T is not a broker", mod)
+		}
+		a.broker = b
+	}
 	return nil
 }
 
@@ -328,12 +363,22 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("duplex: loading the duplex app: %w", err)
 	}
 	server := ""
-	if srv != nil {
+	switch {
+	case srv == nil:
+	case app.(*App).clustered():
+		// The nodes of a cluster listen on different addresses (on one
+		// machine, different ports) but run the same config: the server's
+		// name (srv0… from the Caddyfile) is the same on every node.
+		server = srv.Name()
+	default:
 		// Its listen addresses name the server: unlike its name (srv0…),
 		// they do not change when other sites are added.
 		server = strings.Join(srv.Listen, ",")
 	}
 	h.key = app.(*App).place(server)
+	if node := app.(*App).brokerOrMemory().node(); node != "" {
+		h.logger = h.logger.With(zap.String("node", node))
+	}
 	h.hub.register(h)
 	// A server shutting down (reload or stop) waits for open requests
 	// forever with the default grace period; an SSE or stream session is

@@ -126,12 +126,16 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 			}
 			results = append(results, publishResult{Status: http.StatusNotFound, Error: "unknown session " + m.Session})
 		case err != nil:
+			ae := brokerError(err)
 			if !batch {
 				result = "error"
-				writeAPIError(w, &apiError{status: http.StatusBadGateway, msg: err.Error()})
+				if ae.status == http.StatusServiceUnavailable {
+					w.Header().Set("Retry-After", retryAfter)
+				}
+				writeAPIError(w, ae)
 				return
 			}
-			results = append(results, publishResult{Status: http.StatusBadGateway, Error: err.Error()})
+			results = append(results, publishResult{Status: ae.status, Error: ae.msg})
 		default:
 			total += n
 			results = append(results, publishResult{Delivered: &n})
@@ -186,7 +190,10 @@ func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string)
 			writeAPIError(w, badPublish(`body must be {"add":[…],"remove":[…]}`))
 			return
 		}
-		h.subscribe(s, change.Add, change.Remove)
+		if err := h.subscribe(r.Context(), s, change.Add, change.Remove); err != nil && !errors.Is(err, errUnknownSession) {
+			writeAPIError(w, brokerError(err))
+			return
+		}
 		info, ok := h.info(id)
 		if !ok {
 			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
@@ -206,6 +213,14 @@ func (h *hub) serveAPI(w http.ResponseWriter, r *http.Request, path string) {
 		h.servePublish(w, r)
 	case path == "sessions" || strings.HasPrefix(path, "sessions/"):
 		h.serveSessions(w, r, strings.TrimPrefix(path, "sessions"))
+	case path == "cluster" && r.Method == http.MethodGet:
+		info, err := h.brokerOf().cluster(r.Context())
+		if err != nil {
+			w.Header().Set("Retry-After", retryAfter)
+			writeAPIError(w, brokerError(err))
+			return
+		}
+		writeJSON(w, http.StatusOK, info)
 	default:
 		writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "no such endpoint"})
 	}
@@ -215,6 +230,19 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// retryAfter is the Retry-After of a 503 while the broker is unavailable.
+const retryAfter = "2"
+
+// brokerError is the API answer for a failed publish or channel change:
+// 503 while the broker is unavailable (nothing was stored), else 502.
+func brokerError(err error) *apiError {
+	var u errBrokerUnavailable
+	if errors.As(err, &u) {
+		return &apiError{status: http.StatusServiceUnavailable, msg: err.Error()}
+	}
+	return &apiError{status: http.StatusBadGateway, msg: err.Error()}
 }
 
 func writeAPIError(w http.ResponseWriter, e *apiError) {

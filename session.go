@@ -65,6 +65,9 @@ type session struct {
 	gate *rateGate
 	// received counts the client's messages, for the session's log line.
 	received atomic.Int64
+	// claimed: made on this node to resume a session a clustered broker
+	// knows (held elsewhere or by nobody); not in the hub until attached.
+	claimed bool
 
 	mu    sync.Mutex // guards the fields below
 	state sessionState
@@ -278,33 +281,48 @@ func (s *session) dropHeldLocked(n int) {
 // ack is the client's {"type":"ack","seq":N}.
 func (s *session) ack(seq uint64) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.trimLocked(seq)
 	s.confirmLocked(seq)
+	s.mu.Unlock()
+	s.hub.brokerOf().acked(s, seq)
 }
 
 // push gives the session the next push: it is buffered for resume and, if a
 // connection is attached, queued for it. It reports whether the session
 // took it (false once the session has ended). A detached session takes it:
 // it gets it when it resumes.
-func (s *session) push(p *push) bool {
+func (s *session) push(p *push) bool { return s.pushSeq(0, p) }
+
+// pushSeq is push with the sequence number a clustered broker assigned (0:
+// the next one here). A push the session has already is dropped.
+func (s *session) pushSeq(seq uint64, p *push) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.pushLocked(seq, p)
+}
+
+func (s *session) pushLocked(seq uint64, p *push) bool {
 	if s.state == stateEnded {
 		return false
 	}
-	s.seq++
+	switch {
+	case seq == 0:
+		seq = s.seq + 1
+	case seq <= s.seq:
+		return true // had it
+	}
+	s.seq = seq
 	s.pushed++
-	e := logEntry{seq: s.seq, push: p}
+	e := logEntry{seq: seq, push: p}
 	s.log = append(s.log, e)
-	s.logBytes += int64(p.frameSize(s.seq))
+	s.logBytes += int64(p.frameSize(seq))
 	for len(s.log) > 1 && (len(s.log) > s.h.ResumeBuffer || s.logBytes > s.h.ResumeBufferSize) {
 		s.trimLocked(s.log[0].seq)
 	}
 	switch a := s.cur; {
 	case a == nil:
 		metrics.pushBuffered.Inc()
-	case a.offer(outFrame{push: p, seq: e.seq}):
+	case a.offer(outFrame{push: p, seq: seq}):
 		metrics.pushDelivered.Inc()
 	default:
 		metrics.pushDropped.Inc()
@@ -398,6 +416,13 @@ func (s *session) endIf(cond func() bool, c closeInfo) bool {
 	if !opened {
 		return true // an opening that did not get to serve the session
 	}
+	if c.moved {
+		h.logger.Info("session moved", zap.String("session", s.id), zap.String("reason", c.Reason))
+		return true // another node holds it now, and owns its end
+	}
+	if !s.hub.brokerOf().ended(s) {
+		return true // it moved to another node meanwhile
+	}
 	if h.Disconnect != "" {
 		h.sendDisconnect(s, c.Reason)
 	}
@@ -435,6 +460,7 @@ func (s *session) detach(a *attachment, reason string) bool {
 	})
 	evicted := s.hub.detach(s, a.h.MaxDetached)
 	s.mu.Unlock()
+	s.hub.brokerOf().detached(s, window)
 	if evicted != nil {
 		// Unless it resumed meanwhile.
 		evicted.endIf(func() bool { return evicted.state == stateDetached }, closeEvicted)

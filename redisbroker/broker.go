@@ -29,6 +29,9 @@ type Handler interface {
 	// without a gap (they left its log, or Redis lost its data): close
 	// its connection with reconnect, its resume then starts over.
 	Lost(id string)
+	// Forwarded hands this node what another node forwarded for session
+	// id (an SSE POST's frames) and returns the HTTP status to answer.
+	Forwarded(id string, payload []byte) int
 }
 
 // Broker is one node's view of the sessions in Redis.
@@ -42,6 +45,9 @@ type Broker struct {
 	mu    sync.Mutex
 	held  map[string]*holding // sessions this node holds, by id
 	epoch string              // P:epoch as this node last saw it ("" before the first)
+	// waits are the forwards of this node waiting for their answer, by
+	// request id.
+	waits map[string]chan int
 
 	// gapRepairs counts the times pushes missed on pub/sub were read from
 	// a log.
@@ -69,7 +75,7 @@ func New(cfg Config) (*Broker, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Broker{cfg: cfg, rdb: cfg.client(), k: keys{cfg.Prefix}, held: make(map[string]*holding)}, nil
+	return &Broker{cfg: cfg, rdb: cfg.client(), k: keys{cfg.Prefix}, held: make(map[string]*holding), waits: make(map[string]chan int)}, nil
 }
 
 // GapRepairs counts the times this node read pushes it missed on pub/sub
@@ -133,6 +139,12 @@ func (b *Broker) heartbeat(ctx context.Context, h Handler) {
 	now := time.Now().UnixMilli()
 	if err := b.rdb.ZAdd(cctx, b.k.nodes(), redis.Z{Score: float64(now), Member: b.cfg.NodeID}).Err(); err != nil {
 		return
+	}
+	if b.cfg.Events != nil {
+		min := time.Now().Add(-b.cfg.NodeTTL).UnixMilli()
+		if n, err := b.rdb.ZCount(cctx, b.k.nodes(), strconv.FormatInt(min, 10), "+inf").Result(); err == nil {
+			b.cfg.Events("nodes", int(n))
+		}
 	}
 	b.checkEpoch(cctx, h)
 }

@@ -293,3 +293,34 @@ func joinSpace(ss []string) string {
 	}
 	return out
 }
+
+// A forward reaches the node holding the session and brings back its
+// answer; one to a node that is gone fails as unreachable.
+func TestForward(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	a.open(t, "s", "", 10)
+	var status int
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		// a's subscription may not be active yet: nobody hears the first.
+		var err error
+		status, err = b.Forward(bg, "s", []byte(`[{"id":1}]`))
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrNodeUnreachable) || time.Now().After(deadline) {
+			t.Fatalf("forward: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if status != 202 {
+		t.Fatalf("forward answered %d, want 202", status)
+	}
+	a.rec.waitFor(t, "the forward on a", func() bool { return len(a.rec.commands) == 1 && a.rec.commands[0] == `s forwarded [{"id":1}]` })
+	a.stop()
+	if _, err := b.Forward(bg, "s", []byte(`[]`)); !errors.Is(err, ErrNodeUnreachable) {
+		t.Fatalf("forward to a stopped node: %v, want ErrNodeUnreachable", err)
+	}
+	a.run() // for the cleanup's stop
+}

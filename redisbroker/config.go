@@ -1,6 +1,7 @@
 package redisbroker
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -32,6 +33,12 @@ type Config struct {
 	// NodeTTL is how long a node without a heartbeat counts as alive.
 	// Default 15s; nodes heartbeat every NodeTTL/3.
 	NodeTTL time.Duration
+
+	// Observe, if set, is told of every Redis round trip (for metrics).
+	Observe func(d time.Duration, err error)
+	// Events, if set, is told of what the broker does on its own:
+	// "gap_repair", and "nodes" with the live node count.
+	Events func(kind string, n int)
 }
 
 // Defaults.
@@ -67,7 +74,7 @@ func (c Config) withDefaults() (Config, error) {
 // addresses without a master name, a failover client with one, a plain
 // client otherwise.
 func (c Config) client() redis.UniversalClient {
-	return redis.NewUniversalClient(&redis.UniversalOptions{
+	rdb := redis.NewUniversalClient(&redis.UniversalOptions{
 		Addrs:        c.Addrs,
 		MasterName:   c.MasterName,
 		Username:     c.Username,
@@ -80,4 +87,39 @@ func (c Config) client() redis.UniversalClient {
 		// Fail fast: a caller answers 503 rather than waiting on retries.
 		MaxRetries: 1,
 	})
+	if c.Observe != nil {
+		rdb.AddHook(observer{c.Observe})
+	}
+	return rdb
+}
+
+// observer times Redis round trips for Config.Observe.
+type observer struct{ observe func(time.Duration, error) }
+
+func (o observer) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (o observer) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		start := time.Now()
+		err := next(ctx, cmd)
+		o.observe(time.Since(start), ignoreNil(err))
+		return err
+	}
+}
+
+func (o observer) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		start := time.Now()
+		err := next(ctx, cmds)
+		o.observe(time.Since(start), ignoreNil(err))
+		return err
+	}
+}
+
+// ignoreNil drops redis.Nil (a missing key is an answer, not a failure).
+func ignoreNil(err error) error {
+	if errors.Is(err, redis.Nil) {
+		return nil
+	}
+	return err
 }

@@ -51,7 +51,9 @@ func (b *Broker) holding(id string) *holding {
 }
 
 // receive handles one message on this node's channel: "p <id> <seq>
-// <payload>" a push, "c <id> <kind> <payload>" a command.
+// <payload>" a push, "c <id> <kind> <payload>" a command, "f <id>
+// <request>@<node> <payload>" a forward to answer, "r <request> <status>"
+// the answer to one of this node's forwards.
 func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 	kind, rest, _ := cutSpace(msg)
 	id, rest, _ := cutSpace(rest)
@@ -80,6 +82,27 @@ func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 			b.Release(id)
 		}
 		h.Command(id, cmd, []byte(payload))
+	case "f":
+		from, payload, _ := cutSpace(rest)
+		req, node, _ := strings.Cut(from, "@")
+		status := h.Forwarded(id, []byte(payload))
+		cctx, cancel := b.call(ctx)
+		_ = b.rdb.Publish(cctx, b.k.node(node), "r "+req+" "+strconv.Itoa(status)).Err()
+		cancel()
+	case "r":
+		status, err := strconv.Atoi(rest)
+		if err != nil {
+			return
+		}
+		b.mu.Lock()
+		ch := b.waits[id] // the request id
+		b.mu.Unlock()
+		if ch != nil {
+			select {
+			case ch <- status:
+			default:
+			}
+		}
 	}
 }
 
@@ -95,7 +118,7 @@ func (b *Broker) deliverLocked(ctx context.Context, h Handler, id string, hd *ho
 			b.loseLocked(h, id, hd)
 			return
 		}
-		b.gapRepairs.Add(1)
+		b.repaired()
 		for _, m := range missed {
 			h.Deliver(id, m.Seq, m.Payload)
 			hd.last = m.Seq
@@ -129,7 +152,7 @@ func (b *Broker) resync(ctx context.Context, h Handler) {
 				b.loseLocked(h, id, hd)
 			default:
 				if len(missed) > 0 {
-					b.gapRepairs.Add(1)
+					b.repaired()
 				}
 				for _, m := range missed {
 					h.Deliver(id, m.Seq, m.Payload)
@@ -173,4 +196,11 @@ func cmpSeq(a, b uint64) int {
 		return 1
 	}
 	return 0
+}
+
+func (b *Broker) repaired() {
+	b.gapRepairs.Add(1)
+	if b.cfg.Events != nil {
+		b.cfg.Events("gap_repair", 1)
+	}
 }

@@ -108,6 +108,14 @@ func (r *recorder) Lost(id string) {
 	r.poke()
 }
 
+func (r *recorder) Forwarded(id string, payload []byte) int {
+	r.mu.Lock()
+	r.commands = append(r.commands, id+" forwarded "+string(payload))
+	r.mu.Unlock()
+	r.poke()
+	return 202
+}
+
 func (r *recorder) poke() {
 	select {
 	case r.changed <- struct{}{}:

@@ -1,0 +1,162 @@
+package duplex
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-duplex/duplex/protocol"
+)
+
+// broker is the seam between this node and the set of sessions: where a
+// publish goes, where sessions are registered, where a session's pushes
+// are kept for a resume on any node, and how the node holding a session
+// is reached. The memory broker (the default) is this process alone: the
+// hub is the registry and each session keeps its own buffer. A clustered
+// broker (broker redis) keeps all of it in Redis and carries pushes and
+// commands between nodes; the hub then holds this node's share.
+//
+// The hub calls it; it calls back into the hub (pushes and commands for
+// sessions this node holds). Its methods are called with no lock held.
+type broker interface {
+	// publish applies m to every session it targets, wherever held, and
+	// returns how many it reached (detached ones too).
+	publish(ctx context.Context, m *publishMsg) (int, error)
+	// once applies a publish with id at most once within
+	// idempotencyWindow, across nodes: a repeat gets the first one's
+	// count without applying it.
+	once(ctx context.Context, id string, fn func() (int, error)) (int, error)
+	// register records new session s, held by this node, with its
+	// initial channels. An error refuses the opening (503).
+	register(ctx context.Context, s *session, channels []string) error
+	// find returns the session a cursor's token names when this node does
+	// not hold it, opened by a handler in place scope (nil if none). It is
+	// not claimed yet: its user is checked first.
+	find(ctx context.Context, hd *Handler, c protocol.Cursor) (*session, error)
+	// claim makes this node the holder of s for a resume from lastSeq:
+	// the pushes after it are put in s's buffer and the node that held s
+	// closes its connection (4009). It returns s's channels for a session
+	// this node did not hold. errUnknownSession: s is gone.
+	claim(ctx context.Context, s *session, lastSeq uint64) (channels []string, err error)
+	// hold starts delivering s's pushes to this node, after those in its
+	// buffer (after register or claim, once s is attached).
+	hold(s *session)
+	// subscribe records channel changes of s.
+	subscribe(ctx context.Context, s *session, add, remove []string) error
+	// detached says s waits for a resume for window.
+	detached(s *session, window time.Duration)
+	// acked says the client has s's pushes up to seq.
+	acked(s *session, seq uint64)
+	// ended removes s from the set of sessions and reports whether this
+	// node is the one to run its disconnect hook (it may have moved).
+	ended(s *session) bool
+	// forward hands the frames of an SSE POST for session s (from find)
+	// to the node holding it, and returns that node's answer: 202 once it
+	// queued them, 401, 409 or 429 as servePost answers.
+	forward(ctx context.Context, s *session, frames [][]byte) (int, error)
+	// cluster describes the nodes sharing the sessions.
+	cluster(ctx context.Context) (clusterInfo, error)
+	// node names this node in logs ("" for the memory broker).
+	node() string
+}
+
+// clusterInfo is the answer of GET /duplex/cluster.
+type clusterInfo struct {
+	Broker string `json:"broker"` // memory or redis
+	// Node is this node's id, and Nodes the live nodes (this one
+	// included), sorted.
+	Node  string   `json:"node,omitempty"`
+	Nodes []string `json:"nodes"`
+}
+
+// errBrokerUnavailable refuses a publish or an opening while the broker
+// cannot be reached: 503 with Retry-After.
+type errBrokerUnavailable struct{ err error }
+
+func (e errBrokerUnavailable) Error() string { return "duplex: broker unavailable: " + e.err.Error() }
+func (e errBrokerUnavailable) Unwrap() error { return e.err }
+
+// MemoryBroker keeps the sessions of this process only: the default
+// broker (`broker memory`).
+type MemoryBroker struct {
+	hub *hub
+}
+
+// CaddyModule returns the Caddy module information.
+func (MemoryBroker) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "duplex.brokers.memory",
+		New: func() caddy.Module { return new(MemoryBroker) },
+	}
+}
+
+// Provision attaches the broker to the process-wide hub.
+func (b *MemoryBroker) Provision(caddy.Context) error {
+	b.hub = globalHub
+	return nil
+}
+
+func (b *MemoryBroker) publish(_ context.Context, m *publishMsg) (int, error) {
+	return b.hub.deliver(m)
+}
+
+func (b *MemoryBroker) once(_ context.Context, id string, fn func() (int, error)) (int, error) {
+	return b.hub.idem.do(id, time.Now(), fn)
+}
+
+func (*MemoryBroker) register(context.Context, *session, []string) error { return nil }
+
+func (*MemoryBroker) find(context.Context, *Handler, protocol.Cursor) (*session, error) {
+	return nil, nil // the hub knows every session there is
+}
+
+func (*MemoryBroker) claim(_ context.Context, s *session, _ uint64) ([]string, error) {
+	if s.ended() {
+		return nil, errUnknownSession
+	}
+	return nil, nil
+}
+
+func (*MemoryBroker) hold(*session)                                                 {}
+func (*MemoryBroker) subscribe(context.Context, *session, []string, []string) error { return nil }
+func (*MemoryBroker) detached(*session, time.Duration)                              {}
+func (*MemoryBroker) acked(*session, uint64)                                        {}
+func (*MemoryBroker) ended(*session) bool                                           { return true }
+
+func (*MemoryBroker) cluster(context.Context) (clusterInfo, error) {
+	return clusterInfo{Broker: "memory", Nodes: []string{}}, nil
+}
+
+func (*MemoryBroker) node() string { return "" }
+
+func (*MemoryBroker) forward(context.Context, *session, [][]byte) (int, error) {
+	return http.StatusUnauthorized, nil // find found nothing to forward to
+}
+
+// brokerOf is the broker of the running config: the duplex app's, or the
+// memory broker without one.
+func (h *hub) brokerOf() broker {
+	if a := h.app.Load(); a != nil && a.broker != nil {
+		return a.broker
+	}
+	return h.memory
+}
+
+// marshalBroker is the JSON of a broker module with its name, for the
+// Caddyfile adapter.
+func marshalBroker(name string, v any) json.RawMessage {
+	b, err := json.Marshal(v)
+	if err != nil || string(b) == "{}" || string(b) == "null" {
+		return json.RawMessage(`{"broker":"` + name + `"}`)
+	}
+	return json.RawMessage(`{"broker":"` + name + `",` + string(b[1:]))
+}
+
+// Interface guards
+var (
+	_ broker            = (*MemoryBroker)(nil)
+	_ caddy.Provisioner = (*MemoryBroker)(nil)
+)

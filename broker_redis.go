@@ -1,0 +1,394 @@
+package duplex
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/caddy-duplex/duplex/protocol"
+	"github.com/caddy-duplex/duplex/redisbroker"
+)
+
+// RedisBroker keeps the sessions in Redis so that several Caddy nodes
+// behind any load balancer share them (`broker redis`): a publish on any
+// node reaches the sessions on every node, and a client resumes on any
+// node. Standalone Redis, Sentinel (with master_name) and Redis Cluster
+// (several addresses) work; see "Running a cluster" in the README.
+type RedisBroker struct {
+	// Addresses of Redis (host:port): one for standalone Redis, several
+	// for Redis Cluster, or the Sentinels with MasterName. Placeholders
+	// are expanded. Required.
+	Addresses []string `json:"addresses,omitempty"`
+	// MasterName is the Sentinel master's name (Sentinel only).
+	MasterName string `json:"master_name,omitempty"`
+	// Username for Redis ACLs. Placeholders are expanded.
+	Username string `json:"username,omitempty"`
+	// Password for Redis; use a placeholder such as {env.REDIS_PASSWORD}
+	// rather than the password itself.
+	Password string `json:"password,omitempty"`
+	// DB is the database number (standalone and Sentinel). Default 0.
+	DB int `json:"db,omitempty"`
+	// TLS connects to Redis with TLS (the system's roots).
+	TLS bool `json:"tls,omitempty"`
+	// Prefix starts every key and channel, so one Redis can serve several
+	// clusters. Default "duplex".
+	Prefix string `json:"prefix,omitempty"`
+	// NodeID names this node; it must be unique per Caddy process.
+	// Placeholders are expanded (e.g. {system.hostname}). Default: random
+	// per process.
+	NodeID string `json:"node_id,omitempty"`
+
+	shared *redisNode
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (RedisBroker) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "duplex.brokers.redis",
+		New: func() caddy.Module { return new(RedisBroker) },
+	}
+}
+
+// redisNodes keeps one connection to Redis (and one subscriber) per
+// configuration across config reloads, keyed by the broker's JSON.
+var redisNodes = caddy.NewUsagePool()
+
+// redisNode is a running redisbroker.Broker with its subscriber loop.
+type redisNode struct {
+	b      *redisbroker.Broker
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (n *redisNode) Destruct() error {
+	n.cancel()
+	<-n.done
+	return n.b.Close()
+}
+
+// redisLog sends go-redis's own messages (reconnections, Sentinel
+// lookups) to Caddy's logger instead of stderr.
+type redisLog struct{ logger *zap.Logger }
+
+func (l redisLog) Printf(_ context.Context, format string, v ...any) {
+	l.logger.Warn(fmt.Sprintf(format, v...))
+}
+
+var setRedisLog sync.Once
+
+// Provision connects the broker (or reuses the connection of the same
+// configuration from before a reload).
+func (r *RedisBroker) Provision(ctx caddy.Context) error {
+	r.logger = ctx.Logger()
+	setRedisLog.Do(func() { redis.SetLogger(redisLog{caddy.Log().Named("duplex.brokers.redis")}) })
+	repl := caddy.NewReplacer()
+	cfg := redisbroker.Config{
+		MasterName: repl.ReplaceAll(r.MasterName, ""),
+		Username:   repl.ReplaceAll(r.Username, ""),
+		Password:   repl.ReplaceAll(r.Password, ""),
+		DB:         r.DB,
+		Prefix:     r.Prefix,
+		NodeID:     repl.ReplaceAll(r.NodeID, ""),
+		Observe:    func(d time.Duration, _ error) { metrics.redisLatency.Observe(d.Seconds()) },
+		Events: func(kind string, n int) {
+			switch kind {
+			case "gap_repair":
+				metrics.gapRepairs.Add(float64(n))
+			case "nodes":
+				metrics.clusterNodes.Set(float64(n))
+			}
+		},
+	}
+	for _, a := range r.Addresses {
+		cfg.Addrs = append(cfg.Addrs, repl.ReplaceAll(a, ""))
+	}
+	if r.TLS {
+		cfg.TLS = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	key, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	val, _, err := redisNodes.LoadOrNew(string(key), func() (caddy.Destructor, error) {
+		b, err := redisbroker.New(cfg)
+		if err != nil {
+			return nil, err
+		}
+		runCtx, cancel := context.WithCancel(context.Background())
+		n := &redisNode{b: b, cancel: cancel, done: make(chan struct{})}
+		go func() {
+			defer close(n.done)
+			b.Run(runCtx, redisEvents{globalHub})
+		}()
+		return n, nil
+	})
+	if err != nil {
+		return fmt.Errorf("duplex: broker redis: %w", err)
+	}
+	r.shared = val.(*redisNode)
+	return nil
+}
+
+// Validate checks the configuration.
+func (r *RedisBroker) Validate() error {
+	if len(r.Addresses) == 0 {
+		return errors.New("duplex: broker redis: no address")
+	}
+	if r.DB < 0 {
+		return fmt.Errorf("duplex: broker redis: db %d must not be negative", r.DB)
+	}
+	return nil
+}
+
+// Cleanup lets the shared connection go once no config uses it.
+func (r *RedisBroker) Cleanup() error {
+	key, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	_, err = redisNodes.Delete(string(key))
+	return err
+}
+
+// rb is the running broker.
+func (r *RedisBroker) rb() *redisbroker.Broker { return r.shared.b }
+
+// unavailable turns Redis failures into errBrokerUnavailable (and counts
+// them).
+func unavailable(err error) error {
+	if errors.Is(err, redisbroker.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+		metrics.brokerErrors.Inc()
+		return errBrokerUnavailable{err}
+	}
+	return err
+}
+
+func (r *RedisBroker) publish(ctx context.Context, m *publishMsg) (int, error) {
+	p := redisbroker.Publish{Session: m.Session, User: m.User, Channel: m.Channel, Except: m.Except}
+	if m.Close != nil {
+		p.Close, p.Payload = true, []byte(*m.Close)
+	} else {
+		p.Payload = newPush(m.Channel, m.Data).suffix
+	}
+	n, err := r.rb().Publish(ctx, p)
+	if errors.Is(err, redisbroker.ErrUnknownSession) {
+		return 0, errUnknownSession
+	}
+	return n, unavailable(err)
+}
+
+func (r *RedisBroker) once(ctx context.Context, id string, fn func() (int, error)) (int, error) {
+	n, err := r.rb().Once(ctx, id, idempotencyWindow, fn)
+	return n, unavailable(err)
+}
+
+// tokenHash is how Redis knows a session's token: never the token itself.
+func tokenHash(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+func (r *RedisBroker) register(ctx context.Context, s *session, channels []string) error {
+	return unavailable(r.rb().Register(ctx, redisbroker.Session{
+		ID: s.id, User: s.user, Scope: s.scope, Token: tokenHash(s.token),
+		MaxLen: int64(s.h.ResumeBuffer), Channels: channels,
+	}))
+}
+
+func (r *RedisBroker) find(ctx context.Context, hd *Handler, c protocol.Cursor) (*session, error) {
+	rec, err := r.rb().ByToken(ctx, tokenHash(c.Token))
+	if errors.Is(err, redisbroker.ErrUnknownSession) || (err == nil && (rec.Scope != hd.key || rec.Closed != "")) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	s := newSession(hd, rec.User)
+	s.id, s.token = rec.ID, c.Token
+	s.claimed = true
+	return s, nil
+}
+
+func (r *RedisBroker) claim(ctx context.Context, s *session, lastSeq uint64) ([]string, error) {
+	seq, err := r.rb().Attach(ctx, s.id)
+	if errors.Is(err, redisbroker.ErrUnknownSession) || errors.Is(err, redisbroker.ErrClosed) {
+		return nil, errUnknownSession
+	}
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	// Read what this node lacks: for a session it did not hold, every push
+	// after the cursor; for one it holds, what it may have missed.
+	s.mu.Lock()
+	from := s.seq
+	if s.claimed {
+		from = lastSeq
+		s.seq = lastSeq
+	}
+	s.mu.Unlock()
+	entries, complete, err := r.rb().Replay(ctx, s.id, from)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	if !complete && from < seq {
+		return nil, errUnknownSession // the pushes after the cursor are gone
+	}
+	s.mu.Lock()
+	for _, e := range entries {
+		s.pushLocked(e.Seq, &push{suffix: e.Payload})
+	}
+	claimed := s.claimed
+	s.mu.Unlock()
+	if !claimed {
+		return nil, nil
+	}
+	rec, err := r.rb().Lookup(ctx, s.id)
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	return rec.Channels, nil
+}
+
+func (r *RedisBroker) hold(s *session) {
+	s.mu.Lock()
+	seq := s.seq
+	s.mu.Unlock()
+	r.rb().Hold(s.ctx, redisEvents{s.hub}, s.id, seq)
+}
+
+func (r *RedisBroker) subscribe(ctx context.Context, s *session, add, remove []string) error {
+	if err := r.rb().Subscribe(ctx, s.id, add...); err != nil {
+		return unavailable(err)
+	}
+	return unavailable(r.rb().Unsubscribe(ctx, s.id, remove...))
+}
+
+// call runs a broker call that no client waits for, bounded by a timeout.
+func (r *RedisBroker) call(what string, s *session, fn func(ctx context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	defer cancel()
+	if err := fn(ctx); err != nil && !errors.Is(err, redisbroker.ErrUnknownSession) {
+		r.logger.Error("redis broker: "+what, zap.String("session", s.id), zap.Error(err))
+	}
+}
+
+func (r *RedisBroker) detached(s *session, window time.Duration) {
+	r.call("detaching", s, func(ctx context.Context) error { return r.rb().Detach(ctx, s.id, window) })
+}
+
+func (r *RedisBroker) acked(s *session, seq uint64) {
+	go r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+}
+
+// ended removes s unless another node holds it now (it moved there and
+// that node owns its end).
+func (r *RedisBroker) ended(s *session) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	defer cancel()
+	rec, err := r.rb().Lookup(ctx, s.id)
+	if err == nil && rec.Node != r.rb().NodeID() {
+		r.rb().Release(s.id)
+		return false
+	}
+	r.call("ending", s, func(ctx context.Context) error { return r.rb().End(ctx, s.id) })
+	return true
+}
+
+func (r *RedisBroker) forward(ctx context.Context, s *session, frames [][]byte) (int, error) {
+	payload := make([]byte, 0, 64)
+	payload = append(payload, '[')
+	for i, f := range frames {
+		if i > 0 {
+			payload = append(payload, ',')
+		}
+		payload = append(payload, f...)
+	}
+	payload = append(payload, ']')
+	status, err := r.rb().Forward(ctx, s.id, payload)
+	switch {
+	case errors.Is(err, redisbroker.ErrUnknownSession):
+		return http.StatusUnauthorized, nil
+	case errors.Is(err, redisbroker.ErrNodeUnreachable):
+		return 0, errBrokerUnavailable{err}
+	}
+	return status, unavailable(err)
+}
+
+func (r *RedisBroker) cluster(ctx context.Context) (clusterInfo, error) {
+	nodes, err := r.rb().Nodes(ctx)
+	if err != nil {
+		return clusterInfo{}, unavailable(err)
+	}
+	slices.Sort(nodes)
+	return clusterInfo{Broker: "redis", Node: r.rb().NodeID(), Nodes: nodes}, nil
+}
+
+func (r *RedisBroker) node() string { return r.rb().NodeID() }
+
+// redisEvents hands what Redis sends this node to the hub's sessions.
+type redisEvents struct{ hub *hub }
+
+var _ redisbroker.Handler = redisEvents{}
+
+func (e redisEvents) Deliver(id string, seq uint64, payload []byte) {
+	if s := e.hub.get(id); s != nil {
+		s.pushSeq(seq, &push{suffix: payload})
+	}
+}
+
+func (e redisEvents) Command(id, kind string, payload []byte) {
+	s := e.hub.get(id)
+	if s == nil {
+		return
+	}
+	switch kind {
+	case "close":
+		s.end(closedByApp(string(payload)))
+	case "takeover":
+		s.end(closeMoved)
+	}
+}
+
+func (e redisEvents) Forwarded(id string, payload []byte) int {
+	s := e.hub.get(id)
+	if s == nil {
+		return http.StatusUnauthorized
+	}
+	var frames []json.RawMessage
+	if err := json.Unmarshal(payload, &frames); err != nil {
+		return http.StatusBadRequest
+	}
+	raw := make([][]byte, len(frames))
+	for i, f := range frames {
+		raw[i] = f
+	}
+	status, _ := s.takePost(raw)
+	return status
+}
+
+func (e redisEvents) Lost(id string) {
+	if s := e.hub.get(id); s != nil {
+		s.end(closeLost)
+	}
+}
+
+// Interface guards
+var (
+	_ broker             = (*RedisBroker)(nil)
+	_ caddy.Provisioner  = (*RedisBroker)(nil)
+	_ caddy.Validator    = (*RedisBroker)(nil)
+	_ caddy.CleanerUpper = (*RedisBroker)(nil)
+)

@@ -1,0 +1,364 @@
+package duplex_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddy-duplex/duplex/client"
+)
+
+// clusterRedis is a real redis-server for a cluster test.
+type clusterRedis struct {
+	addr string
+	cmd  *exec.Cmd
+}
+
+// startClusterRedis starts redis-server on a free port, without
+// persistence, and stops it when the test ends.
+func startClusterRedis(t *testing.T) *clusterRedis {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
+	}
+	port := freePorts(t, 1)[0]
+	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		var once sync.Once
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "Ready to accept connections") {
+				once.Do(func() { close(ready) })
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGCONT)
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	select {
+	case <-ready:
+	case <-time.After(30 * time.Second):
+		t.Fatal("redis-server did not start")
+	}
+	return &clusterRedis{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd}
+}
+
+// startCluster starts n Caddy nodes sharing r, each with the same site:
+// sessions on /live (channel "room"), messages to the test app.
+func startCluster(t *testing.T, r *clusterRedis, n int, app *testApp) []*caddyProc {
+	t.Helper()
+	cf := globalOpts("\tduplex {\n\t\tbroker redis "+r.addr+"\n\t}") + sub(`
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		duplex {
+			channels room
+			resume_window 30s
+			messages {
+				path *
+			}
+		}
+		reverse_proxy {{.Upstream}}
+	}
+}
+`, "Upstream", app.Addr)
+	nodes := make([]*caddyProc, n)
+	for i := range nodes {
+		nodes[i] = startCaddy(t, cf)
+	}
+	return nodes
+}
+
+// roundRobin dials the nodes in turn, whatever address the client asks
+// for: a load balancer without sticky sessions. It counts the dials and
+// can cut every connection it made.
+type roundRobin struct {
+	nodes []*caddyProc
+	next  atomic.Int64
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (rr *roundRobin) dial(ctx context.Context, network, _ string) (net.Conn, error) {
+	i := rr.next.Add(1) - 1
+	node := rr.nodes[int(i)%len(rr.nodes)]
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, "127.0.0.1:"+strconv.Itoa(node.HTTP))
+	if err == nil {
+		rr.mu.Lock()
+		rr.conns = append(rr.conns, c)
+		rr.mu.Unlock()
+	}
+	return c, err
+}
+
+func (rr *roundRobin) cutAll() {
+	rr.mu.Lock()
+	defer rr.mu.Unlock()
+	for _, c := range rr.conns {
+		_ = c.Close()
+	}
+	rr.conns = nil
+}
+
+// A publish on any node reaches the sessions on every node, once and in
+// order, over every transport; delivered counts them all.
+func TestClusterPublishReachesEveryNode(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var sessions []*client.Session
+	for i, transport := range []string{client.WebSocket, client.SSE, client.Stream} {
+		node := nodes[i%2]
+		s, err := client.Dial(ctx, node.url("/live"), client.Options{Transports: []string{transport}})
+		if err != nil {
+			t.Fatalf("%s on node %d: %v", transport, i%2, err)
+		}
+		defer s.Close()
+		sessions = append(sessions, s)
+	}
+	const pushes = 30
+	for i := range pushes {
+		body := map[string]any{"channel": "room", "data": i}
+		nodes[i%2].mustPublish(t, body, len(sessions))
+	}
+	for si, s := range sessions {
+		for i := range pushes {
+			select {
+			case p := <-s.Pushes():
+				var n int
+				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
+					t.Fatalf("session %d (%s): push %d is seq %d data %s", si, s.Transport(), i, p.Seq, p.Data)
+				}
+			case <-ctx.Done():
+				t.Fatalf("session %d (%s): push %d: %v", si, s.Transport(), i, ctx.Err())
+			}
+		}
+	}
+	// A session target and a user-less session's info on the other node.
+	st, _ := doJSON(t, http.MethodPost, nodes[1].adminURL("/duplex/publish"),
+		map[string]any{"session": sessions[0].ID(), "data": "only you"})
+	if st != http.StatusOK {
+		t.Fatalf("publish to a session held by the other node: %d", st)
+	}
+	select {
+	case p := <-sessions[0].Pushes():
+		if string(p.Data) != `"only you"` {
+			t.Fatalf("session push: %s", p.Data)
+		}
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+}
+
+// Clients whose connections are cut resume on the next node (no sticky
+// sessions) while both nodes publish: every push arrives exactly once, in
+// order, and every resume says resumed:true.
+func TestClusterResumeOnAnotherNode(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	type peer struct {
+		s       *client.Session
+		rr      *roundRobin
+		opens   atomic.Int32
+		resumed atomic.Int32
+	}
+	var peers []*peer
+	for _, transport := range []string{client.WebSocket, client.SSE, client.Stream} {
+		p := &peer{rr: &roundRobin{nodes: nodes}}
+		s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{
+			Transports:  []string{transport},
+			DialContext: p.rr.dial,
+			MinBackoff:  10 * time.Millisecond,
+			MaxBackoff:  200 * time.Millisecond,
+			OnOpen: func(o client.Open) {
+				p.opens.Add(1)
+				if o.Resumed {
+					p.resumed.Add(1)
+				}
+			},
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", transport, err)
+		}
+		defer s.Close()
+		p.s = s
+		peers = append(peers, p)
+	}
+
+	const pushes = 60
+	for i := range pushes {
+		if i%10 == 5 {
+			for _, p := range peers {
+				p.rr.cutAll()
+			}
+		}
+		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
+	}
+	for _, p := range peers {
+		for i := range pushes {
+			select {
+			case got := <-p.s.Pushes():
+				var n int
+				if err := json.Unmarshal(got.Data, &n); err != nil || n != i || got.Seq != uint64(i+1) {
+					t.Fatalf("%s: push %d is seq %d data %s", p.s.Transport(), i, got.Seq, got.Data)
+				}
+			case <-ctx.Done():
+				t.Fatalf("%s: push %d: %v", p.s.Transport(), i, ctx.Err())
+			}
+		}
+		if p.opens.Load() < 2 {
+			t.Errorf("%s: %d openings: the cuts did not make it reconnect", p.s.Transport(), p.opens.Load())
+		}
+		if p.resumed.Load() != p.opens.Load()-1 {
+			t.Errorf("%s: %d of %d reconnections resumed the session", p.s.Transport(), p.resumed.Load(), p.opens.Load()-1)
+		}
+		// A message still reaches the app from whichever node holds it now.
+		if _, err := p.s.Call(ctx, "/live/echo", map[string]string{"from": p.s.Transport()}); err != nil {
+			t.Errorf("%s: call after the resumes: %v", p.s.Transport(), err)
+		}
+	}
+}
+
+// With Redis stopped, publishes and new openings answer 503 with
+// Retry-After, and open sessions still reach the app; when Redis
+// continues, so does publishing.
+func TestClusterRedisUnavailable(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 1, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{Transports: []string{client.WebSocket}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, nodes[0].adminURL("/duplex/publish"), strings.NewReader(`{"channel":"room","data":1}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("publish with Redis stopped: %d Retry-After %q; want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+	req, _ = http.NewRequest(http.MethodGet, nodes[0].url("/live"), nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err = http.DefaultClient.Do(req)
+	if err == nil {
+		resp.Body.Close()
+	}
+	if err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("SSE opening with Redis stopped: %v %v; want 503", err, resp)
+	}
+	if _, err := s.Call(ctx, "/live/echo", "still here"); err != nil {
+		t.Fatalf("a message of an open session with Redis stopped: %v", err)
+	}
+
+	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	// A 503 says the push may not be stored; one sent to a stopped Redis
+	// may still be applied when it continues. The id keeps the retries of
+	// this one from applying twice.
+	waitUntil(t, "publishing to work again", time.Minute, func() bool {
+		st, _ := doJSON(t, http.MethodPost, nodes[0].adminURL("/duplex/publish"),
+			map[string]any{"channel": "room", "data": 2, "id": "after-stop"})
+		return st == http.StatusOK
+	})
+	for {
+		select {
+		case p := <-s.Pushes():
+			switch string(p.Data) {
+			case "1": // the publish answered 503, applied when Redis continued
+				continue
+			case "2":
+			default:
+				t.Fatalf("push after Redis continued: %s", p.Data)
+			}
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		}
+		break
+	}
+	select {
+	case p := <-s.Pushes():
+		t.Fatalf("a push after the retried one: seq %d %s", p.Seq, p.Data)
+	case <-time.After(500 * time.Millisecond):
+	}
+}
+
+// GET /duplex/cluster lists the live nodes on any node; the metrics count
+// them and time Redis; session logs name the node.
+func TestClusterOperable(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	var info struct {
+		Broker string   `json:"broker"`
+		Node   string   `json:"node"`
+		Nodes  []string `json:"nodes"`
+	}
+	waitUntil(t, "both nodes in /duplex/cluster", frameWait, func() bool {
+		st, body := doJSON(t, http.MethodGet, nodes[0].adminURL("/duplex/cluster"), nil)
+		return st == http.StatusOK && json.Unmarshal(body, &info) == nil && len(info.Nodes) == 2
+	})
+	if info.Broker != "redis" || info.Node == "" || (info.Nodes[0] != info.Node && info.Nodes[1] != info.Node) {
+		t.Fatalf("cluster info %+v: want broker redis and this node among the nodes", info)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{Transports: []string{client.WebSocket}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	waitUntil(t, "the session log line with the node", frameWait, func() bool {
+		return strings.Contains(nodes[0].logs(), `"msg":"session opened"`) &&
+			strings.Contains(nodes[0].logs(), `"node":"`+info.Node+`"`)
+	})
+	waitUntil(t, "cluster metrics", frameWait, func() bool {
+		st, body := doJSON(t, http.MethodGet, nodes[0].adminURL("/metrics"), nil)
+		m := string(body)
+		return st == http.StatusOK && strings.Contains(m, "caddy_duplex_cluster_nodes 2") &&
+			strings.Contains(m, "caddy_duplex_redis_latency_seconds_count")
+	})
+}

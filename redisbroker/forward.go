@@ -1,0 +1,45 @@
+package redisbroker
+
+import (
+	"context"
+	"errors"
+)
+
+// ErrNodeUnreachable: the node holding a session did not answer a forward
+// in time (it died, or Redis is slow): the caller answers 503.
+var ErrNodeUnreachable = errors.New("redisbroker: the node holding the session did not answer")
+
+// Forward hands payload to the node holding session id (Handler.Forwarded
+// there) and returns the status that node answered. It waits at most the
+// configured timeout.
+func (b *Broker) Forward(ctx context.Context, id string, payload []byte) (int, error) {
+	s, err := b.Lookup(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	req := randomID()
+	ch := make(chan int, 1)
+	b.mu.Lock()
+	b.waits[req] = ch
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		delete(b.waits, req)
+		b.mu.Unlock()
+	}()
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	n, err := b.rdb.Publish(cctx, b.k.node(s.Node), "f "+id+" "+req+"@"+b.cfg.NodeID+" "+string(payload)).Result()
+	if err != nil {
+		return 0, unavailable("forwarding", err)
+	}
+	if n == 0 {
+		return 0, ErrNodeUnreachable // nobody listens on its channel
+	}
+	select {
+	case status := <-ch:
+		return status, nil
+	case <-cctx.Done():
+		return 0, ErrNodeUnreachable
+	}
+}
