@@ -6,7 +6,7 @@ DEMO_UI := http://localhost:8080
 FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish FuzzMessageTarget FuzzPostFrames
 FUZZTIME     ?= 60s
 
-.PHONY: build demo test fuzz bench clean
+.PHONY: build demo demo-cluster test fuzz bench clean
 
 ## build: Caddy with the duplex plugin (bin/caddy) and the demo app (bin/demo-app)
 build:
@@ -19,6 +19,16 @@ demo: build
 	@$(BIN)/demo-app & app=$$!; \
 	trap 'kill $$app 2>/dev/null; wait $$app 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/caddy run --config testdata/demo/Caddyfile
+
+## demo-cluster: the demo on two Caddy nodes sharing sessions through Redis
+## (needs redis-server): http://localhost:8080 and http://localhost:8081
+demo-cluster: build
+	@echo ">> demo-cluster: open http://localhost:8080 and http://localhost:8081; Ctrl-C stops it"
+	@redis-server --port 6390 --save '' --appendonly no --maxmemory-policy noeviction >/dev/null & redis=$$!; \
+	$(BIN)/demo-app & app=$$!; \
+	PORT=8081 ADMIN=2020 $(BIN)/caddy run --config testdata/demo/Caddyfile.cluster --adapter caddyfile & node2=$$!; \
+	trap 'kill $$node2 $$app $$redis 2>/dev/null; wait 2>/dev/null' EXIT INT TERM; \
+	PORT=8080 ADMIN=2019 $(BIN)/caddy run --config testdata/demo/Caddyfile.cluster --adapter caddyfile
 
 ## test: vet, every test with the race detector (builds a -race Caddy once),
 ## then each fuzz target for a few seconds
