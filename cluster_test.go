@@ -362,3 +362,62 @@ func TestClusterOperable(t *testing.T) {
 			strings.Contains(m, "caddy_duplex_redis_latency_seconds_count")
 	})
 }
+
+// A node killed with SIGKILL loses nothing: pushes published meanwhile on
+// the surviving node wait in Redis, and the killed node's clients resume
+// on the survivor with every one of them.
+func TestClusterNodeKilled(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// Every connection goes to node 0 first, then to node 1.
+	var dials atomic.Int32
+	dial := func(ctx context.Context, network, _ string) (net.Conn, error) {
+		node := nodes[0]
+		if dials.Add(1) > 1 {
+			node = nodes[1]
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, "127.0.0.1:"+strconv.Itoa(node.HTTP))
+	}
+	var resumed atomic.Int32
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{
+		Transports:  []string{client.WebSocket},
+		DialContext: dial,
+		MinBackoff:  10 * time.Millisecond,
+		MaxBackoff:  200 * time.Millisecond,
+		OnOpen: func(o client.Open) {
+			if o.Resumed {
+				resumed.Add(1)
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": 0}, 1)
+	if err := nodes[0].cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i < 10; i++ {
+		nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": i}, 1)
+	}
+	for i := range 10 {
+		select {
+		case p := <-s.Pushes():
+			var n int
+			if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
+				t.Fatalf("push %d is seq %d data %s", i, p.Seq, p.Data)
+			}
+		case <-ctx.Done():
+			t.Fatalf("push %d: %v", i, ctx.Err())
+		}
+	}
+	if resumed.Load() != 1 {
+		t.Fatalf("%d resumes on the survivor, want 1", resumed.Load())
+	}
+}
