@@ -131,7 +131,7 @@ func (r *RedisBroker) Provision(ctx caddy.Context) error {
 		n := &redisNode{b: b, cancel: cancel, done: make(chan struct{})}
 		go func() {
 			defer close(n.done)
-			b.Run(runCtx, redisEvents{globalHub})
+			b.Run(runCtx, redisEvents{globalHub, b})
 		}()
 		return n, nil
 	})
@@ -205,6 +205,7 @@ func (r *RedisBroker) register(ctx context.Context, s *session, channels []strin
 	return unavailable(r.rb().Register(ctx, redisbroker.Session{
 		ID: s.id, User: s.user, Scope: s.scope, Token: tokenHash(s.token),
 		MaxLen: int64(s.h.ResumeBuffer), Channels: channels,
+		Window: time.Duration(s.h.ResumeWindow), Path: s.base0().path, Host: s.base0().host,
 	}))
 }
 
@@ -266,7 +267,7 @@ func (r *RedisBroker) hold(s *session) {
 	s.mu.Lock()
 	seq := s.seq
 	s.mu.Unlock()
-	r.rb().Hold(s.ctx, redisEvents{s.hub}, s.id, seq)
+	r.rb().Hold(s.ctx, redisEvents{s.hub, r.rb()}, s.id, seq)
 }
 
 func (r *RedisBroker) subscribe(ctx context.Context, s *session, add, remove []string) error {
@@ -339,7 +340,10 @@ func (r *RedisBroker) cluster(ctx context.Context) (clusterInfo, error) {
 func (r *RedisBroker) node() string { return r.rb().NodeID() }
 
 // redisEvents hands what Redis sends this node to the hub's sessions.
-type redisEvents struct{ hub *hub }
+type redisEvents struct {
+	hub *hub
+	rb  *redisbroker.Broker
+}
 
 var _ redisbroker.Handler = redisEvents{}
 
@@ -377,6 +381,41 @@ func (e redisEvents) Forwarded(id string, payload []byte) int {
 	}
 	status, _ := s.takePost(raw)
 	return status
+}
+
+// Adopted ends a dead node's session at the end of its resume window,
+// unless a client resumed it meanwhile, and runs its disconnect hook
+// through this node's handler in the same place. The opening request is
+// gone with its node: the hook carries the session's identity headers,
+// not the opening's.
+func (e redisEvents) Adopted(rec redisbroker.Session) {
+	wait := max(time.Until(rec.Detached.Add(rec.Window)), 0)
+	time.AfterFunc(wait, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+		defer cancel()
+		ended, err := e.rb.ExpireDetached(ctx, rec)
+		if err != nil || !ended {
+			return
+		}
+		metrics.ended.WithLabelValues("expired").Inc()
+		hd := e.hub.successor(rec.Scope)
+		if hd == nil || hd.Disconnect == "" {
+			return
+		}
+		next := hd.next.Load()
+		if next == nil {
+			hd.logger.Warn("disconnect hook not sent: its handler has served nothing yet", zap.String("session", rec.ID))
+			return
+		}
+		s := newSession(hd, rec.User)
+		s.cancel()
+		s.id = rec.ID
+		s.base = &requestBase{path: rec.Path, host: rec.Host, header: http.Header{}, srv: hd.srv}
+		s.next = *next
+		hd.logger.Info("session closed", zap.String("session", s.id), zap.String("user", s.user),
+			zap.String("reason", "resume window expired"), zap.Bool("adopted", true))
+		hd.sendDisconnect(s, "resume window expired")
+	})
 }
 
 func (e redisEvents) Lost(id string) {

@@ -421,3 +421,57 @@ func TestClusterNodeKilled(t *testing.T) {
 		t.Fatalf("%d resumes on the survivor, want 1", resumed.Load())
 	}
 }
+
+// A session of a node killed with SIGKILL that nobody resumes ends once,
+// with one disconnect hook, run by a surviving node after its node was
+// found dead (15 s without a heartbeat) and its resume window passed.
+func TestClusterDeadNodeDisconnectHook(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	cf := globalOpts("\tduplex {\n\t\tbroker redis "+r.addr+"\n\t}") + sub(`
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		duplex {
+			resume_window 1s
+			disconnect /live/gone
+			messages {
+				path *
+			}
+		}
+		reverse_proxy {{.Upstream}}
+	}
+}
+`, "Upstream", app.Addr)
+	nodes := []*caddyProc{startCaddy(t, cf), startCaddy(t, cf), startCaddy(t, cf)}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// The survivors must have served a request, so that their route is
+	// known for the hook.
+	for _, n := range nodes[1:] {
+		if st, _ := doJSON(t, http.MethodGet, n.url("/live/ping"), nil); st != http.StatusOK {
+			t.Fatalf("a request through a survivor: %d", st)
+		}
+	}
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{Transports: []string{client.WebSocket}, MaxBackoff: time.Hour, MinBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := s.ID()
+	if err := nodes[0].cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the disconnect hook from a survivor", time.Minute, func() bool {
+		return len(app.byPath("/live/gone")) > 0
+	})
+	time.Sleep(6 * time.Second) // another heartbeat round of both survivors
+	hooks := app.byPath("/live/gone")
+	if len(hooks) != 1 {
+		t.Fatalf("%d disconnect hooks, want exactly one", len(hooks))
+	}
+	h := hooks[0]
+	if h.Header.Get("Duplex-Session") != id || h.Header.Get("Duplex-Disconnect") == "" {
+		t.Fatalf("hook headers %v: want Duplex-Session %s and Duplex-Disconnect", h.Header, id)
+	}
+}

@@ -304,6 +304,8 @@ type Handler struct {
 	next *atomic.Pointer[caddyhttp.Handler]
 	// hooks counts disconnect hooks under way.
 	hooks *pending
+	// srv is the server the handler is in (nil outside one).
+	srv *caddyhttp.Server
 }
 
 // CaddyModule returns the Caddy module information.
@@ -358,6 +360,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.next = new(atomic.Pointer[caddyhttp.Handler])
 	h.hooks = new(pending)
 	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	h.srv = srv
 	app, err := ctx.App("duplex")
 	if err != nil {
 		return fmt.Errorf("duplex: loading the duplex app: %w", err)

@@ -32,6 +32,10 @@ type Handler interface {
 	// Forwarded hands this node what another node forwarded for session
 	// id (an SSE POST's frames) and returns the HTTP status to answer.
 	Forwarded(id string, payload []byte) int
+	// Adopted hands this node a session of a dead node, detached since
+	// s.Detached: unless a client resumes it within s.Window of that,
+	// this node ends it (ExpireDetached) and runs its disconnect hook.
+	Adopted(s Session)
 }
 
 // Broker is one node's view of the sessions in Redis.
@@ -147,6 +151,9 @@ func (b *Broker) heartbeat(ctx context.Context, h Handler) {
 		}
 	}
 	b.checkEpoch(cctx, h)
+	for _, s := range b.reap(ctx) {
+		h.Adopted(s)
+	}
 }
 
 // checkEpoch compares P:epoch with what this node saw last: a new epoch

@@ -324,3 +324,67 @@ func TestForward(t *testing.T) {
 	}
 	a.run() // for the cleanup's stop
 }
+
+// The sessions of a node that stops heartbeating are adopted by exactly
+// one live node, detached from then on; one a client resumed meanwhile is
+// not ended by the adopter.
+func TestDeadNodeSessionsAdoptedOnce(t *testing.T) {
+	r := startRedis(t)
+	a, b, c := startNode(t, r, "a"), startNode(t, r, "b"), startNode(t, r, "c")
+	for _, id := range []string{"s1", "s2"} {
+		if err := a.Register(bg, Session{ID: id, Token: "tok-" + id, MaxLen: 10, Window: time.Minute, Path: "/live", Host: "example.com"}); err != nil {
+			t.Fatal(err)
+		}
+		a.Hold(bg, a.rec, id, 0)
+	}
+	a.stop() // a dies: no more heartbeats
+	adopted := func() []Session {
+		b.rec.mu.Lock()
+		defer b.rec.mu.Unlock()
+		c.rec.mu.Lock()
+		defer c.rec.mu.Unlock()
+		return append(append([]Session(nil), b.rec.adopted...), c.rec.adopted...)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(adopted()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("adopted %v after 30s, want both sessions", adopted())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(3 * b.cfg.NodeTTL) // more heartbeats: nobody adopts them again
+	got := adopted()
+	if len(got) != 2 || got[0].ID == got[1].ID {
+		t.Fatalf("adopted %+v, want s1 and s2 once each", got)
+	}
+	for _, s := range got {
+		if s.Detached.IsZero() || s.Window != time.Minute || s.Path != "/live" || s.Host != "example.com" {
+			t.Fatalf("adopted %+v: want detached, with its window, path and host", s)
+		}
+	}
+	// s1 is resumed on c; s2 nobody resumes.
+	var s1, s2 Session
+	for _, s := range got {
+		if s.ID == "s1" {
+			s1 = s
+		} else {
+			s2 = s
+		}
+	}
+	if _, err := c.Attach(bg, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if ended, err := b.ExpireDetached(bg, s1); err != nil || ended {
+		t.Fatalf("expire of a resumed session: ended=%v err=%v", ended, err)
+	}
+	if ended, err := b.ExpireDetached(bg, s2); err != nil || !ended {
+		t.Fatalf("expire of a session nobody resumed: ended=%v err=%v", ended, err)
+	}
+	if _, err := b.Lookup(bg, "s2"); !errors.Is(err, ErrUnknownSession) {
+		t.Fatalf("s2 after it expired: %v", err)
+	}
+	if ended, _ := c.ExpireDetached(bg, s2); ended {
+		t.Fatal("s2 ended twice")
+	}
+	a.run() // for the cleanup's stop
+}

@@ -13,6 +13,12 @@ func (k keys) token(t string) string     { return k.prefix + ":t:{" + t + "}" }
 func (k keys) publishID(id string) string {
 	return k.prefix + ":p:{" + id + "}"
 }
-func (k keys) nodes() string          { return k.prefix + ":nodes" }
-func (k keys) epoch() string          { return k.prefix + ":epoch" }
+func (k keys) nodes() string           { return k.prefix + ":nodes" }
+func (k keys) epoch() string           { return k.prefix + ":epoch" }
 func (k keys) node(name string) string { return k.prefix + ":n:" + name }
+
+// nodeSessions is the set of the sessions a node holds.
+func (k keys) nodeSessions(name string) string { return k.prefix + ":ns:{" + name + "}" }
+
+// reaping is the lock of the node that ends a dead node's sessions.
+func (k keys) reaping(name string) string { return k.prefix + ":reap:{" + name + "}" }

@@ -80,6 +80,7 @@ type recorder struct {
 	pushes   map[string][]Entry
 	commands []string
 	lost     []string
+	adopted  []Session
 	changed  chan struct{}
 }
 
@@ -114,6 +115,13 @@ func (r *recorder) Forwarded(id string, payload []byte) int {
 	r.mu.Unlock()
 	r.poke()
 	return 202
+}
+
+func (r *recorder) Adopted(s Session) {
+	r.mu.Lock()
+	r.adopted = append(r.adopted, s)
+	r.mu.Unlock()
+	r.poke()
 }
 
 func (r *recorder) poke() {

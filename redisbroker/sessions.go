@@ -27,6 +27,10 @@ type Session struct {
 	// Closed is the close frame of a session the app closed ("" if not).
 	Closed   string
 	Channels []string
+	// Window is its resume window, and Path and Host the opening's: a
+	// node that adopts it from a dead node needs them to end it.
+	Window     time.Duration
+	Path, Host string
 }
 
 // ErrUnknownSession: no such session (never opened, ended or expired).
@@ -41,7 +45,9 @@ func (b *Broker) Register(ctx context.Context, s Session) error {
 	defer cancel()
 	_, err := b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
 		p.HSet(cctx, b.k.session(s.ID), "node", b.cfg.NodeID, "user", s.User, "scope", s.Scope,
-			"token", s.Token, "seq", 0, "maxlen", max(s.MaxLen, 1))
+			"token", s.Token, "seq", 0, "maxlen", max(s.MaxLen, 1),
+			"window", s.Window.Milliseconds(), "path", s.Path, "host", s.Host)
+		p.SAdd(cctx, b.k.nodeSessions(b.cfg.NodeID), s.ID)
 		if len(s.Channels) > 0 {
 			p.SAdd(cctx, b.k.channels(s.ID), anys(s.Channels)...)
 			for _, c := range s.Channels {
@@ -105,7 +111,13 @@ func (b *Broker) Attach(ctx context.Context, id string) (seq uint64, err error) 
 	}
 	seq, _ = strconv.ParseUint(res[1].(string), 10, 64)
 	if prev != "" && prev != b.cfg.NodeID {
-		if err := b.rdb.Publish(cctx, b.k.node(prev), "c "+id+" takeover ").Err(); err != nil {
+		_, err := b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
+			p.SRem(cctx, b.k.nodeSessions(prev), id)
+			p.SAdd(cctx, b.k.nodeSessions(b.cfg.NodeID), id)
+			p.Publish(cctx, b.k.node(prev), "c "+id+" takeover ")
+			return nil
+		})
+		if err != nil {
 			return 0, unavailable("telling the previous node", err)
 		}
 	}
@@ -128,15 +140,23 @@ func (b *Broker) Detach(ctx context.Context, id string, window time.Duration) er
 	}
 	_, err = b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
 		p.HSet(cctx, b.k.session(id), "detached", time.Now().UnixMilli())
-		for _, k := range []string{b.k.session(id), b.k.log(id), b.k.channels(id), b.k.token(tok)} {
-			p.PExpire(cctx, k, window)
-		}
+		b.expireLater(cctx, p, id, tok, window)
 		return nil
 	})
 	if err != nil {
 		return unavailable("detaching a session", err)
 	}
 	return nil
+}
+
+// expireLater makes session id's keys expire a while after window: the node
+// that ends it then still finds it (see ExpireDetached); if no node does,
+// Redis drops it.
+func (b *Broker) expireLater(ctx context.Context, p redis.Pipeliner, id, token string, window time.Duration) {
+	ttl := window + 2*b.cfg.NodeTTL
+	for _, k := range []string{b.k.session(id), b.k.log(id), b.k.channels(id), b.k.token(token)} {
+		p.PExpire(ctx, k, ttl)
+	}
 }
 
 // End removes session id for good: its keys and its places in the channel,
@@ -161,6 +181,7 @@ func (b *Broker) End(ctx context.Context, id string) error {
 		}
 		p.Del(cctx, b.k.token(s.Token))
 		p.Del(cctx, b.k.session(id), b.k.log(id), b.k.channels(id))
+		p.SRem(cctx, b.k.nodeSessions(s.Node), id)
 		return nil
 	})
 	if err != nil {
@@ -228,7 +249,11 @@ func (b *Broker) Lookup(ctx context.Context, id string) (Session, error) {
 	if len(m) == 0 || m["node"] == "" {
 		return Session{}, ErrUnknownSession
 	}
-	s := Session{ID: id, User: m["user"], Scope: m["scope"], Token: m["token"], Node: m["node"], Closed: m["closed"]}
+	s := Session{ID: id, User: m["user"], Scope: m["scope"], Token: m["token"], Node: m["node"], Closed: m["closed"],
+		Path: m["path"], Host: m["host"]}
+	if ms, err := strconv.ParseInt(m["window"], 10, 64); err == nil {
+		s.Window = time.Duration(ms) * time.Millisecond
+	}
 	s.Seq, _ = strconv.ParseUint(m["seq"], 10, 64)
 	s.MaxLen, _ = strconv.ParseInt(m["maxlen"], 10, 64)
 	if ms, err := strconv.ParseInt(m["detached"], 10, 64); err == nil {
