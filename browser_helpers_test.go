@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -277,22 +278,23 @@ func (l *proxyLink) close() {
 	l.b.Close()
 }
 
-// pipe copies src to dst, holding the bytes while the link is paused.
+// pipe copies src to dst, holding the bytes (and the end of src) while the
+// link is paused.
 func (l *proxyLink) pipe(dst, src net.Conn) {
 	defer l.close()
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
+		l.mu.Lock()
+		for l.paused && !l.closed {
+			l.cond.Wait()
+		}
+		closed := l.closed
+		l.mu.Unlock()
+		if closed {
+			return
+		}
 		if n > 0 {
-			l.mu.Lock()
-			for l.paused && !l.closed {
-				l.cond.Wait()
-			}
-			closed := l.closed
-			l.mu.Unlock()
-			if closed {
-				return
-			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return
 			}
@@ -404,20 +406,21 @@ func (p *cutProxy) connections() int {
 }
 
 // ---------------------------------------------------------------------------
-// The upstream app of the browser tests.
+// The upstream app of the browser tests. By the last element of the path
+// (/live/echo, /sse/echo, …):
 //
-//	/live/echo   200 {"echo":<body>}
-//	/live/gate   held until the test opens the gate, then 200 {"gated":<body>}
-//	/live/slow   held until the request ends (message_timeout: 504)
-//	/live/boom   500 "boom"
-//	/live/empty  204
-//	else         200 text "app:<path>"
+//	echo   200 {"echo":<body>}
+//	gate   held until the test opens the gate, then 200 {"gated":<body>}
+//	slow   held until the request ends (message_timeout: 504)
+//	boom   500 "boom"
+//	empty  204
+//	else   200 text "app:<path>"
 type browserApp struct {
 	srv  *httptest.Server
 	Addr string
 
 	mu    sync.Mutex
-	ids   map[string]int // Duplex-Message-Id → requests with it
+	ids   map[string]int // "<Duplex-Session> <Duplex-Message-Id>" → requests with it
 	held  int            // requests waiting at /live/gate
 	gate  chan struct{}
 	paths []string
@@ -439,7 +442,7 @@ func (a *browserApp) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	a.mu.Lock()
 	if id := r.Header.Get("Duplex-Message-Id"); id != "" {
-		a.ids[id]++
+		a.ids[r.Header.Get("Duplex-Session")+" "+id]++
 	}
 	a.paths = append(a.paths, r.URL.Path)
 	gate := a.gate
@@ -450,10 +453,10 @@ func (a *browserApp) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	var data any
 	_ = json.Unmarshal(body, &data)
-	switch r.URL.Path {
-	case "/live/echo":
+	switch path.Base(r.URL.Path) {
+	case "echo":
 		reply(map[string]any{"echo": data})
-	case "/live/gate":
+	case "gate":
 		a.mu.Lock()
 		a.held++
 		a.mu.Unlock()
@@ -463,11 +466,11 @@ func (a *browserApp) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		reply(map[string]any{"gated": data})
-	case "/live/slow":
+	case "slow":
 		<-r.Context().Done()
-	case "/live/boom":
+	case "boom":
 		http.Error(w, "boom", http.StatusInternalServerError)
-	case "/live/empty":
+	case "empty":
 		w.WriteHeader(http.StatusNoContent)
 	default:
 		io.WriteString(w, "app:"+r.URL.Path)
@@ -507,7 +510,7 @@ func (a *browserApp) checkOnce(t *testing.T) {
 	t.Helper()
 	for id, n := range a.messageIDs() {
 		if n != 1 {
-			t.Errorf("the app got message %s %d times, want once", id, n)
+			t.Errorf("the app got message %s (session, id) %d times, want once", id, n)
 		}
 	}
 }
