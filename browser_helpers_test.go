@@ -108,13 +108,18 @@ const pageHarness = `(async () => {
 // loads the harness.
 func (b *browser) open(t *testing.T, pageURL string) {
 	t.Helper()
+	b.navigate(t, pageURL)
+	var ok bool
+	b.eval(t, pageHarness, &ok)
+}
+
+func (b *browser) navigate(t *testing.T, pageURL string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(b.ctx, 60*time.Second)
 	defer cancel()
 	if err := chromedp.Do(ctx, chromedp.Navigate(pageURL)); err != nil {
 		t.Fatalf("navigate to %s: %v", pageURL, err)
 	}
-	var ok bool
-	b.eval(t, pageHarness, &ok)
 }
 
 // eval runs a JavaScript expression in the page, awaiting a promise, and

@@ -603,3 +603,48 @@ http://127.0.0.1:{{.Allowed}} {
 	}
 	b.eval(t, `T.s.x.s.close(), T.s.ok.s.close(), true`, nil)
 }
+
+// The demo page, in the browser: it loads the client from Caddy, shows the
+// transport, chats, and shows the reconnection (its status dot) when the
+// connection drops.
+func TestBrowserDemo(t *testing.T) {
+	t.Parallel()
+	appAddr := fmt.Sprintf("127.0.0.1:%d", freePorts(t, 1)[0])
+	c := startCaddy(t, demoCaddyfile(t, appAddr))
+	startDemoApp(t, appAddr, c.adminURL("/duplex/publish"))
+	p := startProxy(t, fmt.Sprintf("127.0.0.1:%d", c.HTTP))
+	b := newBrowser(t)
+	b.navigate(t, "http://"+p.addr()+"/")
+	type page struct {
+		Dot, State, Log string
+	}
+	read := func() page {
+		var pg page
+		b.eval(t, `({Dot: document.getElementById("dot").className, State: document.getElementById("state").textContent,
+			Log: document.getElementById("log").innerText})`, &pg)
+		return pg
+	}
+	var pg page
+	waitUntil(t, "the demo to join the lobby", 60e9, func() bool {
+		pg = read()
+		return pg.Dot == "open" && strings.Contains(pg.State, "websocket") && strings.Contains(pg.Log, "joined lobby")
+	})
+
+	b.eval(t, `document.getElementById("name").value = "ann";
+		document.getElementById("text").value = "hi from chromium";
+		document.getElementById("form").requestSubmit(); true`, nil)
+	waitUntil(t, "the line to come back as a push", 60e9, func() bool {
+		pg = read()
+		return strings.Contains(pg.Log, "ann: hi from chromium") || strings.Contains(pg.Log, "ann:hi from chromium")
+	})
+
+	// The connection drops: the dot leaves "open", then the session resumes.
+	p.cut()
+	waitUntil(t, "the demo to show the resume", 60e9, func() bool {
+		pg = read()
+		return pg.Dot == "open" && strings.Contains(pg.Log, "reconnected via websocket")
+	})
+	if strings.Count(pg.Log, "hi from chromium") != 1 {
+		t.Fatalf("the chat log after the resume:\n%s", pg.Log)
+	}
+}
