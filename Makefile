@@ -1,5 +1,6 @@
 # caddy-duplex — build, demo and test targets. See README.md.
 GO      ?= go
+NODE    ?= node
 BIN     := bin
 DEMO_UI := http://localhost:8080
 
@@ -20,10 +21,12 @@ demo: build
 	trap 'kill $$app 2>/dev/null; wait $$app 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/caddy run --config testdata/demo/Caddyfile
 
-## test: vet, every test with the race detector (builds a -race Caddy once),
+## test: vet, the JS client's unit tests (Node), every Go test with the race
+## detector (builds a -race Caddy once; the browser tests need Chromium),
 ## then each fuzz target for a few seconds
 test:
 	$(GO) vet ./... ./testdata/demo/app
+	$(NODE) --test jsclient/
 	$(GO) test -race -count=1 -timeout 30m ./...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=4s
 

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/bcrypt"
 )
 
 // startBrowserCaddy starts Caddy with browserSite on plain HTTP, in front
@@ -646,5 +648,73 @@ func TestBrowserDemo(t *testing.T) {
 	})
 	if strings.Count(pg.Log, "hi from chromium") != 1 {
 		t.Fatalf("the chat log after the resume:\n%s", pg.Log)
+	}
+}
+
+// What the README says about authenticating in the browser: the page's
+// cookies go with the WebSocket and the SSE requests, and basic_auth
+// credentials the browser knows go with the WebSocket handshake.
+func TestBrowserAuthentication(t *testing.T) {
+	t.Parallel()
+	app := newBrowserApp(t)
+	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startCaddy(t, globalOpts("")+`http://:{{.HTTP}} {
+	handle /duplex.js {
+		duplex_client
+	}
+	handle /t {
+		header Content-Type "text/html; charset=utf-8"
+		respond "<!doctype html><title>duplex browser test</title>"
+	}
+	route /cookie* {
+		duplex {
+			auth {
+				header Cookie *sid=good*
+			}
+			user ann
+		}
+		reverse_proxy `+app.Addr+`
+	}
+	route /basic* {
+		basic_auth {
+			ann `+string(hash)+`
+		}
+		duplex {
+			user {http.auth.user.id}
+		}
+		reverse_proxy `+app.Addr+`
+	}
+}
+`)
+	b := newBrowser(t)
+	b.open(t, c.url("/t"))
+
+	// Without the cookie, the SSE opening gets 401 and the session ends.
+	b.connect(t, "none", "/cookie", map[string]any{"transports": []string{"sse"}})
+	v := b.waitView(t, "none", "the refusal", func(v sessionView) bool { return v.ReadyErr != nil })
+	if e := v.ReadyErr; e.Code != "closed" || e.Status == nil || *e.Status != http.StatusUnauthorized {
+		t.Fatalf("opening without the cookie: %+v, want closed with status 401", e)
+	}
+	b.eval(t, `document.cookie = "sid=good; path=/", true`, nil)
+	for _, tr := range []string{"websocket", "sse"} {
+		b.connect(t, tr, "/cookie", map[string]any{"transports": []string{tr}})
+		if v := b.waitOpen(t, tr, 1); v.Transport != tr {
+			t.Fatalf("cookie over %s: transport %q", tr, v.Transport)
+		} else if info, err := sessionInfo(t, c, v.ID); err != nil || info["user"] != "ann" {
+			t.Fatalf("cookie over %s: the server's view %v %v", tr, info, err)
+		}
+	}
+
+	// A page the browser loaded with basic_auth credentials: they go with
+	// the WebSocket handshake to the same protected path.
+	b.navigate(t, fmt.Sprintf("http://ann:s3cret@127.0.0.1:%d/basic/page", c.HTTP))
+	b.eval(t, pageHarness, nil)
+	b.connect(t, "basic", "/basic/live", map[string]any{"transports": []string{"websocket"}})
+	v = b.waitOpen(t, "basic", 1)
+	if info, err := sessionInfo(t, c, v.ID); err != nil || info["user"] != "ann" {
+		t.Fatalf("basic_auth over websocket: the server's view %v %v", info, err)
 	}
 }

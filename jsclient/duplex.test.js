@@ -29,6 +29,10 @@ class FakeWS {
   static last() { return FakeWS.all[FakeWS.all.length - 1]; }
 }
 globalThis.WebSocket = FakeWS;
+// Node 18 (Debian 12's) has no global CustomEvent; browsers and Node ≥ 19 do.
+globalThis.CustomEvent ??= class CustomEvent extends Event {
+  constructor(type, init) { super(type, init); this.detail = init?.detail ?? null; }
+};
 
 const window = new EventTarget();
 globalThis.addEventListener = window.addEventListener.bind(window);
