@@ -216,7 +216,7 @@ class Session extends EventTarget {
       if (this.state === "closed") return;
       try {
         const c = await OPENERS[t](this, cursor);
-        if (this.state === "closed") return c.drop();
+        if (this.state === "closed") return c.ws ? c.ws.close(1000) : c.drop(); // closed meanwhile
         return this._opened(c);
       } catch (e) {
         if (e.status === 401 || e.status === 403) refused = e.status;
