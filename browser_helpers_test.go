@@ -320,6 +320,7 @@ type cutProxy struct {
 	links  map[*proxyLink]bool
 	wg     sync.WaitGroup
 	opened int
+	refuse bool // close new connections at once
 }
 
 func startProxy(t *testing.T, target string) *cutProxy {
@@ -346,6 +347,13 @@ func (p *cutProxy) accept() {
 		if err != nil {
 			return
 		}
+		p.mu.Lock()
+		refuse := p.refuse
+		p.mu.Unlock()
+		if refuse {
+			a.Close()
+			continue
+		}
 		b, err := net.Dial("tcp", p.target)
 		if err != nil {
 			a.Close()
@@ -365,6 +373,14 @@ func (p *cutProxy) accept() {
 			p.mu.Unlock()
 		})
 	}
+}
+
+// refusing makes the proxy close new connections at once (on), or pass
+// them again (off).
+func (p *cutProxy) refusing(on bool) {
+	p.mu.Lock()
+	p.refuse = on
+	p.mu.Unlock()
 }
 
 // cut closes every current connection and reports how many there were.

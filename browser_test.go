@@ -718,3 +718,45 @@ func TestBrowserAuthentication(t *testing.T) {
 		t.Fatalf("basic_auth over websocket: the server's view %v %v", info, err)
 	}
 }
+
+// A session that ends while its client is away is lost: the resume opens a
+// new session (resumed:false, so the page reloads its state), and the call
+// pending on the old one is rejected with code "closed".
+func TestBrowserSessionLost(t *testing.T) {
+	t.Parallel()
+	c, app := startBrowserCaddy(t, "")
+	p := startProxy(t, fmt.Sprintf("127.0.0.1:%d", c.HTTP))
+	b := newBrowser(t)
+	b.open(t, "http://"+p.addr()+"/t")
+	b.connect(t, "s", "/live", map[string]any{"minBackoff": 50, "maxBackoff": 500})
+	v := b.waitOpen(t, "s", 1)
+	old := v.ID
+	publishSeq(t, c, old, 1, 2)
+	b.call(t, "s", "g", "/live/gate", nil, nil)
+	waitUntil(t, "the app to hold the call", 30e9, func() bool { return app.heldCount() == 1 })
+
+	p.refusing(true)
+	p.cut()
+	waitUntil(t, "the session to be detached", 30e9, func() bool {
+		info, err := sessionInfo(t, c, old)
+		return err == nil && info["attached"] == false
+	})
+	if st, body := doJSON(t, http.MethodDelete, c.adminURL("/duplex/sessions/"+old), nil); st/100 != 2 {
+		t.Fatalf("DELETE session: %d %s", st, body)
+	}
+	p.refusing(false)
+
+	v = b.waitView(t, "s", "a new session", func(v sessionView) bool { return len(v.Opens) >= 2 && v.State == "open" })
+	if o := v.Opens[1]; o.Resumed || o.Session == old || v.ID != o.Session {
+		t.Fatalf("second open %+v (id %s), want a new session (resumed:false)", o, v.ID)
+	}
+	if e := b.result(t, "s", "g").Error; e == nil || e.Code != "closed" {
+		t.Fatalf("the call pending on the lost session: %+v, want code closed", e)
+	}
+	publishSeq(t, c, v.ID, 1, 1)
+	v = b.waitView(t, "s", "the new session's push", func(v sessionView) bool { return len(v.Pushes) >= 3 })
+	if got := v.seqs(); !slices.Equal(got, []int{1, 2, 1}) {
+		t.Fatalf("pushes %v, want 1, 2 of the old session then 1 of the new", got)
+	}
+	app.checkOnce(t)
+}
