@@ -1,5 +1,6 @@
 # caddy-duplex — build, demo and test targets. See README.md.
 GO      ?= go
+NODE    ?= node
 BIN     := bin
 DEMO_UI := http://localhost:8080
 
@@ -30,10 +31,12 @@ demo-cluster: build
 	trap 'kill $$node2 $$app $$redis 2>/dev/null; wait 2>/dev/null' EXIT INT TERM; \
 	PORT=8080 ADMIN=2019 $(BIN)/caddy run --config testdata/demo/Caddyfile.cluster --adapter caddyfile
 
-## test: vet, every test with the race detector (builds a -race Caddy once),
+## test: vet, the JS client's unit tests (Node), every Go test with the race
+## detector (builds a -race Caddy once; the browser tests need Chromium),
 ## then each fuzz target for a few seconds
 test:
 	$(GO) vet ./... ./testdata/demo/app
+	$(NODE) --test jsclient/
 	$(GO) test -race -count=1 -timeout 30m ./...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=4s
 

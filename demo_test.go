@@ -1,6 +1,8 @@
 package duplex_test
 
 import (
+	"compress/gzip"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -114,9 +116,13 @@ func TestDemoChat(t *testing.T) {
 	if st != http.StatusOK || !strings.Contains(strings.ToLower(string(body)), "<html") {
 		t.Fatalf("GET / through Caddy: %d %.200q, want the demo page", st, body)
 	}
+	if !strings.Contains(string(body), "from '/duplex.js'") {
+		t.Fatalf("the demo page does not import the client from /duplex.js")
+	}
 	if st, body := doJSON(t, http.MethodGet, c.url("/healthz"), nil); st != http.StatusOK || string(body) != "ok" {
 		t.Fatalf("GET /healthz through Caddy: %d %q", st, body)
 	}
+	checkClientServed(t, c.url("/duplex.js"))
 
 	ann := openSession(t, c.wsURL("/live"), nil)
 	bob := openSession(t, c.wsURL("/live"), nil)
@@ -186,5 +192,51 @@ func TestDemoChat(t *testing.T) {
 		if f["type"] != "push" || d["text"] != "hey ann" {
 			t.Fatalf("%s: want bob's push, got %v", cl.name, f)
 		}
+	}
+}
+
+// checkClientServed checks /duplex.js as Caddy serves it behind encode:
+// JavaScript, gzipped on request, with an ETag that revalidates (304).
+func checkClientServed(t *testing.T, url string) {
+	t.Helper()
+	get := func(hdr ...string) *http.Response {
+		req, _ := http.NewRequest(http.MethodGet, url, nil)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := httpc.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	resp := get("Accept-Encoding", "gzip")
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/javascript; charset=utf-8" ||
+		resp.Header.Get("Content-Encoding") != "gzip" {
+		t.Fatalf("GET %s (gzip): %d, Content-Type %q, Content-Encoding %q", url, resp.StatusCode,
+			resp.Header.Get("Content-Type"), resp.Header.Get("Content-Encoding"))
+	}
+	zr, err := gzip.NewReader(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := io.ReadAll(zr)
+	if err != nil || !strings.Contains(string(js), "export function connect(") {
+		t.Fatalf("GET %s: not the client (%v)", url, err)
+	}
+	etag := resp.Header.Get("ETag")
+	if !strings.HasPrefix(etag, `"`) {
+		t.Fatalf("GET %s: ETag %q, want a strong one", url, etag)
+	}
+	if resp := get("Accept-Encoding", "gzip", "If-None-Match", etag); resp.StatusCode != http.StatusNotModified {
+		t.Fatalf("GET %s with If-None-Match %s: %d, want 304", url, etag, resp.StatusCode)
+	}
+	plain := get()
+	if plain.StatusCode != http.StatusOK || plain.Header.Get("Content-Encoding") != "" {
+		t.Fatalf("GET %s (identity): %d, Content-Encoding %q", url, plain.StatusCode, plain.Header.Get("Content-Encoding"))
+	}
+	if resp := get("If-None-Match", plain.Header.Get("ETag")); resp.StatusCode != http.StatusNotModified {
+		t.Fatalf("GET %s with If-None-Match %s: %d, want 304", url, plain.Header.Get("ETag"), resp.StatusCode)
 	}
 }

@@ -20,7 +20,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
-	_ "github.com/caddy-duplex/duplex/command" // caddy duplex connect|publish|sessions
+	_ "github.com/caddy-duplex/duplex/command"  // caddy duplex connect|publish|sessions
+	_ "github.com/caddy-duplex/duplex/jsclient" // the duplex_client handler: the browser client
 )
 
 func init() {
