@@ -122,7 +122,7 @@ func TestDemoChat(t *testing.T) {
 	bob := openSession(t, c.wsURL("/live"), nil)
 	ann.name, bob.name = "ann", "bob"
 
-	for i, cl := range []*wsClient{ann, bob} {
+	for i, cl := range []*dxSession{ann, bob} {
 		id := "j" + strconv.Itoa(i)
 		f := cl.call(t, id, "/rooms/lobby/join", nil)
 		data, _ := f["data"].(map[string]any)
@@ -136,7 +136,7 @@ func TestDemoChat(t *testing.T) {
 
 	// ann says hi: her reply and the push may come in either order.
 	ann.send(t, map[string]any{"id": "m1", "path": "/rooms/lobby", "data": map[string]any{"name": "ann", "text": "hi all"}})
-	checkPush := func(cl *wsClient, f map[string]any) {
+	checkPush := func(cl *dxSession, f map[string]any) {
 		t.Helper()
 		if f["type"] != "push" || f["channel"] != "room:lobby" || f["seq"] != float64(1) {
 			t.Fatalf("%s: want push seq 1 on room:lobby, got %v", cl.name, f)
@@ -180,7 +180,7 @@ func TestDemoChat(t *testing.T) {
 
 	// bob answers; all three get it as their next frame.
 	bob.send(t, map[string]any{"path": "/rooms/lobby", "data": map[string]any{"name": "bob", "text": "hey ann"}})
-	for _, cl := range []*wsClient{ann, bob, cara} {
+	for _, cl := range []*dxSession{ann, bob, cara} {
 		f := cl.readFrame(t)
 		d, _ := f["data"].(map[string]any)
 		if f["type"] != "push" || d["text"] != "hey ann" {

@@ -546,26 +546,25 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 			}
 			return resp.StatusCode, resp.Header, string(b)
 		}
-		r, _, closer, status, err := dialWSConn(t, tg, path, hdr)
+		rc, status, err := dialConn(tg, "websocket", path, hdr, connOpts{})
 		if err == nil {
-			closer()
-			_ = r
+			rc.cut()
 			t.Fatalf("websocket %s %s: opened, want a refusal", tg.proto, path)
 		}
 		if status == 0 {
 			t.Fatalf("websocket %s %s: %v, want an HTTP status", tg.proto, path, err)
 		}
-		// dialWSConn keeps the body only in the error text.
+		// dialConn keeps the body only in the error text.
 		return status, nil, err.Error()
 	case "stream":
-		resp, pw, cancel, err := startStream(t, tg.httpClient(t), tg.url(path), hdr)
+		resp, pw, cancel, err := startStream(tg.httpClient(t), tg.url(path), hdr)
 		if err != nil {
 			t.Fatalf("stream %s %s: %v", tg.proto, path, err)
 		}
 		defer func() { pw.Close(); cancel() }()
 		return hkRefusalBody(t, "stream "+tg.proto+" "+path, resp, cancel)
 	default:
-		resp, cancel, err := startSSE(t, tg.httpClient(t), tg.url(path), hdr)
+		resp, cancel, err := startSSE(tg.httpClient(t), tg.url(path), hdr)
 		if err != nil {
 			t.Fatalf("sse %s %s: %v", tg.proto, path, err)
 		}
@@ -1385,7 +1384,7 @@ http://127.0.0.1:{{.HTTP}} {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	var hung []*wsClient
+	var hung []*dxSession
 	for i := 0; i < 4; i++ {
 		hung = append(hung, openSession(t, c.wsURL("/live"), hdrs("X-User", fmt.Sprintf("hang-%d", i))))
 	}

@@ -11,7 +11,7 @@ import (
 // expectMarker publishes a marker to the lobby channel (every session in
 // these tests is in it) and asserts that the next frame each client sees is
 // that marker: nothing else reached them before it.
-func expectMarker(t *testing.T, publish func(body any) (int, map[string]any), marker string, clients ...*wsClient) {
+func expectMarker(t *testing.T, publish func(body any) (int, map[string]any), marker string, clients ...*dxSession) {
 	t.Helper()
 	st, m := publish(map[string]any{"channel": "lobby", "data": marker})
 	if st != http.StatusOK {
@@ -47,7 +47,7 @@ func TestPublishTargets(t *testing.T) {
 	cc := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
 	d := openSession(t, c.wsURL("/live"), hdrs("X-User", "carol", "X-Room", "9"))
 	a.name, b.name, cc.name, d.name = "A(alice,room:2)", "B(alice,room:3)", "C(bob,room:2)", "D(carol,room:9)"
-	all := []*wsClient{a, b, cc, d}
+	all := []*dxSession{a, b, cc, d}
 	ids := map[string]bool{}
 	for _, x := range all {
 		ids[x.Session] = true
@@ -224,7 +224,7 @@ func sessionIDs(t *testing.T, c *caddyProc, query string) map[string]map[string]
 	return out
 }
 
-func sameIDs(got map[string]map[string]any, want ...*wsClient) bool {
+func sameIDs(got map[string]map[string]any, want ...*dxSession) bool {
 	if len(got) != len(want) {
 		return false
 	}

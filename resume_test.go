@@ -665,8 +665,8 @@ func TestResumeStalledReader(t *testing.T) {
 	t.Logf("the stalled connection overflowed after %d publishes; %d readers got them all first", published, nReaders)
 
 	// Now the stalled client reads: the pushes that fit, then close 4008.
-	wc := &wsDuplex{eventPump: newEventPump(), r: raw, w: conn, closer: func() { conn.Close() }, major: 1}
-	stalled.conn = &rconn{d: rdials[0], dc: wc, cutf: func() { conn.Close() }, major: 1}
+	wc := &wsDuplex{eventPump: newEventPump(), r: raw, w: conn, closer: func() { conn.Close() }}
+	stalled.conn = &rconn{d: rdials[0], rawConn: &rawConn{duplexConn: wc, cutf: func() { conn.Close() }, major: 1}}
 	t.Cleanup(stalled.conn.cut)
 	go wc.readLoop()
 	for {
