@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -393,6 +394,54 @@ func (c *caddyProc) mustPublish(t *testing.T, body any, delivered int) map[strin
 		t.Fatalf("publish %v: delivered = %v, want %d (body %v)", body, m["delivered"], delivered, m)
 	}
 	return m
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+var metricSample = regexp.MustCompile(`^(caddy_duplex_[^ ]+) ([0-9.e+-]+)$`)
+
+// duplexMetrics reads the admin endpoint's /metrics and returns the value
+// of each caddy_duplex_* sample, keyed by its name and labels as printed
+// (caddy_duplex_resumes_total{result="resumed"}). It never calls t.Fatal,
+// so workers may use it.
+func duplexMetrics(c *caddyProc) (map[string]float64, error) {
+	resp, err := httpc.Get(c.adminURL("/metrics"))
+	if err != nil {
+		return nil, fmt.Errorf("GET /metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %d %.200s %v", resp.StatusCode, body, err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if m := metricSample.FindStringSubmatch(line); m != nil {
+			v, err := strconv.ParseFloat(m[2], 64)
+			if err != nil {
+				return nil, fmt.Errorf("metric %q: %w", line, err)
+			}
+			out[m[1]] = v
+		}
+	}
+	return out, nil
+}
+
+// scrape is duplexMetrics for the test's own goroutine.
+func scrape(t *testing.T, c *caddyProc) map[string]float64 {
+	t.Helper()
+	m, err := duplexMetrics(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// duplexMetric is one sample of duplexMetrics, 0 if absent.
+func duplexMetric(c *caddyProc, sample string) (float64, error) {
+	m, err := duplexMetrics(c)
+	return m[sample], err
 }
 
 // ---------------------------------------------------------------------------

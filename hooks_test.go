@@ -19,8 +19,6 @@ import (
 	"net"
 	"net/http"
 	"os/exec"
-	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1308,7 +1306,7 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	for i := range batch {
 		batch[i] = map[string]any{"session": sid, "data": data}
 	}
-	slowBefore := hkMetric(t, c, "caddy_duplex_slow_consumer_closures_total")
+	slowBefore := scrape(t, c)["caddy_duplex_slow_consumer_closures_total"]
 	for sent := 0; ; sent += len(batch) * len(data) {
 		if sent > 256<<20 {
 			t.Fatalf("published %d MiB to a client that reads nothing and the session is still attached", sent>>20)
@@ -1317,7 +1315,7 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 		if st != http.StatusOK {
 			t.Fatalf("publish: %d %v", st, m)
 		}
-		if hkMetric(t, c, "caddy_duplex_slow_consumer_closures_total") > slowBefore {
+		if scrape(t, c)["caddy_duplex_slow_consumer_closures_total"] > slowBefore {
 			break
 		}
 		if info := hkSessionInfo(t, c, sid); info["attached"] != true {
@@ -1326,25 +1324,6 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	}
 	hkWaitDetached(t, c, sid)
 	return sid
-}
-
-var hkMetricLine = regexp.MustCompile(`(?m)^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$`)
-
-// hkMetric sums a metric's values over its labels on the admin /metrics.
-func hkMetric(t *testing.T, c *caddyProc, name string) float64 {
-	t.Helper()
-	st, raw := doJSON(t, http.MethodGet, c.adminURL("/metrics"), nil)
-	if st != http.StatusOK {
-		t.Fatalf("GET /metrics: %d", st)
-	}
-	sum := 0.0
-	for _, m := range hkMetricLine.FindAllStringSubmatch(string(raw), -1) {
-		if m[1] == name {
-			v, _ := strconv.ParseFloat(m[3], 64)
-			sum += v
-		}
-	}
-	return sum
 }
 
 // TestDisconnectNeverBlocksTeardown: an app whose disconnect endpoint never

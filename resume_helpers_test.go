@@ -394,29 +394,6 @@ func sessionInfoOf(t *testing.T, c *caddyProc, id string) (int, map[string]any) 
 	return st, m
 }
 
-// duplexMetric scrapes /metrics (with the shared client) and returns the
-// value of one caddy_duplex_* sample, 0 if absent.
-func duplexMetric(c *caddyProc, sample string) (float64, error) {
-	resp, err := httpc.Get(c.adminURL("/metrics"))
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /metrics: %d", resp.StatusCode)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(v), 64)
-		}
-	}
-	return 0, nil
-}
-
 // errs collects errors from worker goroutines.
 type errs struct {
 	mu   sync.Mutex
