@@ -28,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-duplex/duplex/client"
 	"github.com/gobwas/ws"
 	"golang.org/x/net/http2"
 )
@@ -989,6 +990,59 @@ func startSSE(hc *http.Client, url string, hdr http.Header) (*http.Response, con
 	}
 }
 
+// --- the project's Go client -------------------------------------------------
+
+// clientConn is a session held by the project's Go client (package client),
+// seen through its OnFrame tap like the raw connections: every server frame
+// in order, then, once the session is over, an event whose end is the
+// session's Err (a *client.CloseError when the server closed it). The
+// client answers heartbeats, acknowledges pushes and resumes the session
+// across dropped connections itself.
+type clientConn struct {
+	eventPump
+	s *client.Session
+}
+
+func (c *clientConn) send(b []byte) error { return c.s.SendFrame(b) }
+
+func (c *clientConn) close() { c.shutdown(func() { c.s.Close() }) }
+
+// dialClient opens a session with the Go client (opts.OnFrame and
+// opts.OnState are its own) and reads nothing.
+func dialClient(t *testing.T, url string, hdr http.Header, opts client.Options) *dxSession {
+	t.Helper()
+	c := &clientConn{eventPump: newEventPump()}
+	opts.Header = hdr
+	opts.OnFrame = func(raw json.RawMessage) { c.emitFrame(raw, nil, true) }
+	opts.OnState = func(st client.State) {
+		if st == client.StateClosed {
+			c.emit(dxEvent{end: client.ErrClosed})
+			close(c.exited)
+		}
+	}
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = frameWait
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), frameWait)
+	defer cancel()
+	s, err := client.Dial(ctx, url, opts)
+	if err != nil {
+		t.Fatalf("client: open %s: %v", url, err)
+	}
+	c.s = s
+	t.Cleanup(c.close)
+	return &dxSession{name: "client " + url, transport: s.Transport(), conn: c}
+}
+
+// openClient opens a session with the Go client over WebSocket (HTTP/1.1)
+// and reads its open frame.
+func openClient(t *testing.T, url string, hdr http.Header) *dxSession {
+	t.Helper()
+	s := dialClient(t, url, hdr, client.Options{Transports: []string{client.WebSocket}, HTTP: client.HTTP1})
+	s.expectOpen(t)
+	return s
+}
+
 // ---------------------------------------------------------------------------
 // A session over any transport, with the assertions the scenarios use.
 
@@ -1189,6 +1243,14 @@ func (s *dxSession) expectEnd(t *testing.T, code int) dxEvent {
 	t.Helper()
 	e := s.next(t)
 	closeFrame := e
+	if cc, ok := s.conn.(*clientConn); ok {
+		// The session is over: the client saw the server close it.
+		var ce *client.CloseError
+		if e.end == nil || !errors.As(cc.s.Err(), &ce) || ce.Code != code {
+			t.Fatalf("%s: want the session closed by the server with %d, got %v (session error: %v)", s.name, code, e, cc.s.Err())
+		}
+		return dxEvent{wsClose: ce.Code, wsReason: ce.Reason}
+	}
 	if s.transport == "websocket" {
 		if e.wsClose != code {
 			t.Fatalf("%s: want a WebSocket close frame %d, got %v", s.name, code, e)
@@ -1207,8 +1269,15 @@ func (s *dxSession) close() { s.conn.close() }
 // closeGracefully is close.
 func (s *dxSession) closeGracefully() { s.conn.close() }
 
-// Close cuts the connection: no close frame, no end of stream.
-func (s *dxSession) Close() { s.raw.cut() }
+// Close cuts the connection: no close frame, no end of stream (a Go
+// client session is closed).
+func (s *dxSession) Close() {
+	if s.raw == nil {
+		s.conn.close()
+		return
+	}
+	s.raw.cut()
+}
 
 // writeFrame writes one WebSocket frame as it is (websocket only).
 func (s *dxSession) writeFrame(f ws.Frame) error { return s.conn.(*wsDuplex).writeFrame(f) }

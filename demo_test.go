@@ -118,8 +118,8 @@ func TestDemoChat(t *testing.T) {
 		t.Fatalf("GET /healthz through Caddy: %d %q", st, body)
 	}
 
-	ann := openSession(t, c.wsURL("/live"), nil)
-	bob := openSession(t, c.wsURL("/live"), nil)
+	ann := openClient(t, c.wsURL("/live"), nil)
+	bob := openClient(t, c.wsURL("/live"), nil)
 	ann.name, bob.name = "ann", "bob"
 
 	for i, cl := range []*dxSession{ann, bob} {
@@ -170,7 +170,7 @@ func TestDemoChat(t *testing.T) {
 	expectError(t, f, "m2", 400, "empty")
 
 	// A third client joining sees the history.
-	cara := openSession(t, c.wsURL("/live"), nil)
+	cara := openClient(t, c.wsURL("/live"), nil)
 	f = cara.call(t, "j3", "/rooms/lobby/join", nil)
 	data, _ := f["data"].(map[string]any)
 	h, _ := data["history"].([]any)

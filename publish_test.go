@@ -42,10 +42,10 @@ func TestPublishTargets(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
 	pub := func(body any) (int, map[string]any) { return c.publish(t, body) }
 
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
-	cc := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
-	d := openSession(t, c.wsURL("/live"), hdrs("X-User", "carol", "X-Room", "9"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
+	cc := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	d := openClient(t, c.wsURL("/live"), hdrs("X-User", "carol", "X-Room", "9"))
 	a.name, b.name, cc.name, d.name = "A(alice,room:2)", "B(alice,room:3)", "C(bob,room:2)", "D(carol,room:9)"
 	all := []*dxSession{a, b, cc, d}
 	ids := map[string]bool{}
@@ -183,8 +183,8 @@ func TestPublishClose(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob"))
 
 	c.mustPublish(t, map[string]any{"session": a.Session, "data": "before"}, 1)
 	a.expectPush(t, "", "before")
@@ -241,9 +241,9 @@ func TestSessionsAPI(t *testing.T) {
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
 	pub := func(body any) (int, map[string]any) { return c.publish(t, body) }
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
-	cc := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
+	cc := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
 
 	list := sessionIDs(t, c, "")
 	if !sameIDs(list, a, b, cc) {
@@ -368,8 +368,8 @@ func TestDuplexPublishHandler(t *testing.T) {
 	route := c.url("/internal/publish")
 	pub := func(body any) (int, map[string]any) { return publishTo(t, route, body) }
 
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
 
 	mustRoute := func(body any, delivered int) {
 		t.Helper()
@@ -413,7 +413,7 @@ func TestAdminPublishOff(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("\tduplex {\n\t\tadmin_publish off\n\t}")+sitePublishRoute, "Upstream", app.Addr))
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
 
 	for _, body := range []any{
 		map[string]any{"session": a.Session, "data": "must not arrive"},
