@@ -321,8 +321,8 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	}
 `, "Upstream", app.Addr), `
 		timeouts {
-			read_body_idle 2s
-			write_idle 2s
+			read_body_idle 3s
+			write_idle 3s
 		}
 `, xconnectEnv)
 	c := e.c
