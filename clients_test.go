@@ -1000,8 +1000,11 @@ func startSSE(hc *http.Client, url string, hdr http.Header) (*http.Response, con
 // across dropped connections itself.
 type clientConn struct {
 	eventPump
-	s *client.Session
+	s    *client.Session
+	drop atomic.Value // errBox: why the last connection ended
 }
+
+type errBox struct{ err error }
 
 func (c *clientConn) send(b []byte) error { return c.s.SendFrame(b) }
 
@@ -1014,6 +1017,7 @@ func dialClient(t *testing.T, url string, hdr http.Header, opts client.Options) 
 	c := &clientConn{eventPump: newEventPump()}
 	opts.Header = hdr
 	opts.OnFrame = func(raw json.RawMessage) { c.emitFrame(raw, nil, true) }
+	opts.OnDisconnect = func(err error) { c.drop.Store(errBox{err}) }
 	opts.OnState = func(st client.State) {
 		if st == client.StateClosed {
 			c.emit(dxEvent{end: client.ErrClosed})
@@ -1248,6 +1252,13 @@ func (s *dxSession) expectEnd(t *testing.T, code int) dxEvent {
 		var ce *client.CloseError
 		if e.end == nil || !errors.As(cc.s.Err(), &ce) || ce.Code != code {
 			t.Fatalf("%s: want the session closed by the server with %d, got %v (session error: %v)", s.name, code, e, cc.s.Err())
+		}
+		// Over WebSocket, the connection ended with a close frame of the
+		// same code and reason.
+		drop, _ := cc.drop.Load().(errBox)
+		var wsc *client.WebSocketClose
+		if s.transport == "websocket" && (!errors.As(drop.err, &wsc) || wsc.Code != code || wsc.Reason != ce.Reason) {
+			t.Fatalf("%s: the connection ended with %v, want a WebSocket close frame %d %q", s.name, drop.err, code, ce.Reason)
 		}
 		return dxEvent{wsClose: ce.Code, wsReason: ce.Reason}
 	}

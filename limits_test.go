@@ -442,7 +442,7 @@ http://127.0.0.1:{{.HTTP}} {
 }
 `, "Upstream", app.Addr))
 	open := func(user, room string) *dxSession {
-		w := openSession(t, c.wsURL("/live"), hdrs("X-User", user, "X-Room", room))
+		w := openClient(t, c.wsURL("/live"), hdrs("X-User", user, "X-Room", room))
 		w.name = user + "@" + room
 		return w
 	}

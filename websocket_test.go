@@ -284,7 +284,7 @@ http://127.0.0.1:{{.HTTP}} {
 }
 `, "Upstream", app.Addr, "Dead", deadAddr(t)))
 
-	ws := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "r1", "/reply", map[string]any{"a": 1, "b": []any{1, "two"}})
 	expectFrame(t, f, map[string]any{"type": "reply", "ref": "r1", "status": 200, "data": map[string]any{"echo": map[string]any{"a": 1, "b": []any{1, "two"}}}})
@@ -311,7 +311,7 @@ http://127.0.0.1:{{.HTTP}} {
 	expectFrame(t, f, map[string]any{"type": "ack", "ref": 7})
 
 	t.Run("unreachable app → 502", func(t *testing.T) {
-		dead := openSession(t, c.wsURL("/dead"), nil)
+		dead := openClient(t, c.wsURL("/dead"), nil)
 		f := dead.call(t, "d1", "/reply", map[string]any{"x": 1})
 		expectError(t, f, "d1", 502, "")
 		f = dead.call(t, "d2", "/empty", nil) // session still there
@@ -319,7 +319,7 @@ http://127.0.0.1:{{.HTTP}} {
 	})
 
 	t.Run("slow app → 504, session survives", func(t *testing.T) {
-		slow := openSession(t, c.wsURL("/slowlive"), nil)
+		slow := openClient(t, c.wsURL("/slowlive"), nil)
 		f := slow.call(t, "t1", "/slow", nil)
 		expectError(t, f, "t1", 504, "")
 		f = slow.call(t, "t2", "/empty", nil)
@@ -392,7 +392,7 @@ http://127.0.0.1:{{.HTTP}} {
 	}
 }
 `, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
 
 	const n = 1000
 	werr := make(chan error, 1)
