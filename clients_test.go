@@ -487,7 +487,14 @@ type wsDuplex struct {
 	w      io.Writer
 	wmu    sync.Mutex
 	closer func()
+	// stall, if not nil, stops the reader after stallAfter messages until
+	// it is closed (unstall).
+	stall      chan struct{}
+	stallAfter int
 }
+
+// unstall lets a stalled reader go on.
+func (c *wsDuplex) unstall() { close(c.stall) }
 
 func (c *wsDuplex) writeFrame(f ws.Frame) error {
 	c.wmu.Lock()
@@ -513,7 +520,14 @@ func (c *wsDuplex) readLoop() {
 	defer close(c.exited)
 	var msg []byte
 	var msgOp ws.OpCode
-	for {
+	for n := 0; ; {
+		if c.stall != nil && n >= c.stallAfter {
+			select { // reading nothing more, not even pings, until unstalled
+			case <-c.stall:
+			case <-c.quit:
+				return
+			}
+		}
 		h, err := ws.ReadHeader(c.r)
 		if err != nil {
 			c.emit(dxEvent{end: err})
@@ -550,6 +564,7 @@ func (c *wsDuplex) readLoop() {
 				return
 			}
 			msg = nil
+			n++
 		}
 	}
 }
@@ -558,8 +573,20 @@ func (c *wsDuplex) readLoop() {
 type connOpts struct {
 	dial            dialFunc // dials TCP (nil: a net.Dialer)
 	transparentGzip bool     // HTTP/1.1: Go's own Accept-Encoding/gunzip
-	// deaf: a WebSocket that reads nothing, not even pings.
-	deaf bool
+	// stall: a WebSocket whose reader stops after stallAfter messages
+	// (0: it reads nothing, not even pings) until unstalled.
+	stall      bool
+	stallAfter int
+}
+
+// wsConn starts the reader of a WebSocket connection.
+func (o connOpts) wsConn(r io.Reader, w io.Writer, closer func()) *wsDuplex {
+	wc := &wsDuplex{eventPump: newEventPump(), r: r, w: w, closer: closer, stallAfter: o.stallAfter}
+	if o.stall {
+		wc.stall = make(chan struct{})
+	}
+	go wc.readLoop()
+	return wc
 }
 
 // dialConn opens a connection of transport to tg.url(path): a WebSocket
@@ -598,13 +625,8 @@ func dialConn(tg target, transport, path string, hdr http.Header, o connOpts) (*
 		if br != nil {
 			r = br // holds frames the server sent right after the handshake
 		}
-		wc := &wsDuplex{eventPump: newEventPump(), r: r, w: conn, closer: ct.closeAll}
+		wc := o.wsConn(r, conn, ct.closeAll)
 		rc.duplexConn, rc.cutf = wc, ct.closeAll
-		if o.deaf {
-			close(wc.exited)
-		} else {
-			go wc.readLoop()
-		}
 		return rc, http.StatusSwitchingProtocols, nil
 	}
 
@@ -661,13 +683,7 @@ func dialConn(tg target, transport, path string, hdr http.Header, o connOpts) (*
 	}
 	rc.major = resp.ProtoMajor
 	if transport == "websocket" {
-		wc := &wsDuplex{eventPump: newEventPump(), r: resp.Body, w: pw, closer: rc.cutf}
-		rc.duplexConn = wc
-		if o.deaf {
-			close(wc.exited)
-		} else {
-			go wc.readLoop()
-		}
+		rc.duplexConn = o.wsConn(resp.Body, pw, rc.cutf)
 		return rc, http.StatusOK, nil
 	}
 	body, err := decodedBody(resp)

@@ -13,7 +13,6 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -24,8 +23,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/gobwas/ws"
 )
 
 // ---------------------------------------------------------------------------
@@ -511,15 +508,12 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 	switch transport {
 	case "websocket":
 		if tg.proto == "h1" {
-			url := "ws" + strings.TrimPrefix(tg.url(path), "http")
-			d := ws.Dialer{Timeout: frameWait, Header: ws.HandshakeHeaderHTTP(hdr)}
-			conn, _, _, err := d.Dial(context.Background(), url)
+			rc, status, err := dialConn(tg, "websocket", path, hdr, connOpts{})
 			if err == nil {
-				conn.Close()
+				rc.cut()
 				t.Fatalf("websocket %s: upgraded, want a refusal", path)
 			}
-			var se ws.StatusError
-			if !errors.As(err, &se) {
+			if status == 0 {
 				t.Fatalf("websocket %s: %v, want an HTTP status (ws.StatusError)", path, err)
 			}
 			// Again as plain HTTP, for the headers and body.
@@ -539,8 +533,8 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 			}
 			defer resp.Body.Close()
 			b, _ := io.ReadAll(resp.Body)
-			if resp.StatusCode != int(se) {
-				t.Errorf("websocket %s: gobwas saw status %d, plain HTTP %d", path, int(se), resp.StatusCode)
+			if resp.StatusCode != status {
+				t.Errorf("websocket %s: gobwas saw status %d, plain HTTP %d", path, status, resp.StatusCode)
 			}
 			return resp.StatusCode, resp.Header, string(b)
 		}
@@ -1265,40 +1259,21 @@ func TestDisconnectHook(t *testing.T) {
 // session id.
 func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	t.Helper()
-	d := ws.Dialer{
-		Timeout: frameWait,
-		Header:  ws.HandshakeHeaderHTTP(hdrs("X-User", user)),
-		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+	tg, p := wsTarget(t, c.wsURL(path))
+	rc, status, err := dialConn(tg, "websocket", p, hdrs("X-User", user), connOpts{stall: true, stallAfter: 1,
+		dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			var nd net.Dialer
 			conn, err := nd.DialContext(ctx, network, addr)
 			if err == nil {
 				conn.(*net.TCPConn).SetReadBuffer(4096)
 			}
 			return conn, err
-		},
-	}
-	conn, br, _, err := d.Dial(context.Background(), c.wsURL(path))
+		}})
 	if err != nil {
-		t.Fatalf("dial: %v", err)
+		t.Fatalf("dial: status %d, %v", status, err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	var r io.Reader = conn
-	if br != nil {
-		r = br
-	}
-	conn.SetReadDeadline(time.Now().Add(frameWait))
-	h, err := ws.ReadHeader(r)
-	if err != nil {
-		t.Fatalf("read open frame: %v", err)
-	}
-	payload := make([]byte, h.Length)
-	if _, err := io.ReadFull(r, payload); err != nil {
-		t.Fatalf("read open frame: %v", err)
-	}
-	var open map[string]any
-	if json.Unmarshal(payload, &open) != nil || open["type"] != "open" {
-		t.Fatalf("want the open frame, got %q", payload)
-	}
+	t.Cleanup(rc.cut)
+	open := (&dxSession{name: user, transport: "websocket", conn: rc.duplexConn, raw: rc}).expectType(t, "open")
 	sid := open["session"].(string)
 	// From now on the client reads nothing.
 	data := strings.Repeat("x", 16<<10)

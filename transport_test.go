@@ -347,7 +347,7 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	// WebSocket peers that never read and never answer pings.
 	deaf := []string{"h1", "h2c"}
 	for _, proto := range deaf {
-		rc, status, err := dialConn(e.target(proto), "websocket", "/live", hdrs("X-User", "deaf-"+proto), connOpts{deaf: true})
+		rc, status, err := dialConn(e.target(proto), "websocket", "/live", hdrs("X-User", "deaf-"+proto), connOpts{stall: true})
 		if err != nil {
 			t.Fatalf("websocket over %s: status %d, %v", proto, status, err)
 		}
