@@ -435,8 +435,8 @@ func TestSubscribeViaResponseHeader(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
-	other := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
+	other := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "u1", "/subscribe", nil)
 	expectFrame(t, f, map[string]any{"type": "ack", "ref": "u1"})
@@ -481,8 +481,8 @@ func TestCloseViaResponseHeader(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
-	keep := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
+	keep := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "c1", "/close", nil)
 	expectFrame(t, f, map[string]any{"type": "reply", "ref": "c1", "status": 200, "data": map[string]any{"closing": true}})
