@@ -1340,9 +1340,9 @@ http://127.0.0.1:{{.HTTP}} {
 	}
 	var hung []*dxSession
 	for i := 0; i < 4; i++ {
-		hung = append(hung, openSession(t, c.wsURL("/live"), hdrs("X-User", fmt.Sprintf("hang-%d", i))))
+		hung = append(hung, openClient(t, c.wsURL("/live"), hdrs("X-User", fmt.Sprintf("hang-%d", i))))
 	}
-	other := openSession(t, c.wsURL("/live"), hdrs("X-User", "fine"))
+	other := openClient(t, c.wsURL("/live"), hdrs("X-User", "fine"))
 
 	// kicked by publish, by DELETE, by the app, by the client
 	if st := quick(http.MethodPost, c.adminURL("/duplex/publish"), fmt.Sprintf(`{"session":%q,"close":"kick"}`, hung[0].Session)); st != http.StatusOK {
@@ -1378,7 +1378,7 @@ http://127.0.0.1:{{.HTTP}} {
 		t.Fatalf("publish: %d", st)
 	}
 	other.expectPush(t, "", "ok")
-	n := openSession(t, c.wsURL("/live"), hdrs("X-User", "fine"))
+	n := openClient(t, c.wsURL("/live"), hdrs("X-User", "fine"))
 	n.call(t, "n1", "/empty", nil)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
