@@ -395,6 +395,13 @@ type rawConn struct {
 
 func (c *rawConn) cut() { c.shutdown(c.cutf) }
 
+// end closes the connection in order, then every network connection it
+// used (a pooled HTTP/2 connection included).
+func (c *rawConn) end() {
+	c.close()
+	c.cutf()
+}
+
 // eventPump is the reading half shared by the implementations.
 type eventPump struct {
 	session string // from the open frame; only the reader touches it
@@ -644,7 +651,10 @@ func dialConn(tg target, transport, path string, hdr http.Header, o connOpts) (*
 		pr, pw = io.Pipe()
 		var ctx context.Context
 		ctx, cancel = context.WithCancel(context.Background())
-		req, _ := http.NewRequestWithContext(ctx, http.MethodConnect, tg.url(path), pr)
+		var req *http.Request
+		if req, err = http.NewRequestWithContext(ctx, http.MethodConnect, tg.url(path), pr); err != nil {
+			break
+		}
 		for k, v := range hdr {
 			req.Header[k] = v
 		}
@@ -1094,7 +1104,7 @@ func dialDX(t *testing.T, transport string, tg target, path string, hdr http.Hea
 	if err != nil {
 		t.Fatalf("%s over %s %s: status %d, %v", transport, tg.proto, path, status, err)
 	}
-	t.Cleanup(rc.close)
+	t.Cleanup(rc.end)
 	if rc.major != tg.protoMajor() {
 		t.Fatalf("%s over %s: the session was opened over HTTP/%d, want HTTP/%d", transport, tg.proto, rc.major, tg.protoMajor())
 	}

@@ -457,7 +457,7 @@ func TestEncodeInFront(t *testing.T) {
 			if err != nil {
 				t.Fatalf("status %d, %v", status, err)
 			}
-			t.Cleanup(rc.close)
+			t.Cleanup(rc.end)
 			var resp *http.Response
 			if sc, ok := rc.duplexConn.(*streamDuplex); ok {
 				resp = sc.resp
