@@ -516,9 +516,18 @@ func (c *wsDuplex) writeFrame(f ws.Frame) error {
 
 func (c *wsDuplex) send(b []byte) error { return c.writeFrame(ws.NewTextFrame(b)) }
 
+// close sends a normal close frame and waits (bounded) for the server's
+// next frame or the end of the connection before closing it: cutting the
+// connection at once could lose the close frame (over HTTP/2 it is still
+// on its way to the socket).
 func (c *wsDuplex) close() {
 	c.shutdown(func() {
-		c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
+		if c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, ""))) == nil {
+			select {
+			case <-c.exited:
+			case <-time.After(frameWait):
+			}
+		}
 		c.closer()
 	})
 }
