@@ -190,6 +190,14 @@ func deadAddr(t testing.TB) string {
 // entries (KEY=VALUE) are added to the process environment.
 func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	t.Helper()
+	return startCaddyAttempt(t, 1, caddyfile, env...)
+}
+
+// startCaddyAttempt is startCaddy's attempt n: one whose ports another
+// process took meanwhile (this machine is shared) is tried again, on new
+// ports, up to 3 times.
+func startCaddyAttempt(t *testing.T, n int, caddyfile string, env ...string) *caddyProc {
+	t.Helper()
 	dir := t.TempDir()
 	ports := freePorts(t, 2)
 	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
@@ -253,6 +261,10 @@ func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	for {
 		select {
 		case <-c.done:
+			if n < 3 && strings.Contains(c.out.String(), "address already in use") {
+				t.Logf("caddy could not listen (attempt %d), trying other ports", n)
+				return startCaddyAttempt(t, n+1, caddyfile, env...)
+			}
 			t.Fatalf("caddy exited during startup: %v\nCaddyfile:\n%s\noutput:\n%s", c.waitEr, rendered.String(), c.out.String())
 		default:
 		}
