@@ -653,6 +653,9 @@ func wsTarget(t *testing.T, url string) (target, string) {
 	return target{proto: "h1", base: "http://" + host}, "/" + path
 }
 
+// wsClient is the WebSocket session openSession and dialWS return.
+type wsClient = dxSession
+
 // dialWS opens a WebSocket over HTTP/1.1 and fails the test unless it is
 // upgraded; it reads nothing.
 func dialWS(t *testing.T, url string, hdr http.Header) *dxSession {
