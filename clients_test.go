@@ -28,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-duplex/duplex/client"
 	"github.com/gobwas/ws"
 	"golang.org/x/net/http2"
 )
@@ -275,58 +276,61 @@ func (ct *connTracker) closeAll() {
 	ct.conns = nil
 }
 
-// roundTripper returns a transport speaking tg.proto (and nothing else);
-// it and every connection it made are closed when the test ends.
+// dialFunc dials TCP connections (nil: a net.Dialer).
+type dialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// transport returns an HTTP transport speaking tg.proto (and nothing else)
+// over connections that ct records, so that they can all be closed
+// whatever state their streams are in; closeIdle drops its pool.
 // transparentGzip leaves Go's own Accept-Encoding/gunzip on (HTTP/1.1
 // only).
-func (tg target) roundTripper(t *testing.T, transparentGzip bool) http.RoundTripper {
-	ct := &connTracker{}
-	var d net.Dialer
-	plainDial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		c, err := d.DialContext(ctx, network, addr)
+func (tg target) transport(ct *connTracker, dial dialFunc, transparentGzip bool) (rt http.RoundTripper, closeIdle func()) {
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	tracked := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
 		if err != nil {
 			return nil, err
 		}
 		return ct.add(c), nil
 	}
-	var rt http.RoundTripper
-	var closeIdle func()
 	switch tg.proto {
-	case "h1":
-		tr := &http.Transport{
-			Proxy:              nil,
-			DialContext:        plainDial,
-			DisableCompression: !transparentGzip,
-			ForceAttemptHTTP2:  false,
-			TLSNextProto:       map[string]func(string, *tls.Conn) http.RoundTripper{},
-		}
-		rt, closeIdle = tr, tr.CloseIdleConnections
-	case "h2":
+	case "h2", "h2c":
 		tr := &http2.Transport{
+			AllowHTTP:          tg.proto == "h2c",
 			TLSClientConfig:    tg.tlsConfig(),
 			DisableCompression: true,
 			DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
-				td := tls.Dialer{Config: cfg}
-				c, err := td.DialContext(ctx, network, addr)
-				if err != nil {
+				c, err := tracked(ctx, network, addr)
+				if err != nil || tg.proto == "h2c" {
+					return c, err
+				}
+				tc := tls.Client(c, cfg)
+				if err := tc.HandshakeContext(ctx); err != nil {
+					c.Close()
 					return nil, err
 				}
-				return ct.add(c), nil
+				return tc, nil
 			},
 		}
-		rt, closeIdle = tr, tr.CloseIdleConnections
-	case "h2c":
-		tr := &http2.Transport{
-			AllowHTTP:          true,
-			DisableCompression: true,
-			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-				return plainDial(ctx, network, addr)
-			},
-		}
-		rt, closeIdle = tr, tr.CloseIdleConnections
-	default:
-		t.Fatalf("unknown proto %q", tg.proto)
+		return tr, tr.CloseIdleConnections
 	}
+	tr := &http.Transport{
+		Proxy:              nil,
+		DialContext:        tracked,
+		DisableCompression: !transparentGzip,
+		TLSNextProto:       map[string]func(string, *tls.Conn) http.RoundTripper{},
+	}
+	return tr, tr.CloseIdleConnections
+}
+
+// roundTripper is tg.transport, closed with every connection it made when
+// the test ends.
+func (tg target) roundTripper(t *testing.T, transparentGzip bool) http.RoundTripper {
+	ct := &connTracker{}
+	rt, closeIdle := tg.transport(ct, nil, transparentGzip)
 	t.Cleanup(func() {
 		closeIdle()
 		ct.closeAll()
@@ -348,6 +352,7 @@ type dxEvent struct {
 	raw     []byte
 	session string    // the session id of its connection's open frame
 	sse     *sseEvent // the event that carried the frame (sse)
+	text    bool      // it came in a WebSocket text message (websocket)
 	// wsClose is the code of a WebSocket close frame (websocket), 0 if none.
 	wsClose  int
 	wsReason string
@@ -372,10 +377,29 @@ type duplexConn interface {
 	frames() <-chan dxEvent
 	// send sends one client frame (a JSON object).
 	send(frame []byte) error
-	// close ends the connection and waits for its reader.
+	// close ends the connection in order (a WebSocket close frame first)
+	// and waits for its reader.
 	close()
-	// protoMajor is the HTTP version the session was opened over.
-	protoMajor() int
+	// shutdown runs closer once and waits for the reader.
+	shutdown(closer func())
+}
+
+// rawConn is one connection dialed by dialConn. cut ends it the way a
+// network failure would: the TCP connection is closed under it, with no
+// WebSocket close frame and no orderly end of stream.
+type rawConn struct {
+	duplexConn
+	cutf  func()
+	major int // the HTTP version it was opened over
+}
+
+func (c *rawConn) cut() { c.shutdown(c.cutf) }
+
+// end closes the connection in order, then every network connection it
+// used (a pooled HTTP/2 connection included).
+func (c *rawConn) end() {
+	c.close()
+	c.cutf()
 }
 
 // eventPump is the reading half shared by the implementations.
@@ -412,15 +436,16 @@ func (p *eventPump) shutdown(closer func()) {
 }
 
 // emitFrame decodes a server frame and emits it.
-func (p *eventPump) emitFrame(raw []byte, sse *sseEvent) bool {
+// text: it came in a WebSocket text message.
+func (p *eventPump) emitFrame(raw []byte, sse *sseEvent, text bool) bool {
 	var m map[string]any
 	if err := json.Unmarshal(raw, &m); err != nil {
-		return p.emit(dxEvent{raw: raw, sse: sse, end: fmt.Errorf("server frame is not a JSON object (%v): %q", err, raw)})
+		return p.emit(dxEvent{raw: raw, sse: sse, text: text, end: fmt.Errorf("server frame is not a JSON object (%v): %q", err, raw)})
 	}
 	if m["type"] == "open" {
 		p.session, _ = m["session"].(string)
 	}
-	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse, session: p.session})
+	return p.emit(dxEvent{frame: m, raw: append([]byte(nil), raw...), sse: sse, text: text, session: p.session})
 }
 
 // answers records, per session, the refs answered so far, as the tests
@@ -469,10 +494,14 @@ type wsDuplex struct {
 	w      io.Writer
 	wmu    sync.Mutex
 	closer func()
-	major  int
+	// stall, if not nil, stops the reader after stallAfter messages until
+	// it is closed (unstall).
+	stall      chan struct{}
+	stallAfter int
 }
 
-func (c *wsDuplex) protoMajor() int { return c.major }
+// unstall lets a stalled reader go on.
+func (c *wsDuplex) unstall() { close(c.stall) }
 
 func (c *wsDuplex) writeFrame(f ws.Frame) error {
 	c.wmu.Lock()
@@ -487,9 +516,18 @@ func (c *wsDuplex) writeFrame(f ws.Frame) error {
 
 func (c *wsDuplex) send(b []byte) error { return c.writeFrame(ws.NewTextFrame(b)) }
 
+// close sends a normal close frame and waits (bounded) for the server's
+// next frame or the end of the connection before closing it: cutting the
+// connection at once could lose the close frame (over HTTP/2 it is still
+// on its way to the socket).
 func (c *wsDuplex) close() {
 	c.shutdown(func() {
-		c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
+		if c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, ""))) == nil {
+			select {
+			case <-c.exited:
+			case <-time.After(frameWait):
+			}
+		}
 		c.closer()
 	})
 }
@@ -497,7 +535,15 @@ func (c *wsDuplex) close() {
 func (c *wsDuplex) readLoop() {
 	defer close(c.exited)
 	var msg []byte
-	for {
+	var msgOp ws.OpCode
+	for n := 0; ; {
+		if c.stall != nil && n >= c.stallAfter {
+			select { // reading nothing more, not even pings, until unstalled
+			case <-c.stall:
+			case <-c.quit:
+				return
+			}
+		}
 		h, err := ws.ReadHeader(c.r)
 		if err != nil {
 			c.emit(dxEvent{end: err})
@@ -527,122 +573,173 @@ func (c *wsDuplex) readLoop() {
 		case ws.OpContinuation:
 			msg = append(msg, payload...)
 		default:
-			msg = payload
+			msg, msgOp = payload, h.OpCode
 		}
 		if h.Fin {
-			if !c.emitFrame(msg, nil) {
+			if !c.emitFrame(msg, nil, msgOp == ws.OpText) {
 				return
 			}
 			msg = nil
+			n++
 		}
 	}
 }
 
-// dialWSConn opens a WebSocket over HTTP/1.1 (h1) or an HTTP/2 extended
-// CONNECT stream (h2, h2c). It returns the HTTP status of a refused
-// opening.
-func dialWSConn(t *testing.T, tg target, path string, hdr http.Header) (io.Reader, io.Writer, func(), int, error) {
-	t.Helper()
-	if tg.proto == "h1" {
-		d := ws.Dialer{Timeout: frameWait}
-		if hdr != nil {
-			d.Header = ws.HandshakeHeaderHTTP(hdr)
-		}
-		conn, br, _, err := d.Dial(context.Background(), "ws"+strings.TrimPrefix(tg.url(path), "http"))
-		if err != nil {
-			var se ws.StatusError
-			if errors.As(err, &se) {
-				return nil, nil, nil, int(se), err
-			}
-			return nil, nil, nil, 0, err
-		}
-		var r io.Reader = conn
-		if br != nil {
-			r = br
-		}
-		return r, conn, func() { conn.Close() }, http.StatusSwitchingProtocols, nil
-	}
+// connOpts are dialConn's options; the zero value is the usual client.
+type connOpts struct {
+	dial            dialFunc // dials TCP (nil: a net.Dialer)
+	transparentGzip bool     // HTTP/1.1: Go's own Accept-Encoding/gunzip
+	// stall: a WebSocket whose reader stops after stallAfter messages
+	// (0: it reads nothing, not even pings) until unstalled.
+	stall      bool
+	stallAfter int
+}
 
-	// RFC 8441 over a transport of its own, closed with the connection.
+// wsConn starts the reader of a WebSocket connection.
+func (o connOpts) wsConn(r io.Reader, w io.Writer, closer func()) *wsDuplex {
+	wc := &wsDuplex{eventPump: newEventPump(), r: r, w: w, closer: closer, stallAfter: o.stallAfter}
+	if o.stall {
+		wc.stall = make(chan struct{})
+	}
+	go wc.readLoop()
+	return wc
+}
+
+// dialConn opens a connection of transport to tg.url(path): a WebSocket
+// over HTTP/1.1 (h1) or an HTTP/2 extended CONNECT stream (h2, h2c), a
+// stream or an event stream. It returns once the server accepted the
+// opening, without reading the open frame, or the HTTP status of a
+// refused opening. It never calls t.Fatal, so workers may use it.
+func dialConn(tg target, transport, path string, hdr http.Header, o connOpts) (*rawConn, int, error) {
+	dial := o.dial
+	name := transport + "/" + tg.proto + " " + path
 	ct := &connTracker{}
-	tr := &http2.Transport{
-		AllowHTTP:       tg.proto == "h2c",
-		TLSClientConfig: tg.tlsConfig(),
-		DialTLSContext: func(ctx context.Context, network, addr string, cfg *tls.Config) (net.Conn, error) {
-			if tg.proto == "h2c" {
-				var d net.Dialer
-				c, err := d.DialContext(ctx, network, addr)
+	rc := &rawConn{major: tg.protoMajor()}
+	if transport == "websocket" && tg.proto == "h1" {
+		if dial == nil {
+			var nd net.Dialer
+			dial = nd.DialContext
+		}
+		d := ws.Dialer{Timeout: frameWait, Header: ws.HandshakeHeaderHTTP(hdr),
+			NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, err := dial(ctx, network, addr)
 				if err != nil {
 					return nil, err
 				}
 				return ct.add(c), nil
+			}}
+		conn, br, _, err := d.Dial(context.Background(), "ws"+strings.TrimPrefix(tg.url(path), "http"))
+		if err != nil {
+			ct.closeAll()
+			var se ws.StatusError
+			if errors.As(err, &se) {
+				return nil, int(se), fmt.Errorf("%s: %w", name, err)
 			}
-			td := tls.Dialer{Config: cfg}
-			c, err := td.DialContext(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			return ct.add(c), nil
-		},
+			return nil, 0, fmt.Errorf("%s: %w", name, err)
+		}
+		var r io.Reader = conn
+		if br != nil {
+			r = br // holds frames the server sent right after the handshake
+		}
+		wc := o.wsConn(r, conn, ct.closeAll)
+		rc.duplexConn, rc.cutf = wc, ct.closeAll
+		return rc, http.StatusSwitchingProtocols, nil
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	pr, pw := io.Pipe()
-	req, err := http.NewRequestWithContext(ctx, http.MethodConnect, tg.url(path), pr)
+
+	rt, closeIdle := tg.transport(ct, dial, o.transparentGzip)
+	hc := &http.Client{Transport: rt}
+	var (
+		resp   *http.Response
+		pw     *io.PipeWriter
+		cancel context.CancelFunc
+		err    error
+	)
+	switch transport {
+	case "websocket":
+		var pr *io.PipeReader
+		pr, pw = io.Pipe()
+		var ctx context.Context
+		ctx, cancel = context.WithCancel(context.Background())
+		var req *http.Request
+		if req, err = http.NewRequestWithContext(ctx, http.MethodConnect, tg.url(path), pr); err != nil {
+			break
+		}
+		for k, v := range hdr {
+			req.Header[k] = v
+		}
+		req.Header.Set(":protocol", "websocket")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		resp, err = roundTripWithin(rt, req)
+	case "stream":
+		resp, pw, cancel, err = startStream(hc, tg.url(path), hdr)
+	case "sse":
+		resp, cancel, err = startSSE(hc, tg.url(path), hdr)
+	default:
+		return nil, 0, fmt.Errorf("unknown transport %q", transport)
+	}
+	rc.cutf = func() {
+		ct.closeAll() // the TCP connection first: no RST_STREAM, no END_STREAM
+		if pw != nil {
+			pw.CloseWithError(errors.New("cut"))
+		}
+		if cancel != nil {
+			cancel()
+		}
+		if resp != nil {
+			resp.Body.Close()
+		}
+		closeIdle()
+	}
 	if err != nil {
-		cancel()
-		t.Fatal(err)
+		rc.cutf()
+		return nil, 0, fmt.Errorf("%s: %w", name, err)
 	}
-	for k, v := range hdr {
-		req.Header[k] = v
+	wantType := map[string]string{"stream": "application/x-ndjson", "sse": "text/event-stream"}[transport]
+	if resp.StatusCode != http.StatusOK || wantType != "" && mediaTypeOf(resp.Header.Get("Content-Type")) != wantType {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		rc.cutf()
+		return nil, resp.StatusCode, fmt.Errorf("%s: status %d (%q), Content-Type %q; want 200 %s", name, resp.StatusCode, b, resp.Header.Get("Content-Type"), wantType)
 	}
-	req.Header.Set(":protocol", "websocket")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	release := func() {
-		pw.Close()
-		cancel()
-		tr.CloseIdleConnections()
-		ct.closeAll()
+	rc.major = resp.ProtoMajor
+	if transport == "websocket" {
+		rc.duplexConn = o.wsConn(resp.Body, pw, rc.cutf)
+		return rc, http.StatusOK, nil
 	}
+	body, err := decodedBody(resp)
+	if err != nil {
+		rc.cutf()
+		return nil, resp.StatusCode, fmt.Errorf("%s: %w", name, err)
+	}
+	if transport == "stream" {
+		sc := &streamDuplex{eventPump: newEventPump(), pw: pw, resp: resp, cancel: cancel}
+		rc.duplexConn = sc
+		go sc.readLoop(body)
+	} else {
+		sc := &sseDuplex{eventPump: newEventPump(), hc: hc, url: tg.url(path), resp: resp, cancel: cancel}
+		sc.retry.Store(-1)
+		rc.duplexConn = sc
+		go sc.readLoop(body)
+	}
+	return rc, http.StatusOK, nil
+}
+
+// roundTripWithin runs a round trip, giving up after frameWait.
+func roundTripWithin(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
 	type result struct {
 		resp *http.Response
 		err  error
 	}
 	rc := make(chan result, 1)
 	go func() {
-		resp, err := tr.RoundTrip(req)
+		resp, err := rt.RoundTrip(req)
 		rc <- result{resp, err}
 	}()
-	var res result
 	select {
-	case res = <-rc:
+	case res := <-rc:
+		return res.resp, res.err
 	case <-time.After(frameWait):
-		release()
-		<-rc
-		return nil, nil, nil, 0, fmt.Errorf("extended CONNECT: no response within %s", frameWait)
+		return nil, fmt.Errorf("no response within %s", frameWait)
 	}
-	if res.err != nil {
-		release()
-		return nil, nil, nil, 0, fmt.Errorf("extended CONNECT: %w", res.err)
-	}
-	if res.resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(res.resp.Body, 4096))
-		res.resp.Body.Close()
-		release()
-		return nil, nil, nil, res.resp.StatusCode, fmt.Errorf("extended CONNECT: status %d (%q)", res.resp.StatusCode, b)
-	}
-	return res.resp.Body, pw, func() { res.resp.Body.Close(); release() }, http.StatusOK, nil
-}
-
-func openWSDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
-	t.Helper()
-	r, w, closer, status, err := dialWSConn(t, tg, path, hdr)
-	if err != nil {
-		t.Fatalf("websocket %s %s: status %d, %v", tg.proto, path, status, err)
-	}
-	c := &wsDuplex{eventPump: newEventPump(), r: r, w: w, closer: closer, major: tg.protoMajor()}
-	go c.readLoop()
-	t.Cleanup(c.close)
-	return c
 }
 
 // --- stream ------------------------------------------------------------------
@@ -654,10 +751,7 @@ type streamDuplex struct {
 	resp   *http.Response
 	cancel context.CancelFunc
 	pings  atomic.Int64
-	major  int
 }
-
-func (c *streamDuplex) protoMajor() int { return c.major }
 
 // send writes one line of the request body.
 func (c *streamDuplex) send(b []byte) error {
@@ -702,7 +796,7 @@ func (c *streamDuplex) readLoop(body io.Reader) {
 		if t := bytes.TrimSpace(line); len(t) > 0 {
 			if bytes.Equal(t, []byte(`{"type":"ping"}`)) {
 				c.pings.Add(1)
-			} else if !c.emitFrame(t, nil) {
+			} else if !c.emitFrame(t, nil, false) {
 				return
 			}
 		}
@@ -715,14 +809,13 @@ func (c *streamDuplex) readLoop(body io.Reader) {
 
 // startStream sends the stream opening request and returns the response
 // (whatever its status) with the body writer.
-func startStream(t *testing.T, hc *http.Client, url string, hdr http.Header) (*http.Response, *io.PipeWriter, context.CancelFunc, error) {
-	t.Helper()
+func startStream(hc *http.Client, url string, hdr http.Header) (*http.Response, *io.PipeWriter, context.CancelFunc, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, pr)
 	if err != nil {
 		cancel()
-		t.Fatal(err)
+		return nil, nil, nil, err
 	}
 	for k, v := range hdr {
 		req.Header[k] = v
@@ -751,38 +844,6 @@ func startStream(t *testing.T, hc *http.Client, url string, hdr http.Header) (*h
 		<-rc
 		return nil, nil, nil, fmt.Errorf("stream: no response headers within %s", frameWait)
 	}
-}
-
-func openStreamDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
-	t.Helper()
-	return openStreamWith(t, tg.httpClient(t), tg, path, hdr)
-}
-
-func openStreamWith(t *testing.T, hc *http.Client, tg target, path string, hdr http.Header) *streamDuplex {
-	t.Helper()
-	resp, pw, cancel, err := startStream(t, hc, tg.url(path), hdr)
-	if err != nil {
-		t.Fatalf("stream %s %s: %v", tg.proto, path, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		resp.Body.Close()
-		pw.Close()
-		cancel()
-		t.Fatalf("stream %s %s: status %d %q, want 200", tg.proto, path, resp.StatusCode, b)
-	}
-	if ct := mediaTypeOf(resp.Header.Get("Content-Type")); ct != "application/x-ndjson" {
-		t.Errorf("stream %s %s: response Content-Type %q, want application/x-ndjson", tg.proto, path, resp.Header.Get("Content-Type"))
-	}
-	c := &streamDuplex{eventPump: newEventPump(), pw: pw, resp: resp, cancel: cancel, major: resp.ProtoMajor}
-	body, err := decodedBody(resp)
-	if err != nil {
-		c.close()
-		t.Fatalf("stream %s %s: %v", tg.proto, path, err)
-	}
-	go c.readLoop(body)
-	t.Cleanup(c.close)
-	return c
 }
 
 // decodedBody undoes a Content-Encoding the client asked for itself (Go
@@ -830,13 +891,10 @@ type sseDuplex struct {
 	cancel context.CancelFunc
 	pings  atomic.Int64 // heartbeat events
 	retry  atomic.Int64
-	major  int
 
 	mu    sync.Mutex
 	token string
 }
-
-func (c *sseDuplex) protoMajor() int { return c.major }
 
 func (c *sseDuplex) getToken() string {
 	c.mu.Lock()
@@ -919,7 +977,7 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 						c.mu.Unlock()
 					}
 				}
-				if !c.emitFrame([]byte(ev.Data), &ev) {
+				if !c.emitFrame([]byte(ev.Data), &ev, false) {
 					return
 				}
 			}
@@ -933,13 +991,12 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 }
 
 // startSSE sends the event-stream opening request.
-func startSSE(t *testing.T, hc *http.Client, url string, hdr http.Header) (*http.Response, context.CancelFunc, error) {
-	t.Helper()
+func startSSE(hc *http.Client, url string, hdr http.Header) (*http.Response, context.CancelFunc, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		cancel()
-		t.Fatal(err)
+		return nil, nil, err
 	}
 	for k, v := range hdr {
 		req.Header[k] = v
@@ -968,36 +1025,61 @@ func startSSE(t *testing.T, hc *http.Client, url string, hdr http.Header) (*http
 	}
 }
 
-func openSSEDuplex(t *testing.T, tg target, path string, hdr http.Header) duplexConn {
-	t.Helper()
-	return openSSEWith(t, tg.httpClient(t), tg, path, hdr)
+// --- the project's Go client -------------------------------------------------
+
+// clientConn is a session held by the project's Go client (package client),
+// seen through its OnFrame tap like the raw connections: every server frame
+// in order, then, once the session is over, an event whose end is the
+// session's Err (a *client.CloseError when the server closed it). The
+// client answers heartbeats, acknowledges pushes and resumes the session
+// across dropped connections itself.
+type clientConn struct {
+	eventPump
+	s    *client.Session
+	drop atomic.Value // errBox: why the last connection ended
 }
 
-func openSSEWith(t *testing.T, hc *http.Client, tg target, path string, hdr http.Header) *sseDuplex {
+type errBox struct{ err error }
+
+func (c *clientConn) send(b []byte) error { return c.s.SendFrame(b) }
+
+func (c *clientConn) close() { c.shutdown(func() { c.s.Close() }) }
+
+// dialClient opens a session with the Go client (opts.OnFrame and
+// opts.OnState are its own) and reads nothing.
+func dialClient(t *testing.T, url string, hdr http.Header, opts client.Options) *dxSession {
 	t.Helper()
-	resp, cancel, err := startSSE(t, hc, tg.url(path), hdr)
+	c := &clientConn{eventPump: newEventPump()}
+	opts.Header = hdr
+	opts.OnFrame = func(raw json.RawMessage) { c.emitFrame(raw, nil, true) }
+	opts.OnDisconnect = func(err error) { c.drop.Store(errBox{err}) }
+	opts.OnState = func(st client.State) {
+		if st == client.StateClosed {
+			c.emit(dxEvent{end: client.ErrClosed})
+			close(c.exited)
+		}
+	}
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = frameWait
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), frameWait)
+	defer cancel()
+	s, err := client.Dial(ctx, url, opts)
 	if err != nil {
-		t.Fatalf("sse %s %s: %v", tg.proto, path, err)
+		t.Fatalf("client: open %s: %v", url, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		resp.Body.Close()
-		cancel()
-		t.Fatalf("sse %s %s: status %d %q, want 200", tg.proto, path, resp.StatusCode, b)
-	}
-	if ct := mediaTypeOf(resp.Header.Get("Content-Type")); ct != "text/event-stream" {
-		t.Errorf("sse %s %s: response Content-Type %q, want text/event-stream", tg.proto, path, resp.Header.Get("Content-Type"))
-	}
-	c := &sseDuplex{eventPump: newEventPump(), hc: hc, url: tg.url(path), resp: resp, cancel: cancel, major: resp.ProtoMajor}
-	c.retry.Store(-1)
-	body, err := decodedBody(resp)
-	if err != nil {
-		c.close()
-		t.Fatalf("sse %s %s: %v", tg.proto, path, err)
-	}
-	go c.readLoop(body)
+	c.s = s
 	t.Cleanup(c.close)
-	return c
+	return &dxSession{name: "client " + url, transport: s.Transport(), conn: c}
+}
+
+// openClient opens a session with the Go client over WebSocket (HTTP/1.1)
+// and reads its open frame.
+func openClient(t *testing.T, url string, hdr http.Header) *dxSession {
+	t.Helper()
+	s := dialClient(t, url, hdr, client.Options{Transports: []string{client.WebSocket}, HTTP: client.HTTP1})
+	s.expectOpen(t)
+	return s
 }
 
 // ---------------------------------------------------------------------------
@@ -1007,6 +1089,7 @@ type dxSession struct {
 	name      string
 	transport string
 	conn      duplexConn
+	raw       *rawConn
 
 	Session, Token string
 	open           map[string]any // the open frame
@@ -1026,21 +1109,15 @@ func openDX(t *testing.T, transport string, tg target, path string, hdr http.Hea
 // dialDX opens the connection without reading anything.
 func dialDX(t *testing.T, transport string, tg target, path string, hdr http.Header) *dxSession {
 	t.Helper()
-	var c duplexConn
-	switch transport {
-	case "websocket":
-		c = openWSDuplex(t, tg, path, hdr)
-	case "stream":
-		c = openStreamDuplex(t, tg, path, hdr)
-	case "sse":
-		c = openSSEDuplex(t, tg, path, hdr)
-	default:
-		t.Fatalf("unknown transport %q", transport)
+	rc, status, err := dialConn(tg, transport, path, hdr, connOpts{})
+	if err != nil {
+		t.Fatalf("%s over %s %s: status %d, %v", transport, tg.proto, path, status, err)
 	}
-	if got := c.protoMajor(); got != tg.protoMajor() {
-		t.Fatalf("%s over %s: the session was opened over HTTP/%d, want HTTP/%d", transport, tg.proto, got, tg.protoMajor())
+	t.Cleanup(rc.end)
+	if rc.major != tg.protoMajor() {
+		t.Fatalf("%s over %s: the session was opened over HTTP/%d, want HTTP/%d", transport, tg.proto, rc.major, tg.protoMajor())
 	}
-	return &dxSession{name: transport + "/" + tg.proto + path, transport: transport, conn: c}
+	return &dxSession{name: transport + "/" + tg.proto + path, transport: transport, conn: rc.duplexConn, raw: rc}
 }
 
 func (s *dxSession) next(t *testing.T) dxEvent {
@@ -1186,14 +1263,40 @@ func (s *dxSession) expectClose(t *testing.T, code int, reason string, reconnect
 	if rc != reconnect {
 		t.Fatalf("%s: close frame %v, want reconnect %v", s.name, f, reconnect)
 	}
-	s.expectEnd(t, code)
+	e := s.expectEnd(t, code)
+	if reason != "" && s.transport == "websocket" && e.wsReason != reason {
+		t.Fatalf("%s: WebSocket close reason %q, want %q", s.name, e.wsReason, reason)
+	}
+}
+
+// expectClosed asserts the server ends the session for good with code and
+// reason (reason checked in the close frame and the WebSocket close frame).
+func (s *dxSession) expectClosed(t *testing.T, code int, reason string) {
+	t.Helper()
+	s.expectClose(t, code, reason, false)
 }
 
 // expectEnd asserts the connection ends next (after a WebSocket close frame
-// with code, for websocket).
-func (s *dxSession) expectEnd(t *testing.T, code int) {
+// with code, for websocket, which it returns).
+func (s *dxSession) expectEnd(t *testing.T, code int) dxEvent {
 	t.Helper()
 	e := s.next(t)
+	closeFrame := e
+	if cc, ok := s.conn.(*clientConn); ok {
+		// The session is over: the client saw the server close it.
+		var ce *client.CloseError
+		if e.end == nil || !errors.As(cc.s.Err(), &ce) || ce.Code != code {
+			t.Fatalf("%s: want the session closed by the server with %d, got %v (session error: %v)", s.name, code, e, cc.s.Err())
+		}
+		// Over WebSocket, the connection ended with a close frame of the
+		// same code and reason.
+		drop, _ := cc.drop.Load().(errBox)
+		var wsc *client.WebSocketClose
+		if s.transport == "websocket" && (!errors.As(drop.err, &wsc) || wsc.Code != code || wsc.Reason != ce.Reason) {
+			t.Fatalf("%s: the connection ended with %v, want a WebSocket close frame %d %q", s.name, drop.err, code, ce.Reason)
+		}
+		return dxEvent{wsClose: ce.Code, wsReason: ce.Reason}
+	}
 	if s.transport == "websocket" {
 		if e.wsClose != code {
 			t.Fatalf("%s: want a WebSocket close frame %d, got %v", s.name, code, e)
@@ -1203,9 +1306,27 @@ func (s *dxSession) expectEnd(t *testing.T, code int) {
 	if e.end == nil {
 		t.Fatalf("%s: want the connection to end, got %v", s.name, e)
 	}
+	return closeFrame
 }
 
+// close ends the connection in order (a WebSocket close frame first).
 func (s *dxSession) close() { s.conn.close() }
+
+// closeGracefully is close.
+func (s *dxSession) closeGracefully() { s.conn.close() }
+
+// Close cuts the connection: no close frame, no end of stream (a Go
+// client session is closed).
+func (s *dxSession) Close() {
+	if s.raw == nil {
+		s.conn.close()
+		return
+	}
+	s.raw.cut()
+}
+
+// writeFrame writes one WebSocket frame as it is (websocket only).
+func (s *dxSession) writeFrame(f ws.Frame) error { return s.conn.(*wsDuplex).writeFrame(f) }
 
 // ---------------------------------------------------------------------------
 // misc

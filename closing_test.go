@@ -28,10 +28,10 @@ http://127.0.0.1:{{.HTTP}} {
 		t.Fatal(err)
 	}
 	e := cl.next(t)
-	if e.op != ws.OpClose || e.err != nil {
+	if e.wsClose == 0 || e.end != nil {
 		t.Fatalf("after the client's close: %v, want the close echoed", e)
 	}
-	if e = cl.next(t); e.err == nil {
+	if e = cl.next(t); e.end == nil {
 		t.Fatalf("after the close echo: %v, want the connection to end", e)
 	}
 	waitUntil(t, "the session to end", frameWait, func() bool {

@@ -124,11 +124,11 @@ func TestDemoChat(t *testing.T) {
 	}
 	checkClientServed(t, c.url("/duplex.js"))
 
-	ann := openSession(t, c.wsURL("/live"), nil)
-	bob := openSession(t, c.wsURL("/live"), nil)
+	ann := openClient(t, c.wsURL("/live"), nil)
+	bob := openClient(t, c.wsURL("/live"), nil)
 	ann.name, bob.name = "ann", "bob"
 
-	for i, cl := range []*wsClient{ann, bob} {
+	for i, cl := range []*dxSession{ann, bob} {
 		id := "j" + strconv.Itoa(i)
 		f := cl.call(t, id, "/rooms/lobby/join", nil)
 		data, _ := f["data"].(map[string]any)
@@ -142,7 +142,7 @@ func TestDemoChat(t *testing.T) {
 
 	// ann says hi: her reply and the push may come in either order.
 	ann.send(t, map[string]any{"id": "m1", "path": "/rooms/lobby", "data": map[string]any{"name": "ann", "text": "hi all"}})
-	checkPush := func(cl *wsClient, f map[string]any) {
+	checkPush := func(cl *dxSession, f map[string]any) {
 		t.Helper()
 		if f["type"] != "push" || f["channel"] != "room:lobby" || f["seq"] != float64(1) {
 			t.Fatalf("%s: want push seq 1 on room:lobby, got %v", cl.name, f)
@@ -176,7 +176,7 @@ func TestDemoChat(t *testing.T) {
 	expectError(t, f, "m2", 400, "empty")
 
 	// A third client joining sees the history.
-	cara := openSession(t, c.wsURL("/live"), nil)
+	cara := openClient(t, c.wsURL("/live"), nil)
 	f = cara.call(t, "j3", "/rooms/lobby/join", nil)
 	data, _ := f["data"].(map[string]any)
 	h, _ := data["history"].([]any)
@@ -186,7 +186,7 @@ func TestDemoChat(t *testing.T) {
 
 	// bob answers; all three get it as their next frame.
 	bob.send(t, map[string]any{"path": "/rooms/lobby", "data": map[string]any{"name": "bob", "text": "hey ann"}})
-	for _, cl := range []*wsClient{ann, bob, cara} {
+	for _, cl := range []*dxSession{ann, bob, cara} {
 		f := cl.readFrame(t)
 		d, _ := f["data"].(map[string]any)
 		if f["type"] != "push" || d["text"] != "hey ann" {

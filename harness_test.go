@@ -6,9 +6,7 @@ package duplex_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,7 +24,6 @@ import (
 	"text/template"
 	"time"
 
-	"github.com/gobwas/ws"
 	"go.uber.org/goleak"
 )
 
@@ -192,6 +190,14 @@ func deadAddr(t testing.TB) string {
 // entries (KEY=VALUE) are added to the process environment.
 func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	t.Helper()
+	return startCaddyAttempt(t, 1, caddyfile, env...)
+}
+
+// startCaddyAttempt is startCaddy's attempt n: one whose ports another
+// process took meanwhile (this machine is shared) is tried again, on new
+// ports, up to 3 times.
+func startCaddyAttempt(t *testing.T, n int, caddyfile string, env ...string) *caddyProc {
+	t.Helper()
 	dir := t.TempDir()
 	ports := freePorts(t, 2)
 	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
@@ -255,6 +261,10 @@ func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	for {
 		select {
 		case <-c.done:
+			if n < 3 && strings.Contains(c.out.String(), "address already in use") {
+				t.Logf("caddy could not listen (attempt %d), trying other ports", n)
+				return startCaddyAttempt(t, n+1, caddyfile, env...)
+			}
 			t.Fatalf("caddy exited during startup: %v\nCaddyfile:\n%s\noutput:\n%s", c.waitEr, rendered.String(), c.out.String())
 		default:
 		}
@@ -396,6 +406,54 @@ func (c *caddyProc) mustPublish(t *testing.T, body any, delivered int) map[strin
 		t.Fatalf("publish %v: delivered = %v, want %d (body %v)", body, m["delivered"], delivered, m)
 	}
 	return m
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+var metricSample = regexp.MustCompile(`^(caddy_duplex_[^ ]+) ([0-9.e+-]+)$`)
+
+// duplexMetrics reads the admin endpoint's /metrics and returns the value
+// of each caddy_duplex_* sample, keyed by its name and labels as printed
+// (caddy_duplex_resumes_total{result="resumed"}). It never calls t.Fatal,
+// so workers may use it.
+func duplexMetrics(c *caddyProc) (map[string]float64, error) {
+	resp, err := httpc.Get(c.adminURL("/metrics"))
+	if err != nil {
+		return nil, fmt.Errorf("GET /metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /metrics: %d %.200s %v", resp.StatusCode, body, err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if m := metricSample.FindStringSubmatch(line); m != nil {
+			v, err := strconv.ParseFloat(m[2], 64)
+			if err != nil {
+				return nil, fmt.Errorf("metric %q: %w", line, err)
+			}
+			out[m[1]] = v
+		}
+	}
+	return out, nil
+}
+
+// scrape is duplexMetrics for the test's own goroutine.
+func scrape(t *testing.T, c *caddyProc) map[string]float64 {
+	t.Helper()
+	m, err := duplexMetrics(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// duplexMetric is one sample of duplexMetrics, 0 if absent.
+func duplexMetric(c *caddyProc, sample string) (float64, error) {
+	m, err := duplexMetrics(c)
+	return m[sample], err
 }
 
 // ---------------------------------------------------------------------------
@@ -578,331 +636,41 @@ func waitUntil(t *testing.T, what string, timeout time.Duration, cond func() boo
 }
 
 // ---------------------------------------------------------------------------
-// WebSocket client (gobwas/ws), over an HTTP/1.1 connection or an HTTP/2
-// extended CONNECT stream. A background goroutine reads server frames into a
-// channel (answering pings), so tests can wait for the next frame with a
-// bounded timeout.
+// WebSocket sessions over HTTP/1.1 with the raw client of clients_test.go
+// (a *dxSession), for the tests that look at the wire.
 
+// frameWait bounds every wait for a frame from the server.
 const frameWait = 15 * time.Second
 
-type wsEvent struct {
-	op          ws.OpCode
-	payload     []byte
-	closeCode   ws.StatusCode
-	closeReason string
-	err         error // the connection ended (io.EOF or another read error)
-}
-
-func (e wsEvent) String() string {
-	switch {
-	case e.err != nil:
-		return fmt.Sprintf("connection ended (%v)", e.err)
-	case e.op == ws.OpClose:
-		return fmt.Sprintf("close frame %d %q", e.closeCode, e.closeReason)
-	default:
-		return fmt.Sprintf("%v frame %q", e.op, e.payload)
-	}
-}
-
-type wsClient struct {
-	name   string
-	r      io.Reader
-	w      io.Writer
-	wmu    sync.Mutex
-	closer func()
-	events chan wsEvent
-	quit   chan struct{}
-	once   sync.Once
-	exited chan struct{}
-
-	Session  string // from the open frame
-	Token    string
-	openedAs string  // the session id of the open frame read last
-	seq      float64 // last push seq seen
-}
-
-func newWSClient(t *testing.T, name string, r io.Reader, w io.Writer, closer func()) *wsClient {
-	c := &wsClient{name: name, r: r, w: w, closer: closer,
-		events: make(chan wsEvent, 4096), quit: make(chan struct{}), exited: make(chan struct{})}
-	go c.readLoop()
-	t.Cleanup(c.Close)
-	return c
-}
-
-func (c *wsClient) emit(e wsEvent) bool {
-	select {
-	case c.events <- e:
-		return true
-	case <-c.quit:
-		return false
-	}
-}
-
-func (c *wsClient) readLoop() {
-	defer close(c.exited)
-	var msg []byte
-	var msgOp ws.OpCode
-	for {
-		h, err := ws.ReadHeader(c.r)
-		if err != nil {
-			c.emit(wsEvent{err: err})
-			return
-		}
-		payload := make([]byte, h.Length)
-		if _, err := io.ReadFull(c.r, payload); err != nil {
-			c.emit(wsEvent{err: err})
-			return
-		}
-		if h.Masked {
-			ws.Cipher(payload, h.Mask, 0)
-		}
-		switch h.OpCode {
-		case ws.OpPing:
-			c.writeFrame(ws.NewPongFrame(payload))
-			continue
-		case ws.OpPong:
-			continue
-		case ws.OpClose:
-			code, reason := ws.ParseCloseFrameData(payload)
-			if !c.emit(wsEvent{op: ws.OpClose, closeCode: code, closeReason: reason}) {
-				return
-			}
-			// Answer the close handshake, then keep reading until the server
-			// ends the connection.
-			c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(code, "")))
-			continue
-		case ws.OpContinuation:
-			msg = append(msg, payload...)
-		default:
-			msgOp = h.OpCode
-			msg = payload
-		}
-		if h.Fin {
-			if !c.emit(wsEvent{op: msgOp, payload: msg}) {
-				return
-			}
-			msg = nil
-		}
-	}
-}
-
-func (c *wsClient) writeFrame(f ws.Frame) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	var buf bytes.Buffer // one Write per frame (the HTTP/2 pipe sends each Write as DATA)
-	if err := ws.WriteFrame(&buf, ws.MaskFrame(f)); err != nil {
-		return err
-	}
-	_, err := c.w.Write(buf.Bytes())
-	return err
-}
-
-// Close ends the connection (a close frame first, best effort) and waits for
-// the read goroutine to exit.
-func (c *wsClient) Close() {
-	c.once.Do(func() {
-		close(c.quit)
-		c.closer()
-		<-c.exited
-	})
-}
-
-// closeGracefully sends a normal close frame and then closes the connection.
-func (c *wsClient) closeGracefully() {
-	c.writeFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
-	c.Close()
-}
-
-func (c *wsClient) next(t *testing.T) wsEvent {
+// wsTarget splits ws://host:port/path into an HTTP/1.1 target and the path.
+func wsTarget(t *testing.T, url string) (target, string) {
 	t.Helper()
-	timeout := time.After(frameWait)
-	for {
-		select {
-		case e := <-c.events:
-			var m map[string]any
-			if e.op == ws.OpText && json.Unmarshal(e.payload, &m) == nil {
-				if m["type"] == "open" {
-					c.openedAs, _ = m["session"].(string)
-				}
-				if answers.repeated(c.openedAs, m) {
-					continue // a client ignores a second answer to the same ref
-				}
-			}
-			return e
-		case <-timeout:
-			t.Fatalf("%s: no frame from the server within %s", c.name, frameWait)
-			return wsEvent{}
-		}
+	rest, ok := strings.CutPrefix(url, "ws://")
+	if !ok {
+		t.Fatalf("want a ws:// URL, got %q", url)
 	}
+	host, path, _ := strings.Cut(rest, "/")
+	return target{proto: "h1", base: "http://" + host}, "/" + path
 }
 
-// readFrame returns the next server text frame decoded as a JSON object.
-func (c *wsClient) readFrame(t *testing.T) map[string]any {
-	t.Helper()
-	e := c.next(t)
-	if e.err != nil || e.op != ws.OpText {
-		t.Fatalf("%s: want a text frame, got %v", c.name, e)
-	}
-	var m map[string]any
-	if err := json.Unmarshal(e.payload, &m); err != nil {
-		t.Fatalf("%s: frame is not a JSON object (%v): %q", c.name, err, e.payload)
-	}
-	return m
-}
-
-func (c *wsClient) expectType(t *testing.T, typ string) map[string]any {
-	t.Helper()
-	f := c.readFrame(t)
-	if f["type"] != typ {
-		t.Fatalf("%s: want a %q frame, got %v", c.name, typ, f)
-	}
-	return f
-}
-
-// expectOpen reads the open frame and records session and token.
-func (c *wsClient) expectOpen(t *testing.T) map[string]any {
-	t.Helper()
-	f := c.expectType(t, "open")
-	sid, _ := f["session"].(string)
-	tok, _ := f["token"].(string)
-	if sid == "" || tok == "" {
-		t.Fatalf("%s: open frame without session/token: %v", c.name, f)
-	}
-	if sid == tok {
-		t.Fatalf("%s: open frame's token equals the session id: %v", c.name, f)
-	}
-	if f["resumed"] != false {
-		t.Fatalf("%s: open frame resumed = %v, want false", c.name, f["resumed"])
-	}
-	if _, ok := f["heartbeat"].(float64); !ok {
-		t.Fatalf("%s: open frame without numeric heartbeat: %v", c.name, f)
-	}
-	c.Session, c.Token = sid, tok
-	return f
-}
-
-// expectPush reads the next frame, asserts it is a push with the next seq
-// (previous + 1) and the given channel ("" = absent) and data.
-func (c *wsClient) expectPush(t *testing.T, channel string, data any) map[string]any {
-	t.Helper()
-	f := c.expectType(t, "push")
-	seq, ok := f["seq"].(float64)
-	if !ok || seq != c.seq+1 {
-		t.Fatalf("%s: push seq = %v, want %v (frame %v)", c.name, f["seq"], c.seq+1, f)
-	}
-	c.seq = seq
-	if channel == "" {
-		if ch, has := f["channel"]; has {
-			t.Fatalf("%s: push has channel %v, want none: %v", c.name, ch, f)
-		}
-	} else if f["channel"] != channel {
-		t.Fatalf("%s: push channel = %v, want %q: %v", c.name, f["channel"], channel, f)
-	}
-	if !jsonEqual(f["data"], data) {
-		t.Fatalf("%s: push data = %v, want %v", c.name, f["data"], data)
-	}
-	return f
-}
-
-// expectClosed asserts the server ends the session: a JSON close frame with
-// code and reason, then a WebSocket close frame with the same code, then the
-// connection ends.
-func (c *wsClient) expectClosed(t *testing.T, code int, reason string) {
-	t.Helper()
-	f := c.expectType(t, "close")
-	if f["code"] != float64(code) || f["reason"] != reason {
-		t.Fatalf("%s: close frame = %v, want code %d reason %q", c.name, f, code, reason)
-	}
-	if rc, has := f["reconnect"]; has && rc != false {
-		t.Fatalf("%s: close frame reconnect = %v, want false", c.name, rc)
-	}
-	e := c.next(t)
-	if e.op != ws.OpClose || e.err != nil {
-		t.Fatalf("%s: want a WebSocket close frame after the close message, got %v", c.name, e)
-	}
-	if int(e.closeCode) != code {
-		t.Fatalf("%s: WebSocket close code = %d, want %d", c.name, e.closeCode, code)
-	}
-	if e.closeReason != reason {
-		t.Fatalf("%s: WebSocket close reason = %q, want %q", c.name, e.closeReason, reason)
-	}
-	e = c.next(t)
-	if e.err == nil {
-		t.Fatalf("%s: want the connection to end after the close frame, got %v", c.name, e)
-	}
-}
-
-func (c *wsClient) sendRaw(t *testing.T, b []byte) {
-	t.Helper()
-	if err := c.writeFrame(ws.NewTextFrame(b)); err != nil {
-		t.Fatalf("%s: write: %v", c.name, err)
-	}
-}
-
-func (c *wsClient) send(t *testing.T, frame map[string]any) {
-	t.Helper()
-	b, err := json.Marshal(frame)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.sendRaw(t, b)
-}
-
-// call sends a message with id and path (and data, if not nil) and returns
-// the next frame, asserting its ref is the id.
-func (c *wsClient) call(t *testing.T, id, path string, data any) map[string]any {
-	t.Helper()
-	m := map[string]any{"id": id, "path": path}
-	if data != nil {
-		m["data"] = data
-	}
-	c.send(t, m)
-	f := c.readFrame(t)
-	if f["ref"] != id {
-		t.Fatalf("%s: answer to %q has ref %v: %v", c.name, id, f["ref"], f)
-	}
-	return f
-}
+// wsClient is the WebSocket session openSession and dialWS return.
+type wsClient = dxSession
 
 // dialWS opens a WebSocket over HTTP/1.1 and fails the test unless it is
-// upgraded.
-func dialWS(t *testing.T, url string, hdr http.Header) *wsClient {
+// upgraded; it reads nothing.
+func dialWS(t *testing.T, url string, hdr http.Header) *dxSession {
 	t.Helper()
-	c, status, err := tryDialWS(t, url, hdr)
-	if err != nil {
-		t.Fatalf("dial %s: status %d, %v", url, status, err)
-	}
-	return c
-}
-
-// tryDialWS returns the client, or the HTTP status of a rejected handshake.
-func tryDialWS(t *testing.T, url string, hdr http.Header) (*wsClient, int, error) {
-	t.Helper()
-	d := ws.Dialer{Timeout: frameWait}
-	if hdr != nil {
-		d.Header = ws.HandshakeHeaderHTTP(hdr)
-	}
-	conn, br, _, err := d.Dial(context.Background(), url)
-	if err != nil {
-		var se ws.StatusError
-		if errors.As(err, &se) {
-			return nil, int(se), err
-		}
-		return nil, 0, err
-	}
-	var r io.Reader = conn
-	if br != nil {
-		r = br // holds frames the server sent right after the handshake
-	}
-	return newWSClient(t, url, r, conn, func() { conn.Close() }), http.StatusSwitchingProtocols, nil
+	tg, path := wsTarget(t, url)
+	return dialDX(t, "websocket", tg, path, hdr)
 }
 
 // rejectedStatus dials expecting a rejected handshake and returns its status.
 func rejectedStatus(t *testing.T, url string, hdr http.Header) int {
 	t.Helper()
-	c, status, err := tryDialWS(t, url, hdr)
+	tg, path := wsTarget(t, url)
+	rc, status, err := dialConn(tg, "websocket", path, hdr, connOpts{})
 	if err == nil {
-		c.Close()
+		rc.cut()
 		t.Fatalf("dial %s with %v: upgraded, want the handshake rejected", url, hdr)
 	}
 	if status == 0 {
@@ -912,7 +680,7 @@ func rejectedStatus(t *testing.T, url string, hdr http.Header) int {
 }
 
 // openSession dials and reads the open frame.
-func openSession(t *testing.T, url string, hdr http.Header) *wsClient {
+func openSession(t *testing.T, url string, hdr http.Header) *dxSession {
 	t.Helper()
 	c := dialWS(t, url, hdr)
 	c.expectOpen(t)
@@ -940,8 +708,3 @@ func hdrs(kv ...string) http.Header {
 	}
 	return h
 }
-
-// aliases for files whose variables are named ws
-const wsOpText = ws.OpText
-
-func wsText(b []byte) ws.Frame { return ws.NewTextFrame(b) }

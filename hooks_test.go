@@ -13,21 +13,16 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os/exec"
-	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/gobwas/ws"
 )
 
 // ---------------------------------------------------------------------------
@@ -513,15 +508,12 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 	switch transport {
 	case "websocket":
 		if tg.proto == "h1" {
-			url := "ws" + strings.TrimPrefix(tg.url(path), "http")
-			d := ws.Dialer{Timeout: frameWait, Header: ws.HandshakeHeaderHTTP(hdr)}
-			conn, _, _, err := d.Dial(context.Background(), url)
+			rc, status, err := dialConn(tg, "websocket", path, hdr, connOpts{})
 			if err == nil {
-				conn.Close()
+				rc.cut()
 				t.Fatalf("websocket %s: upgraded, want a refusal", path)
 			}
-			var se ws.StatusError
-			if !errors.As(err, &se) {
+			if status == 0 {
 				t.Fatalf("websocket %s: %v, want an HTTP status (ws.StatusError)", path, err)
 			}
 			// Again as plain HTTP, for the headers and body.
@@ -541,31 +533,30 @@ func hkRefused(t *testing.T, transport string, tg target, path string, hdr http.
 			}
 			defer resp.Body.Close()
 			b, _ := io.ReadAll(resp.Body)
-			if resp.StatusCode != int(se) {
-				t.Errorf("websocket %s: gobwas saw status %d, plain HTTP %d", path, int(se), resp.StatusCode)
+			if resp.StatusCode != status {
+				t.Errorf("websocket %s: gobwas saw status %d, plain HTTP %d", path, status, resp.StatusCode)
 			}
 			return resp.StatusCode, resp.Header, string(b)
 		}
-		r, _, closer, status, err := dialWSConn(t, tg, path, hdr)
+		rc, status, err := dialConn(tg, "websocket", path, hdr, connOpts{})
 		if err == nil {
-			closer()
-			_ = r
+			rc.cut()
 			t.Fatalf("websocket %s %s: opened, want a refusal", tg.proto, path)
 		}
 		if status == 0 {
 			t.Fatalf("websocket %s %s: %v, want an HTTP status", tg.proto, path, err)
 		}
-		// dialWSConn keeps the body only in the error text.
+		// dialConn keeps the body only in the error text.
 		return status, nil, err.Error()
 	case "stream":
-		resp, pw, cancel, err := startStream(t, tg.httpClient(t), tg.url(path), hdr)
+		resp, pw, cancel, err := startStream(tg.httpClient(t), tg.url(path), hdr)
 		if err != nil {
 			t.Fatalf("stream %s %s: %v", tg.proto, path, err)
 		}
 		defer func() { pw.Close(); cancel() }()
 		return hkRefusalBody(t, "stream "+tg.proto+" "+path, resp, cancel)
 	default:
-		resp, cancel, err := startSSE(t, tg.httpClient(t), tg.url(path), hdr)
+		resp, cancel, err := startSSE(tg.httpClient(t), tg.url(path), hdr)
 		if err != nil {
 			t.Fatalf("sse %s %s: %v", tg.proto, path, err)
 		}
@@ -1268,40 +1259,21 @@ func TestDisconnectHook(t *testing.T) {
 // session id.
 func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	t.Helper()
-	d := ws.Dialer{
-		Timeout: frameWait,
-		Header:  ws.HandshakeHeaderHTTP(hdrs("X-User", user)),
-		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+	tg, p := wsTarget(t, c.wsURL(path))
+	rc, status, err := dialConn(tg, "websocket", p, hdrs("X-User", user), connOpts{stall: true, stallAfter: 1,
+		dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			var nd net.Dialer
 			conn, err := nd.DialContext(ctx, network, addr)
 			if err == nil {
 				conn.(*net.TCPConn).SetReadBuffer(4096)
 			}
 			return conn, err
-		},
-	}
-	conn, br, _, err := d.Dial(context.Background(), c.wsURL(path))
+		}})
 	if err != nil {
-		t.Fatalf("dial: %v", err)
+		t.Fatalf("dial: status %d, %v", status, err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	var r io.Reader = conn
-	if br != nil {
-		r = br
-	}
-	conn.SetReadDeadline(time.Now().Add(frameWait))
-	h, err := ws.ReadHeader(r)
-	if err != nil {
-		t.Fatalf("read open frame: %v", err)
-	}
-	payload := make([]byte, h.Length)
-	if _, err := io.ReadFull(r, payload); err != nil {
-		t.Fatalf("read open frame: %v", err)
-	}
-	var open map[string]any
-	if json.Unmarshal(payload, &open) != nil || open["type"] != "open" {
-		t.Fatalf("want the open frame, got %q", payload)
-	}
+	t.Cleanup(rc.cut)
+	open := (&dxSession{name: user, transport: "websocket", conn: rc.duplexConn, raw: rc}).expectType(t, "open")
 	sid := open["session"].(string)
 	// From now on the client reads nothing.
 	data := strings.Repeat("x", 16<<10)
@@ -1309,7 +1281,7 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	for i := range batch {
 		batch[i] = map[string]any{"session": sid, "data": data}
 	}
-	slowBefore := hkMetric(t, c, "caddy_duplex_slow_consumer_closures_total")
+	slowBefore := scrape(t, c)["caddy_duplex_slow_consumer_closures_total"]
 	for sent := 0; ; sent += len(batch) * len(data) {
 		if sent > 256<<20 {
 			t.Fatalf("published %d MiB to a client that reads nothing and the session is still attached", sent>>20)
@@ -1318,7 +1290,7 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 		if st != http.StatusOK {
 			t.Fatalf("publish: %d %v", st, m)
 		}
-		if hkMetric(t, c, "caddy_duplex_slow_consumer_closures_total") > slowBefore {
+		if scrape(t, c)["caddy_duplex_slow_consumer_closures_total"] > slowBefore {
 			break
 		}
 		if info := hkSessionInfo(t, c, sid); info["attached"] != true {
@@ -1327,25 +1299,6 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 	}
 	hkWaitDetached(t, c, sid)
 	return sid
-}
-
-var hkMetricLine = regexp.MustCompile(`(?m)^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$`)
-
-// hkMetric sums a metric's values over its labels on the admin /metrics.
-func hkMetric(t *testing.T, c *caddyProc, name string) float64 {
-	t.Helper()
-	st, raw := doJSON(t, http.MethodGet, c.adminURL("/metrics"), nil)
-	if st != http.StatusOK {
-		t.Fatalf("GET /metrics: %d", st)
-	}
-	sum := 0.0
-	for _, m := range hkMetricLine.FindAllStringSubmatch(string(raw), -1) {
-		if m[1] == name {
-			v, _ := strconv.ParseFloat(m[3], 64)
-			sum += v
-		}
-	}
-	return sum
 }
 
 // TestDisconnectNeverBlocksTeardown: an app whose disconnect endpoint never
@@ -1385,11 +1338,11 @@ http://127.0.0.1:{{.HTTP}} {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	var hung []*wsClient
+	var hung []*dxSession
 	for i := 0; i < 4; i++ {
-		hung = append(hung, openSession(t, c.wsURL("/live"), hdrs("X-User", fmt.Sprintf("hang-%d", i))))
+		hung = append(hung, openClient(t, c.wsURL("/live"), hdrs("X-User", fmt.Sprintf("hang-%d", i))))
 	}
-	other := openSession(t, c.wsURL("/live"), hdrs("X-User", "fine"))
+	other := openClient(t, c.wsURL("/live"), hdrs("X-User", "fine"))
 
 	// kicked by publish, by DELETE, by the app, by the client
 	if st := quick(http.MethodPost, c.adminURL("/duplex/publish"), fmt.Sprintf(`{"session":%q,"close":"kick"}`, hung[0].Session)); st != http.StatusOK {
@@ -1425,7 +1378,7 @@ http://127.0.0.1:{{.HTTP}} {
 		t.Fatalf("publish: %d", st)
 	}
 	other.expectPush(t, "", "ok")
-	n := openSession(t, c.wsURL("/live"), hdrs("X-User", "fine"))
+	n := openClient(t, c.wsURL("/live"), hdrs("X-User", "fine"))
 	n.call(t, "n1", "/empty", nil)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

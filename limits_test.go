@@ -11,7 +11,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
@@ -324,26 +323,20 @@ http://127.0.0.1:{{.HTTP}} {
 }
 `, "Upstream", app.Addr))
 
-	d := ws.Dialer{
-		Timeout: frameWait,
-		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var nd net.Dialer
-			conn, err := nd.DialContext(ctx, network, addr)
-			if err == nil {
-				conn.(*net.TCPConn).SetWriteBuffer(64 << 10)
-			}
-			return conn, err
-		},
-	}
-	conn, br, _, err := d.Dial(context.Background(), c.wsURL("/live"))
+	tg, path := wsTarget(t, c.wsURL("/live"))
+	rc, status, err := dialConn(tg, "websocket", path, nil, connOpts{dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var nd net.Dialer
+		conn, err := nd.DialContext(ctx, network, addr)
+		if err == nil {
+			conn.(*net.TCPConn).SetWriteBuffer(64 << 10)
+		}
+		return conn, err
+	}})
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("status %d, %v", status, err)
 	}
-	var rd io.Reader = conn
-	if br != nil {
-		rd = br
-	}
-	cl := newWSClient(t, "flood", rd, conn, func() { conn.Close() })
+	t.Cleanup(rc.cut)
+	cl := &dxSession{name: "flood", transport: "websocket", conn: rc.duplexConn, raw: rc}
 	cl.expectOpen(t)
 
 	// The app holds the first message.
@@ -448,8 +441,8 @@ http://127.0.0.1:{{.HTTP}} {
 	}
 }
 `, "Upstream", app.Addr))
-	open := func(user, room string) *wsClient {
-		w := openSession(t, c.wsURL("/live"), hdrs("X-User", user, "X-Room", room))
+	open := func(user, room string) *dxSession {
+		w := openClient(t, c.wsURL("/live"), hdrs("X-User", user, "X-Room", room))
 		w.name = user + "@" + room
 		return w
 	}
@@ -457,8 +450,8 @@ http://127.0.0.1:{{.HTTP}} {
 	b := open("alice", "2")
 	x := open("bob", "1")
 	y := open("carol", "3")
-	everyone := []*wsClient{a, b, x, y}
-	marker := func(n int, who ...*wsClient) {
+	everyone := []*dxSession{a, b, x, y}
+	marker := func(n int, who ...*dxSession) {
 		t.Helper()
 		m := fmt.Sprintf("marker-%d", n)
 		c.mustPublish(t, map[string]any{"channel": "lobby", "data": m}, len(who))
@@ -502,7 +495,7 @@ http://127.0.0.1:{{.HTTP}} {
 
 	t.Run("except", func(t *testing.T) {
 		c.mustPublish(t, map[string]any{"channel": "lobby", "data": "not a", "except": a.Session}, 3)
-		for _, w := range []*wsClient{b, x, y} {
+		for _, w := range []*dxSession{b, x, y} {
 			w.expectPush(t, "lobby", "not a")
 		}
 		c.mustPublish(t, map[string]any{"user": "alice", "data": "not b", "except": b.Session}, 1)
@@ -530,7 +523,7 @@ http://127.0.0.1:{{.HTTP}} {
 		c.mustPublish(t, map[string]any{"channel": "room:3", "close": "c-close"}, 2)
 		y.expectClosed(t, 4000, "c-close")
 		z.expectClosed(t, 4000, "c-close")
-		for _, gone := range []*wsClient{x, a, b, y, z} {
+		for _, gone := range []*dxSession{x, a, b, y, z} {
 			if sessionExists(t, c, gone.Session) {
 				t.Errorf("%s: still listed after close", gone.name)
 			}

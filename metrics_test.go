@@ -2,43 +2,13 @@ package duplex_test
 
 import (
 	"encoding/json"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
-
-// scrape reads the admin endpoint's /metrics and returns the value of each
-// caddy_duplex_* sample, keyed by its name and labels as printed.
-func scrape(t *testing.T, c *caddyProc) map[string]float64 {
-	t.Helper()
-	resp, err := http.Get(c.adminURL("/metrics"))
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET /metrics: %d %s", resp.StatusCode, body)
-	}
-	out := map[string]float64{}
-	sample := regexp.MustCompile(`^(caddy_duplex_[^ ]+) ([0-9.e+-]+)$`)
-	for _, line := range strings.Split(string(body), "\n") {
-		if m := sample.FindStringSubmatch(line); m != nil {
-			v, err := strconv.ParseFloat(m[2], 64)
-			if err != nil {
-				t.Fatalf("metric %q: %v", line, err)
-			}
-			out[m[1]] = v
-		}
-	}
-	return out
-}
 
 // TestMetrics checks the Prometheus metrics on the admin endpoint follow
 // what sessions do, and survive a config reload.

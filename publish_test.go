@@ -11,7 +11,7 @@ import (
 // expectMarker publishes a marker to the lobby channel (every session in
 // these tests is in it) and asserts that the next frame each client sees is
 // that marker: nothing else reached them before it.
-func expectMarker(t *testing.T, publish func(body any) (int, map[string]any), marker string, clients ...*wsClient) {
+func expectMarker(t *testing.T, publish func(body any) (int, map[string]any), marker string, clients ...*dxSession) {
 	t.Helper()
 	st, m := publish(map[string]any{"channel": "lobby", "data": marker})
 	if st != http.StatusOK {
@@ -42,12 +42,12 @@ func TestPublishTargets(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
 	pub := func(body any) (int, map[string]any) { return c.publish(t, body) }
 
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
-	cc := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
-	d := openSession(t, c.wsURL("/live"), hdrs("X-User", "carol", "X-Room", "9"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
+	cc := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	d := openClient(t, c.wsURL("/live"), hdrs("X-User", "carol", "X-Room", "9"))
 	a.name, b.name, cc.name, d.name = "A(alice,room:2)", "B(alice,room:3)", "C(bob,room:2)", "D(carol,room:9)"
-	all := []*wsClient{a, b, cc, d}
+	all := []*dxSession{a, b, cc, d}
 	ids := map[string]bool{}
 	for _, x := range all {
 		ids[x.Session] = true
@@ -183,8 +183,8 @@ func TestPublishClose(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob"))
 
 	c.mustPublish(t, map[string]any{"session": a.Session, "data": "before"}, 1)
 	a.expectPush(t, "", "before")
@@ -224,7 +224,7 @@ func sessionIDs(t *testing.T, c *caddyProc, query string) map[string]map[string]
 	return out
 }
 
-func sameIDs(got map[string]map[string]any, want ...*wsClient) bool {
+func sameIDs(got map[string]map[string]any, want ...*dxSession) bool {
 	if len(got) != len(want) {
 		return false
 	}
@@ -241,9 +241,9 @@ func TestSessionsAPI(t *testing.T) {
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
 	pub := func(body any) (int, map[string]any) { return c.publish(t, body) }
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
-	cc := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "2"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "3"))
+	cc := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
 
 	list := sessionIDs(t, c, "")
 	if !sameIDs(list, a, b, cc) {
@@ -368,8 +368,8 @@ func TestDuplexPublishHandler(t *testing.T) {
 	route := c.url("/internal/publish")
 	pub := func(body any) (int, map[string]any) { return publishTo(t, route, body) }
 
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
-	b := openSession(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
+	b := openClient(t, c.wsURL("/live"), hdrs("X-User", "bob", "X-Room", "2"))
 
 	mustRoute := func(body any, delivered int) {
 		t.Helper()
@@ -413,7 +413,7 @@ func TestAdminPublishOff(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("\tduplex {\n\t\tadmin_publish off\n\t}")+sitePublishRoute, "Upstream", app.Addr))
-	a := openSession(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
+	a := openClient(t, c.wsURL("/live"), hdrs("X-User", "alice", "X-Room", "1"))
 
 	for _, body := range []any{
 		map[string]any{"session": a.Session, "data": "must not arrive"},

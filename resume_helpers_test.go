@@ -9,9 +9,7 @@ package duplex_test
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -23,9 +21,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/gobwas/ws"
-	"golang.org/x/net/http2"
 )
 
 // resumeSite is a Caddyfile serving /live* with a duplex handler whose
@@ -80,65 +75,18 @@ var rdials = []rdial{
 	{"sse", "h2c", "query"}, // a new EventSource cannot set Last-Event-ID
 }
 
-// rconn is one client connection of a session, of any transport. cut ends
-// it the way a network failure would: the TCP connection is closed under
-// it, with no WebSocket close frame and no orderly end of stream.
+// rconn is one client connection of a session, of any transport, dialed
+// the way d says.
 type rconn struct {
-	d     rdial
-	dc    pumpConn
-	cutf  func()
-	major int
-}
-
-// pumpConn is what the transport clients of clients_test.go have in common.
-type pumpConn interface {
-	frames() <-chan dxEvent
-	send([]byte) error
-	shutdown(closer func())
-}
-
-func (c *rconn) frames() <-chan dxEvent { return c.dc.frames() }
-func (c *rconn) send(b []byte) error    { return c.dc.send(b) }
-func (c *rconn) cut()                   { c.dc.shutdown(c.cutf) }
-
-// trackedClient is an HTTP client speaking only proto over connections
-// that ct records, so they can be closed abruptly.
-func trackedClient(proto string, ct *connTracker, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*http.Client, func()) {
-	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
-	}
-	tracked := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		c, err := dial(ctx, network, addr)
-		if err != nil {
-			return nil, err
-		}
-		return ct.add(c), nil
-	}
-	if proto == "h2c" {
-		tr := &http2.Transport{
-			AllowHTTP:          true,
-			DisableCompression: true,
-			DialTLSContext: func(ctx context.Context, network, addr string, _ *tls.Config) (net.Conn, error) {
-				return tracked(ctx, network, addr)
-			},
-		}
-		return &http.Client{Transport: tr}, tr.CloseIdleConnections
-	}
-	tr := &http.Transport{
-		Proxy:              nil,
-		DialContext:        tracked,
-		DisableCompression: true,
-		TLSNextProto:       map[string]func(string, *tls.Conn) http.RoundTripper{},
-	}
-	return &http.Client{Transport: tr}, tr.CloseIdleConnections
+	*rawConn
+	d rdial
 }
 
 // withCursor adds the resume cursor to the opening the way d says.
 func withCursor(d rdial, path string, hdr http.Header, cursor string) (string, http.Header) {
-	h := http.Header{}
-	for k, v := range hdr {
-		h[k] = append([]string(nil), v...)
+	h := hdr.Clone()
+	if h == nil {
+		h = http.Header{}
 	}
 	if cursor == "" {
 		return path, h
@@ -166,151 +114,19 @@ func dialR(t *testing.T, base string, d rdial, path string, hdr http.Header, cur
 	return dialRWith(t, base, d, path, hdr, cursor, nil)
 }
 
-func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string,
-	dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*rconn, error) {
+func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string, dial dialFunc) (*rconn, error) {
 	path, hdr = withCursor(d, path, hdr, cursor)
-	ct := &connTracker{}
-	c := &rconn{d: d}
-	switch {
-	case d.transport == "websocket" && d.proto == "h1":
-		if dial == nil {
-			var nd net.Dialer
-			dial = nd.DialContext
-		}
-		wd := ws.Dialer{
-			Timeout: frameWait,
-			Header:  ws.HandshakeHeaderHTTP(hdr),
-			NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				conn, err := dial(ctx, network, addr)
-				if err != nil {
-					return nil, err
-				}
-				return ct.add(conn), nil
-			},
-		}
-		conn, br, _, err := wd.Dial(context.Background(), "ws"+strings.TrimPrefix(base+path, "http"))
-		if err != nil {
-			ct.closeAll()
-			return nil, fmt.Errorf("%s: %w", d, err)
-		}
-		var r io.Reader = conn
-		if br != nil {
-			r = br
-		}
-		wc := &wsDuplex{eventPump: newEventPump(), r: r, w: conn, closer: ct.closeAll, major: 1}
-		c.dc, c.cutf, c.major = wc, ct.closeAll, 1
-		go wc.readLoop()
-
-	case d.transport == "websocket":
-		hc, closeIdle := trackedClient(d.proto, ct, dial)
-		ctx, cancel := context.WithCancel(context.Background())
-		pr, pw := io.Pipe()
-		req, err := http.NewRequestWithContext(ctx, http.MethodConnect, base+path, pr)
-		if err != nil {
-			cancel()
-			return nil, err
-		}
-		for k, v := range hdr {
-			req.Header[k] = v
-		}
-		req.Header.Set(":protocol", "websocket")
-		req.Header.Set("Sec-WebSocket-Version", "13")
-		cut := func() {
-			ct.closeAll() // the TCP connection first: no RST_STREAM, no END_STREAM
-			pw.CloseWithError(errors.New("cut"))
-			cancel()
-			closeIdle()
-		}
-		resp, err := roundTripWithin(hc.Transport, req)
-		if err != nil {
-			cut()
-			return nil, fmt.Errorf("%s: extended CONNECT: %w", d, err)
-		}
-		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			cut()
-			return nil, fmt.Errorf("%s: extended CONNECT: status %d %q", d, resp.StatusCode, b)
-		}
-		wc := &wsDuplex{eventPump: newEventPump(), r: resp.Body, w: pw, closer: cut, major: 2}
-		c.dc, c.cutf, c.major = wc, func() { cut(); resp.Body.Close() }, 2
-		go wc.readLoop()
-
-	case d.transport == "stream":
-		hc, closeIdle := trackedClient(d.proto, ct, dial)
-		resp, pw, cancel, err := startStream(t, hc, base+path, hdr)
-		if err != nil {
-			ct.closeAll()
-			closeIdle()
-			return nil, fmt.Errorf("%s: %w", d, err)
-		}
-		cut := func() {
-			ct.closeAll()
-			pw.CloseWithError(errors.New("cut"))
-			cancel()
-			resp.Body.Close()
-			closeIdle()
-		}
-		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			cut()
-			return nil, fmt.Errorf("%s: status %d %q", d, resp.StatusCode, b)
-		}
-		sc := &streamDuplex{eventPump: newEventPump(), pw: pw, resp: resp, cancel: cancel, major: resp.ProtoMajor}
-		c.dc, c.cutf, c.major = sc, cut, resp.ProtoMajor
-		go sc.readLoop(resp.Body)
-
-	case d.transport == "sse":
-		hc, closeIdle := trackedClient(d.proto, ct, dial)
-		resp, cancel, err := startSSE(t, hc, base+path, hdr)
-		if err != nil {
-			ct.closeAll()
-			closeIdle()
-			return nil, fmt.Errorf("%s: %w", d, err)
-		}
-		cut := func() {
-			ct.closeAll()
-			cancel()
-			resp.Body.Close()
-			closeIdle()
-		}
-		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			cut()
-			return nil, fmt.Errorf("%s: status %d %q", d, resp.StatusCode, b)
-		}
-		sc := &sseDuplex{eventPump: newEventPump(), hc: hc, url: base + path, resp: resp, cancel: cancel, major: resp.ProtoMajor}
-		sc.retry.Store(-1)
-		c.dc, c.cutf, c.major = sc, cut, resp.ProtoMajor
-		go sc.readLoop(resp.Body)
-
-	default:
-		return nil, fmt.Errorf("unknown transport %q", d.transport)
+	tg := target{proto: d.proto, base: base}
+	rc, _, err := dialConn(tg, d.transport, path, hdr, connOpts{dial: dial})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", d, err)
 	}
-	if d.proto == "h2c" && c.major != 2 || d.proto == "h1" && c.major != 1 {
-		c.cut()
-		return nil, fmt.Errorf("%s: opened over HTTP/%d", d, c.major)
+	if rc.major != tg.protoMajor() {
+		rc.cut()
+		return nil, fmt.Errorf("%s: opened over HTTP/%d", d, rc.major)
 	}
-	t.Cleanup(c.cut)
-	return c, nil
-}
-
-// roundTripWithin runs a round trip, giving up after frameWait.
-func roundTripWithin(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
-	type result struct {
-		resp *http.Response
-		err  error
-	}
-	rc := make(chan result, 1)
-	go func() {
-		resp, err := rt.RoundTrip(req)
-		rc <- result{resp, err}
-	}()
-	select {
-	case res := <-rc:
-		return res.resp, res.err
-	case <-time.After(frameWait):
-		return nil, fmt.Errorf("no response within %s", frameWait)
-	}
+	t.Cleanup(rc.cut)
+	return &rconn{rawConn: rc, d: d}, nil
 }
 
 // smallWindowDial dials with a tiny receive buffer and segment size, so a
@@ -576,29 +392,6 @@ func sessionInfoOf(t *testing.T, c *caddyProc, id string) (int, map[string]any) 
 		t.Fatalf("GET /duplex/sessions/%s: not an object: %s", id, raw)
 	}
 	return st, m
-}
-
-// duplexMetric scrapes /metrics (with the shared client) and returns the
-// value of one caddy_duplex_* sample, 0 if absent.
-func duplexMetric(c *caddyProc, sample string) (float64, error) {
-	resp, err := httpc.Get(c.adminURL("/metrics"))
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return 0, fmt.Errorf("GET /metrics: %d", resp.StatusCode)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(v), 64)
-		}
-	}
-	return 0, nil
 }
 
 // errs collects errors from worker goroutines.

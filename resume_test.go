@@ -23,8 +23,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/gobwas/ws"
 )
 
 // must fails the test (on its own goroutine) with err.
@@ -565,28 +563,17 @@ func TestResumeStalledReader(t *testing.T) {
 
 	// The stalled client: a WebSocket over a TCP connection with a tiny
 	// receive window; it reads its open frame, then nothing.
-	wd := ws.Dialer{Timeout: frameWait, Header: ws.HandshakeHeaderHTTP(hdrs("X-User", "stalled")),
-		NetDial: smallWindowDial}
-	conn, br, _, err := wd.Dial(t.Context(), c.wsURL("/live/stall"))
-	must(t, err)
-	t.Cleanup(func() { conn.Close() })
-	var raw io.Reader = conn
-	if br != nil {
-		raw = br
-	}
-	conn.SetReadDeadline(time.Now().Add(frameWait))
-	hdr, err := ws.ReadHeader(raw)
-	must(t, err)
-	payload := make([]byte, hdr.Length)
-	_, err = io.ReadFull(raw, payload)
-	must(t, err)
-	conn.SetReadDeadline(time.Time{})
-	open, _ := decodeAny(t, payload).(map[string]any)
 	stalled := &rsess{name: "stalled", base: base, path: "/live/stall", hdr: hdrs("X-User", "stalled")}
+	rc, _, err := dialConn(target{proto: "h1", base: base}, "websocket", stalled.path, stalled.hdr, connOpts{dial: smallWindowDial, stall: true, stallAfter: 1})
+	must(t, err)
+	t.Cleanup(rc.cut)
+	stalled.conn = &rconn{rawConn: rc, d: rdials[0]}
+	open, e, err := stalled.nextFrame()
+	must(t, err)
 	stalled.id, _ = open["session"].(string)
 	stalled.token, _ = open["token"].(string)
 	if open["type"] != "open" || stalled.id == "" || stalled.token == "" {
-		t.Fatalf("stalled client: first frame %s, want open", payload)
+		t.Fatalf("stalled client: first frame %s, want open", e.raw)
 	}
 
 	var (
@@ -665,10 +652,7 @@ func TestResumeStalledReader(t *testing.T) {
 	t.Logf("the stalled connection overflowed after %d publishes; %d readers got them all first", published, nReaders)
 
 	// Now the stalled client reads: the pushes that fit, then close 4008.
-	wc := &wsDuplex{eventPump: newEventPump(), r: raw, w: conn, closer: func() { conn.Close() }, major: 1}
-	stalled.conn = &rconn{d: rdials[0], dc: wc, cutf: func() { conn.Close() }, major: 1}
-	t.Cleanup(stalled.conn.cut)
-	go wc.readLoop()
+	rc.duplexConn.(*wsDuplex).unstall()
 	for {
 		f, e, err := stalled.nextFrame()
 		must(t, err)

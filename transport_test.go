@@ -256,14 +256,14 @@ func TestStreamTransport(t *testing.T) {
 				if rf.transport == "stream" {
 					var pw *io.PipeWriter
 					var cancel context.CancelFunc
-					resp, pw, cancel, err = startStream(t, hc, tg.url(rf.path), h)
+					resp, pw, cancel, err = startStream(hc, tg.url(rf.path), h)
 					if err == nil {
 						defer cancel()
 						defer pw.Close()
 					}
 				} else {
 					var cancel context.CancelFunc
-					resp, cancel, err = startSSE(t, hc, tg.url(rf.path), h)
+					resp, cancel, err = startSSE(hc, tg.url(rf.path), h)
 					if err == nil {
 						defer cancel()
 					}
@@ -321,8 +321,8 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	}
 `, "Upstream", app.Addr), `
 		timeouts {
-			read_body_idle 2s
-			write_idle 2s
+			read_body_idle 3s
+			write_idle 3s
 		}
 `, xconnectEnv)
 	c := e.c
@@ -347,11 +347,11 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	// WebSocket peers that never read and never answer pings.
 	deaf := []string{"h1", "h2c"}
 	for _, proto := range deaf {
-		_, _, closer, status, err := dialWSConn(t, e.target(proto), "/live", hdrs("X-User", "deaf-"+proto))
+		rc, status, err := dialConn(e.target(proto), "websocket", "/live", hdrs("X-User", "deaf-"+proto), connOpts{stall: true})
 		if err != nil {
 			t.Fatalf("websocket over %s: status %d, %v", proto, status, err)
 		}
-		t.Cleanup(closer)
+		t.Cleanup(rc.cut)
 		// It opened a session (which lives at least two heartbeats).
 		waitUntil(t, "the session of deaf-"+proto+" to be listed", 5*time.Second, func() bool { return len(sessionsOfUser(t, c, "deaf-"+proto)) == 1 })
 	}
@@ -448,23 +448,24 @@ func TestEncodeInFront(t *testing.T) {
 		t.Run(v.name, func(t *testing.T) {
 			t.Parallel()
 			tg := e.target(v.proto)
-			hc := &http.Client{Transport: tg.roundTripper(t, v.transparent)}
 			user := "enc-" + strings.ReplaceAll(v.name, "/", "-")
 			h := hdrs("X-User", user)
 			if !v.transparent {
 				h.Set("Accept-Encoding", "gzip")
 			}
-			var conn duplexConn
+			rc, status, err := dialConn(tg, v.transport, "/live", h, connOpts{transparentGzip: v.transparent})
+			if err != nil {
+				t.Fatalf("status %d, %v", status, err)
+			}
+			t.Cleanup(rc.end)
 			var resp *http.Response
-			if v.transport == "stream" {
-				sc := openStreamWith(t, hc, tg, "/live", h)
-				conn, resp = sc, sc.resp
+			if sc, ok := rc.duplexConn.(*streamDuplex); ok {
+				resp = sc.resp
 			} else {
-				sc := openSSEWith(t, hc, tg, "/live", h)
-				conn, resp = sc, sc.resp
+				resp = rc.duplexConn.(*sseDuplex).resp
 			}
 			t.Logf("%s: Content-Encoding %q, uncompressed by Go: %v", v.name, resp.Header.Get("Content-Encoding"), resp.Uncompressed)
-			s := &dxSession{name: v.name, transport: v.transport, conn: conn}
+			s := &dxSession{name: v.name, transport: v.transport, conn: rc.duplexConn, raw: rc}
 			s.expectOpen(t) // before anything else was sent or published
 			for i := 1; i <= 3; i++ {
 				c.mustPublish(t, map[string]any{"user": user, "data": map[string]any{"i": i}}, 1)

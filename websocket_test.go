@@ -284,7 +284,7 @@ http://127.0.0.1:{{.HTTP}} {
 }
 `, "Upstream", app.Addr, "Dead", deadAddr(t)))
 
-	ws := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "r1", "/reply", map[string]any{"a": 1, "b": []any{1, "two"}})
 	expectFrame(t, f, map[string]any{"type": "reply", "ref": "r1", "status": 200, "data": map[string]any{"echo": map[string]any{"a": 1, "b": []any{1, "two"}}}})
@@ -311,7 +311,7 @@ http://127.0.0.1:{{.HTTP}} {
 	expectFrame(t, f, map[string]any{"type": "ack", "ref": 7})
 
 	t.Run("unreachable app → 502", func(t *testing.T) {
-		dead := openSession(t, c.wsURL("/dead"), nil)
+		dead := openClient(t, c.wsURL("/dead"), nil)
 		f := dead.call(t, "d1", "/reply", map[string]any{"x": 1})
 		expectError(t, f, "d1", 502, "")
 		f = dead.call(t, "d2", "/empty", nil) // session still there
@@ -319,7 +319,7 @@ http://127.0.0.1:{{.HTTP}} {
 	})
 
 	t.Run("slow app → 504, session survives", func(t *testing.T) {
-		slow := openSession(t, c.wsURL("/slowlive"), nil)
+		slow := openClient(t, c.wsURL("/slowlive"), nil)
 		f := slow.call(t, "t1", "/slow", nil)
 		expectError(t, f, "t1", 504, "")
 		f = slow.call(t, "t2", "/empty", nil)
@@ -392,14 +392,14 @@ http://127.0.0.1:{{.HTTP}} {
 	}
 }
 `, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
 
 	const n = 1000
 	werr := make(chan error, 1)
 	go func() {
 		for i := 0; i < n; i++ {
 			b, _ := json.Marshal(map[string]any{"id": "m" + strconv.Itoa(i), "path": "/seq", "data": map[string]any{"n": i}})
-			if err := ws.writeFrame(wsText(b)); err != nil {
+			if err := ws.conn.send(b); err != nil {
 				werr <- err
 				return
 			}
@@ -435,8 +435,8 @@ func TestSubscribeViaResponseHeader(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
-	other := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
+	other := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "u1", "/subscribe", nil)
 	expectFrame(t, f, map[string]any{"type": "ack", "ref": "u1"})
@@ -446,14 +446,13 @@ func TestSubscribeViaResponseHeader(t *testing.T) {
 	// A reply carrying Duplex-* headers: none of them visible to the client.
 	ws.send(t, map[string]any{"id": "u2", "path": "/subscribe-reply"})
 	e := ws.next(t)
-	if e.op != wsOpText {
+	if !e.text || e.frame == nil {
 		t.Fatalf("want a text frame, got %v", e)
 	}
-	if bytes.Contains(bytes.ToLower(e.payload), []byte("duplex-")) || bytes.Contains(e.payload, []byte("room:7")) {
-		t.Errorf("reply frame leaks Duplex-* response headers: %s", e.payload)
+	if bytes.Contains(bytes.ToLower(e.raw), []byte("duplex-")) || bytes.Contains(e.raw, []byte("room:7")) {
+		t.Errorf("reply frame leaks Duplex-* response headers: %s", e.raw)
 	}
-	var reply map[string]any
-	json.Unmarshal(e.payload, &reply)
+	reply := e.frame
 	expectFrame(t, reply, map[string]any{"type": "reply", "ref": "u2", "status": 200, "data": map[string]any{"ok": true}})
 
 	c.mustPublish(t, map[string]any{"channel": "room:7", "data": "to room 7"}, 1)
@@ -482,8 +481,8 @@ func TestCloseViaResponseHeader(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
 	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
-	ws := openSession(t, c.wsURL("/live"), nil)
-	keep := openSession(t, c.wsURL("/live"), nil)
+	ws := openClient(t, c.wsURL("/live"), nil)
+	keep := openClient(t, c.wsURL("/live"), nil)
 
 	f := ws.call(t, "c1", "/close", nil)
 	expectFrame(t, f, map[string]any{"type": "reply", "ref": "c1", "status": 200, "data": map[string]any{"closing": true}})
@@ -632,14 +631,9 @@ http://127.0.0.1:{{.HTTP}} {
 
 // --- HTTP/2 extended CONNECT (RFC 8441) over h2c ----------------------------
 
-func dialH2WS(t *testing.T, c *caddyProc, path string, hdr http.Header) *wsClient {
+func dialH2WS(t *testing.T, c *caddyProc, path string, hdr http.Header) *dxSession {
 	t.Helper()
-	tg := target{proto: "h2c", base: fmt.Sprintf("http://127.0.0.1:%d", c.HTTP)}
-	r, w, closer, status, err := dialWSConn(t, tg, path, hdr)
-	if err != nil {
-		t.Fatalf("extended CONNECT: status %d, %v; want 200", status, err)
-	}
-	return newWSClient(t, "h2:"+path, r, w, closer)
+	return dialDX(t, "websocket", target{proto: "h2c", base: fmt.Sprintf("http://127.0.0.1:%d", c.HTTP)}, path, hdr)
 }
 
 func TestHTTP2ExtendedConnectH2C(t *testing.T) {
@@ -766,7 +760,7 @@ http://127.0.0.1:{{.HTTP}} {
 	t.Logf("baseline: %d goroutines, %d in the plugin", base, baseDup)
 
 	const n = 50
-	clients := make([]*wsClient, n)
+	clients := make([]*dxSession, n)
 	for i := range clients {
 		clients[i] = openSession(t, c.wsURL("/live"), nil)
 	}

@@ -130,10 +130,8 @@ func (e *env) roundTrips(srv *server, transport string) (metrics, error) {
 	for i := range answers {
 		answers[i] = make(chan bool, 1)
 	}
-	hc := newHTTPClient(n) // SSE posts
-	defer hc.CloseIdleConnections()
 	sessions, err := openMany(n, e.cfg.openConc, func(i int) (*clientSession, error) {
-		return openSession(transport, srv, "rt"+strconv.Itoa(i), hc, func(frame []byte) {
+		return openSession(transport, srv, "rt"+strconv.Itoa(i), func(frame []byte) {
 			switch {
 			case bytes.HasPrefix(frame, []byte(`{"type":"reply"`)), bytes.HasPrefix(frame, []byte(`{"type":"ack"`)):
 				answers[i] <- true

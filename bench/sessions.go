@@ -117,7 +117,7 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 	}
 	start := time.Now()
 	sessions, err := openMany(n, e.cfg.openConc, func(int) (*clientSession, error) {
-		return openSession(transport, srv, "fan", e.hc, fan.onFrame)
+		return openSession(transport, srv, "fan", fan.onFrame)
 	})
 	if err != nil {
 		return nil, err

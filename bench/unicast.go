@@ -100,7 +100,7 @@ func (e *env) unicast(srv *server, transport string, batch int, viaRoute bool) (
 		recv[i] = &receiver{lat: make([]time.Duration, 0, 256)}
 	}
 	sessions, err := openMany(n, e.cfg.openConc, func(i int) (*clientSession, error) {
-		return openSession(transport, srv, "u"+strconv.Itoa(i), e.hc, u.handler(recv[i]))
+		return openSession(transport, srv, "u"+strconv.Itoa(i), u.handler(recv[i]))
 	})
 	if err != nil {
 		return nil, err

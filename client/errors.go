@@ -3,6 +3,7 @@ package client
 import (
 	"errors"
 	"fmt"
+	"io"
 )
 
 // Error is the server's error frame answering a call: the app answered
@@ -43,6 +44,19 @@ func (e *CloseError) Error() string {
 }
 
 func (e *CloseError) Unwrap() error { return ErrClosed }
+
+// WebSocketClose is the WebSocket close frame with which the server ended
+// a connection (see Options.OnDisconnect); it wraps io.EOF.
+type WebSocketClose struct {
+	Code   int
+	Reason string
+}
+
+func (e *WebSocketClose) Error() string {
+	return fmt.Sprintf("duplex client: websocket closed by the server (%d %s)", e.Code, e.Reason)
+}
+
+func (e *WebSocketClose) Unwrap() error { return io.EOF }
 
 // statusError is an opening refused with an HTTP status.
 type statusError struct {

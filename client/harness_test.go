@@ -111,6 +111,14 @@ func freePorts(t *testing.T, n int) []int {
 // h2c) and a `tls internal` HTTPS site; RFC 8441 is on.
 func startEnv(t *testing.T, duplexOpts string) *env {
 	t.Helper()
+	return startEnvAttempt(t, 1, duplexOpts)
+}
+
+// startEnvAttempt is startEnv's attempt n: one whose ports another process
+// took meanwhile (the machine may be shared) is tried again, on new ports,
+// up to 3 times.
+func startEnvAttempt(t *testing.T, n int, duplexOpts string) *env {
+	t.Helper()
 	a := newApp(t)
 	ports := freePorts(t, 3)
 	e := &env{HTTP: ports[0], HTTPS: ports[1], Admin: ports[2], app: a}
@@ -196,6 +204,10 @@ https://127.0.0.1:%d {
 	for !ready() {
 		select {
 		case <-exited:
+			if n < 3 && strings.Contains(out.String(), "address already in use") {
+				t.Logf("caddy could not listen (attempt %d), trying other ports", n)
+				return startEnvAttempt(t, n+1, duplexOpts)
+			}
 			t.Fatalf("caddy exited:\n%s", out.String())
 		default:
 		}

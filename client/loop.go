@@ -64,10 +64,11 @@ func (s *Session) serve(c conn) error {
 	if dead > 0 {
 		watchdog = time.AfterFunc(dead, c.close)
 	}
-	var ended error
+	var ended, readErr error
 	for {
 		raw, err := c.read()
 		if err != nil {
+			readErr = err
 			break
 		}
 		if watchdog != nil {
@@ -76,6 +77,7 @@ func (s *Session) serve(c conn) error {
 		end, why := s.handle(raw)
 		if end {
 			ended = why
+			readErr = s.drain(c)
 			break
 		}
 		if watchdog != nil {
@@ -89,7 +91,27 @@ func (s *Session) serve(c conn) error {
 	c.close()
 	wg.Wait()
 	unwatch()
+	var wsc *WebSocketClose
+	if s.ctx.Err() != nil && !errors.As(readErr, &wsc) {
+		readErr = ErrClosed
+	}
+	if s.opts.OnDisconnect != nil {
+		s.opts.OnDisconnect(readErr)
+	}
 	return ended
+}
+
+// drain reads what follows a close frame until the server ends the
+// connection (over WebSocket, its close frame, which read answers), for
+// closeWait at most, and returns the error that ended it.
+func (s *Session) drain(c conn) error {
+	t := time.AfterFunc(closeWait, c.close)
+	defer t.Stop()
+	for {
+		if _, err := c.read(); err != nil {
+			return err
+		}
+	}
 }
 
 // handle dispatches one server frame; end reports the connection's last

@@ -86,6 +86,11 @@ type Options struct {
 	// aside), before the session acts on it: a tap for logging and
 	// tools.
 	OnFrame func(json.RawMessage)
+	// OnDisconnect, if set, is called when a connection ends, with why:
+	// a *WebSocketClose when the server's WebSocket close frame ended it
+	// (also when it answers Close's), ErrClosed when Close ended it
+	// otherwise, else the error that ended it.
+	OnDisconnect func(error)
 }
 
 func (o Options) withDefaults() (Options, error) {

@@ -84,8 +84,10 @@ func TestClosedByServer(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			closes := make(chan client.CloseInfo, 4)
+			drops := make(chan error, 4)
 			o := tc.options(nil)
 			o.OnClose = func(c client.CloseInfo) { closes <- c }
+			o.OnDisconnect = func(err error) { drops <- err }
 			s, err := client.Dial(withContext(t), tc.url(e, fmt.Sprintf("127.0.0.1:%d", tc.port(e))), o)
 			if err != nil {
 				t.Fatal(err)
@@ -113,6 +115,21 @@ func TestClosedByServer(t *testing.T) {
 			var ce *client.CloseError
 			if !errors.As(s.Err(), &ce) || ce.Code != 4000 || !errors.Is(s.Err(), client.ErrClosed) {
 				t.Fatalf("Err = %v, want a CloseError 4000", s.Err())
+			}
+			// The connection ended after the close frame: over WebSocket
+			// with a WebSocket close frame of the same code and reason.
+			select {
+			case err := <-drops:
+				var wsc *client.WebSocketClose
+				isWS := errors.As(err, &wsc)
+				if tc.transport == client.WebSocket && (!isWS || wsc.Code != ce.Code || wsc.Reason != ce.Reason) {
+					t.Fatalf("disconnect: %v, want a WebSocket close %d %q", err, ce.Code, ce.Reason)
+				}
+				if tc.transport != client.WebSocket && (isWS || err == nil || errors.Is(err, client.ErrClosed)) {
+					t.Fatalf("disconnect: %v, want the end of the response", err)
+				}
+			case <-time.After(wait):
+				t.Fatal("no disconnect")
 			}
 			if s.State() != client.StateClosed {
 				t.Fatalf("state %v", s.State())

@@ -140,7 +140,7 @@ func (c *wsConn) read() ([]byte, error) {
 		case ws.OpClose:
 			code, reason := ws.ParseCloseFrameData(payload)
 			c.sendClose(code)
-			return nil, fmt.Errorf("duplex client: websocket closed by the server (%d %s): %w", code, reason, io.EOF)
+			return nil, &WebSocketClose{Code: int(code), Reason: reason}
 		case ws.OpContinuation:
 			c.msg = append(c.msg, payload...)
 		default:
