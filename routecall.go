@@ -93,13 +93,13 @@ func (b *requestBase) request(method, target string, extra http.Header, body []b
 			u.RawQuery = b.query
 		}
 	}
-	hdr := b.header.Clone()
+	hdr := cloneHeader(b.header, len(extra)+1)
 	for k, v := range extra {
 		hdr[k] = v
 	}
 	var rb io.ReadCloser = http.NoBody
 	if len(body) > 0 {
-		hdr.Set("Content-Type", contentType)
+		hdr["Content-Type"] = []string{contentType}
 		rb = io.NopCloser(bytes.NewReader(body))
 	}
 	req := &http.Request{
@@ -120,6 +120,27 @@ func (b *requestBase) request(method, target string, extra http.Header, body []b
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	}
 	return req, nil
+}
+
+// cloneHeader is h.Clone() with room for more keys, so that adding
+// them does not grow the map.
+func cloneHeader(h http.Header, more int) http.Header {
+	n := 0
+	for _, vv := range h {
+		n += len(vv)
+	}
+	sv := make([]string, n)
+	h2 := make(http.Header, len(h)+more)
+	for k, vv := range h {
+		if vv == nil {
+			h2[k] = nil
+			continue
+		}
+		n = copy(sv, vv)
+		h2[k] = sv[:n:n]
+		sv = sv[n:]
+	}
+	return h2
 }
 
 // parseTarget checks a message's path: absolute, no scheme or host, and

@@ -3,6 +3,8 @@ package duplex
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -44,10 +46,11 @@ func headerHasToken(h http.Header, name, token string) bool {
 // wsConn is the WebSocket transport, framed with gobwas/ws over a hijacked
 // HTTP/1.1 connection or over an HTTP/2 (or HTTP/3) stream.
 //
-// An idle session holds no buffers: frames are read straight from the
-// connection, and a pooled write buffer is taken for each burst of writes.
+// An idle session holds no write buffer (a pooled one is taken for each
+// burst of writes) and a small read buffer, enough for a short message to
+// come in with one read.
 type wsConn struct {
-	br       io.Reader
+	br       *bufio.Reader
 	hijacked bool // an HTTP/1.1 connection taken over from the server
 	maxSize  int64
 	idle     time.Duration // a peer silent this long is dead
@@ -57,7 +60,10 @@ type wsConn struct {
 	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex // guards the burst writer and the write deadline
+	wmu sync.Mutex // guards the burst writer, handshake and the write deadline
+	// handshake is the 101 response not written yet: it goes out with
+	// the first frames (the open frame), in one write.
+	handshake []byte
 	// deadline is the write deadline set last; it is pushed forward only
 	// once half of it has passed, not for every frame.
 	deadline time.Time
@@ -69,31 +75,29 @@ type wsConn struct {
 	closeOnce sync.Once
 }
 
+// wsReadBuffer is the size of a WebSocket connection's read buffer.
+const wsReadBuffer = 512
+
 // acceptWebSocket completes the WebSocket handshake on r and returns the
 // transport. Errors are already answered to the client.
 func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration, textPing bool) (*wsConn, error) {
 	if r.ProtoMajor == 1 {
-		conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
+		conn, handshake, early, err := upgradeHTTP1(w, r)
 		if err != nil {
-			return nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+			return nil, err
 		}
 		conn = rawConn(conn)
 		// Frames the client sent right behind its handshake may be in the
-		// server's read buffer; read those first, then the connection, and
-		// let both of the server's 4 KiB buffers go.
+		// server's read buffer; read those first, then the connection.
 		var br io.Reader = conn
-		if n := rw.Reader.Buffered(); n > 0 {
-			early, _ := rw.Reader.Peek(n)
-			br = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
+		if len(early) > 0 {
+			br = io.MultiReader(bytes.NewReader(early), conn)
 		}
-		// net/http's connection keeps pointing at its read buffer after the
-		// hijack (and our session keeps the request, hence the connection,
-		// reachable): drop the 4 KiB it holds. Nothing reads it any more.
-		*rw.Reader = bufio.Reader{}
 		return &wsConn{
-			br:          br,
+			br:          bufio.NewReaderSize(br, wsReadBuffer),
 			hijacked:    true,
 			textPing:    textPing,
+			handshake:   handshake,
 			burstWriter: burstWriter{out: conn},
 			maxSize:     maxSize,
 			idle:        idle,
@@ -117,7 +121,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}
 	body := r.Body
 	return &wsConn{
-		br:          body,
+		br:          bufio.NewReaderSize(body, wsReadBuffer),
 		burstWriter: burstWriter{out: w},
 		maxSize:     maxSize,
 		idle:        idle,
@@ -132,6 +136,56 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}, nil
 }
 
+// upgradeHTTP1 takes over the HTTP/1.1 connection of WebSocket opening r
+// and checks the handshake with gobwas/ws. The 101 response is returned,
+// not written, so that it goes out with the open frame in one write; a
+// refusal is written and the connection closed. early is what the client
+// sent behind its handshake, read by the server already.
+func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, handshake, early []byte, err error) {
+	conn, rw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		// gobwas/ws answers the failed hijack (500) and reports it.
+		_, _, _, err = ws.HTTPUpgrader{}.Upgrade(r, w)
+		return nil, nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+	}
+	var resp bytes.Buffer
+	hw := &hijackedWriter{ResponseWriter: w, conn: conn,
+		rw: bufio.NewReadWriter(rw.Reader, bufio.NewWriterSize(&resp, 256))}
+	if _, _, _, err = (ws.HTTPUpgrader{}).Upgrade(r, hw); err != nil {
+		_, _ = conn.Write(resp.Bytes())
+		_ = conn.Close()
+		return nil, nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+	}
+	if n := rw.Reader.Buffered(); n > 0 {
+		b, _ := rw.Reader.Peek(n)
+		early = bytes.Clone(b)
+	}
+	// net/http's connection keeps pointing at its read buffer after the
+	// hijack: drop the 4 KiB it holds. Nothing reads it any more.
+	*rw.Reader = bufio.Reader{}
+	return conn, resp.Bytes(), early, nil
+}
+
+// hijackedWriter hands gobwas/ws a connection hijacked already, with a
+// writer that keeps the handshake response for the caller to send.
+type hijackedWriter struct {
+	http.ResponseWriter
+	conn net.Conn
+	rw   *bufio.ReadWriter
+}
+
+func (h *hijackedWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+
+// wbuf is the burst's write buffer, the pending handshake response first.
+func (c *wsConn) wbuf() *bufio.Writer {
+	bw := c.buffer()
+	if c.handshake != nil {
+		_, _ = bw.Write(c.handshake)
+		c.handshake = nil
+	}
+	return bw
+}
+
 func (c *wsConn) name() string          { return transportWebSocket }
 func (c *wsConn) attached(string)       {}
 func (c *wsConn) outlivesRequest() bool { return c.hijacked }
@@ -144,7 +198,7 @@ func (c *wsConn) readMessage() ([]byte, bool, error) {
 	)
 	for {
 		_ = c.setRead(time.Now().Add(c.idle))
-		hdr, err := ws.ReadHeader(c.br)
+		hdr, err := readHeader(c.br)
 		if err != nil {
 			return nil, false, err
 		}
@@ -191,6 +245,52 @@ func (c *wsConn) readMessage() ([]byte, bool, error) {
 	}
 }
 
+// readHeader reads a frame header from the buffer, as ws.ReadHeader does
+// but without allocating.
+func readHeader(br *bufio.Reader) (h ws.Header, err error) {
+	p, err := br.Peek(2)
+	if err != nil {
+		return h, err
+	}
+	h.Fin = p[0]&0x80 != 0
+	h.Rsv = (p[0] & 0x70) >> 4
+	h.OpCode = ws.OpCode(p[0] & 0x0f)
+	h.Masked = p[1]&0x80 != 0
+	n := 2
+	length := p[1] & 0x7f
+	switch length {
+	case 126:
+		n += 2
+	case 127:
+		n += 8
+	}
+	if h.Masked {
+		n += 4
+	}
+	if p, err = br.Peek(n); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return h, err
+	}
+	switch length {
+	case 126:
+		h.Length = int64(binary.BigEndian.Uint16(p[2:4]))
+	case 127:
+		if p[2]&0x80 != 0 {
+			return h, ws.ErrHeaderLengthMSB
+		}
+		h.Length = int64(binary.BigEndian.Uint64(p[2:10]))
+	default:
+		h.Length = int64(length)
+	}
+	if h.Masked {
+		copy(h.Mask[:], p[n-4:n])
+	}
+	_, _ = br.Discard(n)
+	return h, nil
+}
+
 // control handles a ping, pong or close frame from the client.
 func (c *wsConn) control(hdr ws.Header) error {
 	if hdr.Length > 125 || !hdr.Fin {
@@ -228,7 +328,7 @@ func (c *wsConn) writeControl(f ws.Frame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.refreshWriteDeadline()
-	if err := ws.WriteFrame(c.buffer(), f); err != nil {
+	if err := ws.WriteFrame(c.wbuf(), f); err != nil {
 		return err
 	}
 	return c.flushLocked()
@@ -258,7 +358,7 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	defer c.wmu.Unlock()
 	c.refreshWriteDeadline()
 	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
-	bw := c.buffer()
+	bw := c.wbuf()
 	if err := ws.WriteHeader(bw, hdr); err != nil {
 		return err
 	}
@@ -285,7 +385,7 @@ func (c *wsConn) ping() error {
 	if c.textPing {
 		c.wmu.Lock()
 		c.refreshWriteDeadline()
-		_, err := c.buffer().Write(pingText)
+		_, err := c.wbuf().Write(pingText)
 		c.wmu.Unlock()
 		if err != nil {
 			return err
