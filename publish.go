@@ -101,7 +101,7 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use POST"})
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxPublishBody))
+	body, err := readBody(w, r)
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -166,6 +166,29 @@ func writeDelivered(w http.ResponseWriter, n int) {
 	w.Header()["Content-Type"] = []string{"application/json"}
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(b)
+}
+
+// readBody reads a publish body of at most maxPublishBody bytes, into a
+// buffer of its announced length when it has one.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	body := http.MaxBytesReader(w, r.Body, maxPublishBody)
+	if n := r.ContentLength; n > 0 && n <= maxPublishBody {
+		buf := make([]byte, 0, n+1) // +1: room to see the end
+		for len(buf) < cap(buf) {
+			m, err := body.Read(buf[len(buf):cap(buf)])
+			buf = buf[:len(buf)+m]
+			if errors.Is(err, io.EOF) {
+				return buf, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		// Longer than announced: read on, within the limit.
+		rest, err := io.ReadAll(body)
+		return append(buf, rest...), err
+	}
+	return io.ReadAll(body)
 }
 
 // serveSessions serves the sessions API under prefix (e.g. /duplex/sessions):

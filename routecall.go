@@ -70,13 +70,26 @@ func newRequestBase(r *http.Request) *requestBase {
 // them, so they are read from its value map; if a Caddy version lays it
 // out differently, nothing is copied (and the placeholder tests fail).
 func replacerValues(repl *caddy.Replacer) map[string]any {
-	v := reflect.ValueOf(repl).Elem().FieldByName("static")
-	if !v.IsValid() || v.Type() != reflect.TypeFor[map[string]any]() {
+	if replacerStatic == nil {
 		return nil
 	}
+	v := reflect.ValueOf(repl).Elem().FieldByIndex(replacerStatic)
 	m := *(*map[string]any)(unsafe.Pointer(v.UnsafeAddr()))
+	if len(m) == 0 {
+		return nil
+	}
 	return maps.Clone(m)
 }
+
+// replacerStatic is the index of the Replacer's value map, nil if it has
+// none of that name and type.
+var replacerStatic = func() []int {
+	f, ok := reflect.TypeFor[caddy.Replacer]().FieldByName("static")
+	if !ok || f.Type != reflect.TypeFor[map[string]any]() {
+		return nil
+	}
+	return f.Index
+}()
 
 // request builds a request through the route: method and target (path and
 // optional query; "" is the opening path), the base's headers plus extra,
