@@ -82,7 +82,7 @@ const wsReadBuffer = 512
 // transport. Errors are already answered to the client.
 func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration, textPing bool) (*wsConn, error) {
 	if r.ProtoMajor == 1 {
-		conn, handshake, early, err := upgradeHTTP1(w, r)
+		conn, early, err := upgradeHTTP1(w, r)
 		if err != nil {
 			return nil, err
 		}
@@ -97,7 +97,6 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 			br:          bufio.NewReaderSize(br, wsReadBuffer),
 			hijacked:    true,
 			textPing:    textPing,
-			handshake:   handshake,
 			burstWriter: burstWriter{out: conn},
 			maxSize:     maxSize,
 			idle:        idle,
@@ -136,25 +135,18 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}, nil
 }
 
-// upgradeHTTP1 takes over the HTTP/1.1 connection of WebSocket opening r
-// and checks the handshake with gobwas/ws. The 101 response is returned,
-// not written, so that it goes out with the open frame in one write; a
-// refusal is written and the connection closed. early is what the client
-// sent behind its handshake, read by the server already.
-func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, handshake, early []byte, err error) {
-	conn, rw, err := http.NewResponseController(w).Hijack()
+// upgradeHTTP1 completes the handshake of WebSocket opening r on its
+// HTTP/1.1 connection with gobwas/ws, which takes the connection over and
+// writes the 101 (through Caddy's wrapper, so the access log counts it);
+// a refusal is written and the connection closed. early is what the
+// client sent behind its handshake, read by the server already.
+func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, early []byte, err error) {
+	conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
 	if err != nil {
-		// gobwas/ws answers the failed hijack (500) and reports it.
-		_, _, _, err = ws.HTTPUpgrader{}.Upgrade(r, w)
-		return nil, nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
-	}
-	var resp bytes.Buffer
-	hw := &hijackedWriter{ResponseWriter: w, conn: conn,
-		rw: bufio.NewReadWriter(rw.Reader, bufio.NewWriterSize(&resp, 256))}
-	if _, _, _, err = (ws.HTTPUpgrader{}).Upgrade(r, hw); err != nil {
-		_, _ = conn.Write(resp.Bytes())
-		_ = conn.Close()
-		return nil, nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+		if conn != nil {
+			_ = conn.Close()
+		}
+		return nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
 	}
 	if n := rw.Reader.Buffered(); n > 0 {
 		b, _ := rw.Reader.Peek(n)
@@ -163,27 +155,7 @@ func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, handsh
 	// net/http's connection keeps pointing at its read buffer after the
 	// hijack: drop the 4 KiB it holds. Nothing reads it any more.
 	*rw.Reader = bufio.Reader{}
-	return conn, resp.Bytes(), early, nil
-}
-
-// hijackedWriter hands gobwas/ws a connection hijacked already, with a
-// writer that keeps the handshake response for the caller to send.
-type hijackedWriter struct {
-	http.ResponseWriter
-	conn net.Conn
-	rw   *bufio.ReadWriter
-}
-
-func (h *hijackedWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
-
-// wbuf is the burst's write buffer, the pending handshake response first.
-func (c *wsConn) wbuf() *bufio.Writer {
-	bw := c.buffer()
-	if c.handshake != nil {
-		_, _ = bw.Write(c.handshake)
-		c.handshake = nil
-	}
-	return bw
+	return conn, early, nil
 }
 
 func (c *wsConn) name() string          { return transportWebSocket }
@@ -328,7 +300,7 @@ func (c *wsConn) writeControl(f ws.Frame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	c.refreshWriteDeadline()
-	if err := ws.WriteFrame(c.wbuf(), f); err != nil {
+	if err := ws.WriteFrame(c.buffer(), f); err != nil {
 		return err
 	}
 	return c.flushLocked()
@@ -358,7 +330,7 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	defer c.wmu.Unlock()
 	c.refreshWriteDeadline()
 	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
-	bw := c.wbuf()
+	bw := c.buffer()
 	if err := ws.WriteHeader(bw, hdr); err != nil {
 		return err
 	}
@@ -385,7 +357,7 @@ func (c *wsConn) ping() error {
 	if c.textPing {
 		c.wmu.Lock()
 		c.refreshWriteDeadline()
-		_, err := c.wbuf().Write(pingText)
+		_, err := c.buffer().Write(pingText)
 		c.wmu.Unlock()
 		if err != nil {
 			return err
