@@ -41,7 +41,8 @@ type sseConn struct {
 	gone    chan struct{} // closed by end
 }
 
-// acceptSSE starts the event stream.
+// acceptSSE starts the event stream. Its headers go out with the open
+// event, which is queued at once, in one write.
 func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 	rc := http.NewResponseController(w)
 	h := w.Header()
@@ -51,9 +52,6 @@ func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 	w.WriteHeader(http.StatusOK)
 	if _, err := io.WriteString(w, "retry: "+strconv.Itoa(sseRetry)+"\n\n"); err != nil {
 		return nil, fmt.Errorf("duplex: sse: %w", err)
-	}
-	if err := rc.Flush(); err != nil {
-		return nil, fmt.Errorf("duplex: sse: flushing headers: %w", err)
 	}
 	return &sseConn{
 		reqDone:     r.Context().Done(),

@@ -161,14 +161,72 @@ func encodeClose(c closeInfo) []byte {
 }
 
 func encodeAck(ref json.RawMessage) []byte {
-	return mustJSON(protocol.Answer{Type: protocol.TypeAck, Ref: ref})
+	return encodeAnswer(protocol.Answer{Type: protocol.TypeAck, Ref: ref})
 }
 
 func encodeError(ref json.RawMessage, status int, msg string) []byte {
 	if msg == "" {
 		msg = statusText(status)
 	}
-	return mustJSON(protocol.Answer{Type: protocol.TypeError, Ref: ref, Status: status, Error: msg})
+	return encodeAnswer(protocol.Answer{Type: protocol.TypeError, Ref: ref, Status: status, Error: msg})
+}
+
+// encodeAnswer encodes an ack, reply or error frame exactly as
+// json.Marshal does, without its reflection when the raw parts (ref and
+// data) need no rewriting: already compact and with nothing to escape.
+func encodeAnswer(f protocol.Answer) []byte {
+	if !plainJSON(f.Ref) || !plainJSON(f.Data) {
+		return mustJSON(f)
+	}
+	b := make([]byte, 0, 48+len(f.Ref)+len(f.Data)+len(f.Error))
+	b = append(b, `{"type":`...)
+	b = appendJSONString(b, f.Type)
+	if len(f.Ref) > 0 {
+		b = append(b, `,"ref":`...)
+		b = append(b, f.Ref...)
+	}
+	if f.Status != 0 {
+		b = append(b, `,"status":`...)
+		b = strconv.AppendInt(b, int64(f.Status), 10)
+	}
+	if len(f.Data) > 0 {
+		b = append(b, `,"data":`...)
+		b = append(b, f.Data...)
+	}
+	if f.Encoding != "" {
+		b = append(b, `,"encoding":`...)
+		b = appendJSONString(b, f.Encoding)
+	}
+	if f.Error != "" {
+		b = append(b, `,"error":`...)
+		b = appendJSONString(b, f.Error)
+	}
+	return append(b, '}')
+}
+
+// plainJSON reports whether raw JSON (valid) is what json.Marshal writes
+// for it: no whitespace to compact and no character it escapes (<, >, &,
+// U+2028, U+2029).
+func plainJSON(b []byte) bool {
+	for _, c := range b {
+		switch c {
+		case ' ', '\t', '\n', '\r', '<', '>', '&', 0xE2:
+			return false
+		}
+	}
+	return true
+}
+
+// appendJSONString appends s as a JSON string, as json.Marshal writes it.
+func appendJSONString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			return append(b, mustJSON(s)...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
 }
 
 func statusText(status int) string {
@@ -183,23 +241,44 @@ func statusText(status int) string {
 func encodeReply(ref json.RawMessage, status int, contentType string, body []byte) []byte {
 	f := protocol.Answer{Type: protocol.TypeReply, Ref: ref, Status: status}
 	f.Data, f.Encoding = embedBody(contentType, body)
-	return mustJSON(f)
+	return encodeAnswer(f)
 }
 
-// embedBody turns a response body into a frame's data field.
+// embedBody turns a response body into a frame's data field. A JSON body
+// already compact is used as it is.
 func embedBody(contentType string, body []byte) (json.RawMessage, string) {
-	mt, _, _ := mime.ParseMediaType(contentType)
+	mt := bodyMediaType(contentType)
 	isJSON := mt == "application/json" || strings.HasSuffix(mt, "+json")
-	if isJSON && json.Valid(body) {
-		var buf bytes.Buffer
-		if json.Compact(&buf, body) == nil {
-			return buf.Bytes(), ""
+	if isJSON {
+		if !bytes.ContainsAny(body, " \t\r\n") {
+			if json.Valid(body) {
+				return body, ""
+			}
+		} else {
+			var buf bytes.Buffer
+			buf.Grow(len(body))
+			if json.Compact(&buf, body) == nil {
+				return buf.Bytes(), ""
+			}
 		}
 	}
 	if utf8.Valid(body) && (mt == "" || isJSON || strings.HasPrefix(mt, "text/") || !isBinaryType(mt)) {
-		return mustJSON(string(body)), ""
+		return appendJSONString(nil, string(body)), ""
 	}
 	return mustJSON(base64.StdEncoding.EncodeToString(body)), "base64"
+}
+
+// bodyMediaType is the media type of a Content-Type, lower case; the
+// common application/json is recognised without parsing.
+func bodyMediaType(contentType string) string {
+	switch contentType {
+	case "application/json", "application/json; charset=utf-8":
+		return "application/json"
+	case "":
+		return ""
+	}
+	mt, _, _ := mime.ParseMediaType(contentType)
+	return mt
 }
 
 func isBinaryType(mt string) bool {
@@ -237,20 +316,23 @@ type push struct {
 var pushPrefix = []byte(`{"type":"push","seq":`)
 
 func newPush(channel string, data json.RawMessage) *push {
-	var b bytes.Buffer
-	b.Grow(len(channel) + len(data) + 24)
+	b := make([]byte, 0, len(channel)+len(data)+24)
 	if channel != "" {
-		b.WriteString(`,"channel":`)
-		b.Write(mustJSON(channel))
+		b = append(b, `,"channel":`...)
+		b = appendJSONString(b, channel)
 	}
-	b.WriteString(`,"data":`)
-	if len(data) == 0 {
-		b.WriteString("null")
-	} else {
-		_ = json.Compact(&b, data)
+	b = append(b, `,"data":`...)
+	switch {
+	case len(data) == 0:
+		b = append(b, "null"...)
+	case !bytes.ContainsAny(data, " \t\r\n"):
+		b = append(b, data...) // compact already
+	default:
+		buf := bytes.NewBuffer(b)
+		_ = json.Compact(buf, data)
+		b = buf.Bytes()
 	}
-	b.WriteByte('}')
-	return &push{suffix: b.Bytes()}
+	return &push{suffix: append(b, '}')}
 }
 
 // frameSize is the encoded size of the push frame with sequence number seq.

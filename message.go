@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -330,29 +331,49 @@ func headerList(values []string) []string {
 // removedHeaders are opening-request headers the app never sees on
 // messages (README: what the app sees): hop-by-hop headers, the upgrade handshake, and
 // those that describe the opening request's own body or stream.
-var removedHeaders = []string{
-	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
-	"Accept", "Last-Event-Id", "Content-Length", "Content-Type",
-	"Content-Encoding", ":protocol",
+var removedHeaders = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Proxy-Connection": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
+	"Accept": true, "Last-Event-Id": true, "Content-Length": true, "Content-Type": true,
+	"Content-Encoding": true, ":protocol": true,
 }
 
-// messageHeader is the opening request's header as messages carry it.
+// messageHeader is the opening request's header as messages carry it,
+// copied in one pass (the values in one backing array, as Header.Clone
+// does).
 func messageHeader(opening http.Header) http.Header {
-	h := opening.Clone()
-	for _, c := range opening.Values("Connection") {
-		for _, name := range strings.Split(c, ",") {
-			h.Del(strings.TrimSpace(name))
+	var hop []string // the headers the opening's Connection names
+	for _, c := range opening["Connection"] {
+		for name := range strings.SplitSeq(c, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				hop = append(hop, http.CanonicalHeaderKey(name))
+			}
 		}
 	}
-	for _, name := range removedHeaders {
-		delete(h, name)
-		h.Del(name)
+	keep := func(name string) bool {
+		return !removedHeaders[name] && !slices.Contains(hop, name) &&
+			!strings.HasPrefix(name, "Sec-Websocket-") && !isDuplexHeader(name)
 	}
-	for name := range h {
-		if strings.HasPrefix(name, "Sec-Websocket-") || isDuplexHeader(name) {
-			delete(h, name)
+	n, keys := 0, 0
+	for name, vv := range opening {
+		if keep(name) {
+			n += len(vv)
+			keys++
 		}
+	}
+	h := make(http.Header, keys)
+	values := make([]string, n)
+	for name, vv := range opening {
+		if !keep(name) {
+			continue
+		}
+		if vv == nil {
+			h[name] = nil
+			continue
+		}
+		n = copy(values, vv)
+		h[name] = values[:n:n]
+		values = values[n:]
 	}
 	return h
 }

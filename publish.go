@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -25,59 +26,61 @@ func badPublish(format string, args ...any) *apiError {
 }
 
 // decodePublish parses a publish body: one publish object or an array of
-// them. Every publish is checked before any is applied.
+// them. The body is decoded once, straight into the publishes; every
+// publish is checked before any is applied.
 func decodePublish(body []byte) (msgs []*publishMsg, batch bool, err *apiError) {
 	body = bytes.TrimSpace(body)
 	if len(body) == 0 {
 		return nil, false, badPublish("empty body")
 	}
-	var raws []json.RawMessage
-	if body[0] == '[' {
-		batch = true
-		if e := json.Unmarshal(body, &raws); e != nil {
-			return nil, true, badPublish("invalid JSON: %v", e)
+	if body[0] != '[' {
+		m := new(publishMsg)
+		if e := json.Unmarshal(body, m); e != nil {
+			return nil, false, badPublish("invalid JSON: %v", e)
 		}
-		if len(raws) == 0 {
-			return nil, true, badPublish("empty batch")
+		if e := checkPublish(m); e != nil {
+			return nil, false, e
 		}
-	} else {
-		raws = []json.RawMessage{body}
+		return []*publishMsg{m}, false, nil
 	}
-	for i, raw := range raws {
-		m, e := decodePublishOne(raw)
-		if e != nil {
-			if batch {
-				e.msg = fmt.Sprintf("item %d: %s", i, e.msg)
-			}
-			return nil, batch, e
-		}
-		msgs = append(msgs, m)
+	var items []publishMsg
+	if e := json.Unmarshal(body, &items); e != nil {
+		return nil, true, badPublish("invalid JSON: %v", e)
 	}
-	return msgs, batch, nil
+	if len(items) == 0 {
+		return nil, true, badPublish("empty batch")
+	}
+	msgs = make([]*publishMsg, len(items))
+	for i := range items {
+		if e := checkPublish(&items[i]); e != nil {
+			e.msg = fmt.Sprintf("item %d: %s", i, e.msg)
+			return nil, true, e
+		}
+		msgs[i] = &items[i]
+	}
+	return msgs, true, nil
 }
 
-func decodePublishOne(raw json.RawMessage) (*publishMsg, *apiError) {
-	var m publishMsg
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, badPublish("invalid JSON: %v", err)
-	}
+// checkPublish checks a decoded publish: exactly one target, and data or
+// close.
+func checkPublish(m *publishMsg) *apiError {
 	targets := 0
-	for _, t := range []string{m.Channel, m.User, m.Session} {
+	for _, t := range [3]string{m.Channel, m.User, m.Session} {
 		if t != "" {
 			targets++
 		}
 	}
 	switch {
 	case targets == 0:
-		return nil, badPublish("no target: give one of channel, user or session")
+		return badPublish("no target: give one of channel, user or session")
 	case targets > 1:
-		return nil, badPublish("more than one target: give only one of channel, user or session")
+		return badPublish("more than one target: give only one of channel, user or session")
 	case m.Close == nil && m.Data == nil:
-		return nil, badPublish("nothing to do: give data or close")
+		return badPublish("nothing to do: give data or close")
 	case m.Close != nil && m.Data != nil:
-		return nil, badPublish("give either data or close, not both")
+		return badPublish("give either data or close, not both")
 	}
-	return &m, nil
+	return nil
 }
 
 // publishResult is one publish's outcome in a batch answer.
@@ -98,7 +101,7 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use POST"})
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxPublishBody))
+	body, err := readBody(w, r)
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -113,28 +116,35 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, perr)
 		return
 	}
+	if !batch {
+		m := msgs[0]
+		n, err := h.publish(r.Context(), m)
+		switch {
+		case errors.Is(err, errUnknownSession):
+			result = "unknown_session"
+			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + m.Session})
+		case err != nil:
+			result = "error"
+			ae := brokerError(err)
+			if ae.status == http.StatusServiceUnavailable {
+				w.Header().Set("Retry-After", retryAfter)
+			}
+			writeAPIError(w, ae)
+		default:
+			result = "ok"
+			writeDelivered(w, n)
+		}
+		return
+	}
 	total := 0
 	results := make([]publishResult, 0, len(msgs))
 	for _, m := range msgs {
 		n, err := h.publish(r.Context(), m)
 		switch {
 		case errors.Is(err, errUnknownSession):
-			if !batch {
-				result = "unknown_session"
-				writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + m.Session})
-				return
-			}
 			results = append(results, publishResult{Status: http.StatusNotFound, Error: "unknown session " + m.Session})
 		case err != nil:
 			ae := brokerError(err)
-			if !batch {
-				result = "error"
-				if ae.status == http.StatusServiceUnavailable {
-					w.Header().Set("Retry-After", retryAfter)
-				}
-				writeAPIError(w, ae)
-				return
-			}
 			results = append(results, publishResult{Status: ae.status, Error: ae.msg})
 		default:
 			total += n
@@ -142,11 +152,48 @@ func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	result = "ok"
-	answer := map[string]any{"delivered": total}
-	if batch {
-		answer["results"] = results
+	writeJSON(w, http.StatusOK, batchAnswer{Delivered: total, Results: results})
+}
+
+// batchAnswer is the answer to a batch publish.
+type batchAnswer struct {
+	Delivered int             `json:"delivered"`
+	Results   []publishResult `json:"results"`
+}
+
+// writeDelivered answers a single publish: 200 {"delivered":n}, written
+// without the reflection of an encoder.
+func writeDelivered(w http.ResponseWriter, n int) {
+	var buf [40]byte
+	b := append(buf[:0], `{"delivered":`...)
+	b = strconv.AppendInt(b, int64(n), 10)
+	b = append(b, "}\n"...)
+	w.Header()["Content-Type"] = []string{"application/json"}
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+}
+
+// readBody reads a publish body of at most maxPublishBody bytes, into a
+// buffer of its announced length when it has one.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	body := http.MaxBytesReader(w, r.Body, maxPublishBody)
+	if n := r.ContentLength; n > 0 && n <= maxPublishBody {
+		buf := make([]byte, 0, n+1) // +1: room to see the end
+		for len(buf) < cap(buf) {
+			m, err := body.Read(buf[len(buf):cap(buf)])
+			buf = buf[:len(buf)+m]
+			if errors.Is(err, io.EOF) {
+				return buf, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		// Longer than announced: read on, within the limit.
+		rest, err := io.ReadAll(body)
+		return append(buf, rest...), err
 	}
-	writeJSON(w, http.StatusOK, answer)
+	return io.ReadAll(body)
 }
 
 // serveSessions serves the sessions API under prefix (e.g. /duplex/sessions):

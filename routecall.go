@@ -70,13 +70,26 @@ func newRequestBase(r *http.Request) *requestBase {
 // them, so they are read from its value map; if a Caddy version lays it
 // out differently, nothing is copied (and the placeholder tests fail).
 func replacerValues(repl *caddy.Replacer) map[string]any {
-	v := reflect.ValueOf(repl).Elem().FieldByName("static")
-	if !v.IsValid() || v.Type() != reflect.TypeFor[map[string]any]() {
+	if replacerStatic == nil {
 		return nil
 	}
+	v := reflect.ValueOf(repl).Elem().FieldByIndex(replacerStatic)
 	m := *(*map[string]any)(unsafe.Pointer(v.UnsafeAddr()))
+	if len(m) == 0 {
+		return nil
+	}
 	return maps.Clone(m)
 }
+
+// replacerStatic is the index of the Replacer's value map, nil if it has
+// none of that name and type.
+var replacerStatic = func() []int {
+	f, ok := reflect.TypeFor[caddy.Replacer]().FieldByName("static")
+	if !ok || f.Type != reflect.TypeFor[map[string]any]() {
+		return nil
+	}
+	return f.Index
+}()
 
 // request builds a request through the route: method and target (path and
 // optional query; "" is the opening path), the base's headers plus extra,
@@ -93,13 +106,13 @@ func (b *requestBase) request(method, target string, extra http.Header, body []b
 			u.RawQuery = b.query
 		}
 	}
-	hdr := b.header.Clone()
+	hdr := cloneHeader(b.header, len(extra)+1)
 	for k, v := range extra {
 		hdr[k] = v
 	}
 	var rb io.ReadCloser = http.NoBody
 	if len(body) > 0 {
-		hdr.Set("Content-Type", contentType)
+		hdr["Content-Type"] = []string{contentType}
 		rb = io.NopCloser(bytes.NewReader(body))
 	}
 	req := &http.Request{
@@ -120,6 +133,27 @@ func (b *requestBase) request(method, target string, extra http.Header, body []b
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	}
 	return req, nil
+}
+
+// cloneHeader is h.Clone() with room for more keys, so that adding
+// them does not grow the map.
+func cloneHeader(h http.Header, more int) http.Header {
+	n := 0
+	for _, vv := range h {
+		n += len(vv)
+	}
+	sv := make([]string, n)
+	h2 := make(http.Header, len(h)+more)
+	for k, vv := range h {
+		if vv == nil {
+			h2[k] = nil
+			continue
+		}
+		n = copy(sv, vv)
+		h2[k] = sv[:n:n]
+		sv = sv[n:]
+	}
+	return h2
 }
 
 // parseTarget checks a message's path: absolute, no scheme or host, and

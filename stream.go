@@ -31,8 +31,8 @@ type streamConn struct {
 
 var pingLine = []byte(`{"type":"ping"}` + "\n")
 
-// acceptStream starts the stream response: headers go out at once, so a
-// client (and an `encode` handler in front) sees the session start.
+// acceptStream starts the stream response. Its headers go out with the
+// open frame, which is queued at once, in one write.
 func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*streamConn, error) {
 	rc := http.NewResponseController(w)
 	if r.ProtoMajor == 1 {
@@ -48,9 +48,6 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*strea
 	h.Set("X-Accel-Buffering", "no")
 	h.Set("Incremental", "?1")
 	w.WriteHeader(http.StatusOK)
-	if err := rc.Flush(); err != nil {
-		return nil, fmt.Errorf("duplex: stream: flushing headers: %w", err)
-	}
 	return &streamConn{
 		br:          bufio.NewReader(r.Body),
 		body:        r.Body,

@@ -3,6 +3,8 @@ package duplex
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -44,10 +46,11 @@ func headerHasToken(h http.Header, name, token string) bool {
 // wsConn is the WebSocket transport, framed with gobwas/ws over a hijacked
 // HTTP/1.1 connection or over an HTTP/2 (or HTTP/3) stream.
 //
-// An idle session holds no buffers: frames are read straight from the
-// connection, and a pooled write buffer is taken for each burst of writes.
+// An idle session holds no write buffer (a pooled one is taken for each
+// burst of writes) and a small read buffer, enough for a short message to
+// come in with one read.
 type wsConn struct {
-	br       io.Reader
+	br       *bufio.Reader
 	hijacked bool // an HTTP/1.1 connection taken over from the server
 	maxSize  int64
 	idle     time.Duration // a peer silent this long is dead
@@ -57,7 +60,10 @@ type wsConn struct {
 	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex // guards the burst writer and the write deadline
+	wmu sync.Mutex // guards the burst writer, handshake and the write deadline
+	// handshake is the 101 response not written yet: it goes out with
+	// the first frames (the open frame), in one write.
+	handshake []byte
 	// deadline is the write deadline set last; it is pushed forward only
 	// once half of it has passed, not for every frame.
 	deadline time.Time
@@ -69,29 +75,26 @@ type wsConn struct {
 	closeOnce sync.Once
 }
 
+// wsReadBuffer is the size of a WebSocket connection's read buffer.
+const wsReadBuffer = 512
+
 // acceptWebSocket completes the WebSocket handshake on r and returns the
 // transport. Errors are already answered to the client.
 func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration, textPing bool) (*wsConn, error) {
 	if r.ProtoMajor == 1 {
-		conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
+		conn, early, err := upgradeHTTP1(w, r)
 		if err != nil {
-			return nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+			return nil, err
 		}
 		conn = rawConn(conn)
 		// Frames the client sent right behind its handshake may be in the
-		// server's read buffer; read those first, then the connection, and
-		// let both of the server's 4 KiB buffers go.
+		// server's read buffer; read those first, then the connection.
 		var br io.Reader = conn
-		if n := rw.Reader.Buffered(); n > 0 {
-			early, _ := rw.Reader.Peek(n)
-			br = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
+		if len(early) > 0 {
+			br = io.MultiReader(bytes.NewReader(early), conn)
 		}
-		// net/http's connection keeps pointing at its read buffer after the
-		// hijack (and our session keeps the request, hence the connection,
-		// reachable): drop the 4 KiB it holds. Nothing reads it any more.
-		*rw.Reader = bufio.Reader{}
 		return &wsConn{
-			br:          br,
+			br:          bufio.NewReaderSize(br, wsReadBuffer),
 			hijacked:    true,
 			textPing:    textPing,
 			burstWriter: burstWriter{out: conn},
@@ -117,7 +120,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}
 	body := r.Body
 	return &wsConn{
-		br:          body,
+		br:          bufio.NewReaderSize(body, wsReadBuffer),
 		burstWriter: burstWriter{out: w},
 		maxSize:     maxSize,
 		idle:        idle,
@@ -132,6 +135,29 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}, nil
 }
 
+// upgradeHTTP1 completes the handshake of WebSocket opening r on its
+// HTTP/1.1 connection with gobwas/ws, which takes the connection over and
+// writes the 101 (through Caddy's wrapper, so the access log counts it);
+// a refusal is written and the connection closed. early is what the
+// client sent behind its handshake, read by the server already.
+func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, early []byte, err error) {
+	conn, rw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
+	if err != nil {
+		if conn != nil {
+			_ = conn.Close()
+		}
+		return nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
+	}
+	if n := rw.Reader.Buffered(); n > 0 {
+		b, _ := rw.Reader.Peek(n)
+		early = bytes.Clone(b)
+	}
+	// net/http's connection keeps pointing at its read buffer after the
+	// hijack: drop the 4 KiB it holds. Nothing reads it any more.
+	*rw.Reader = bufio.Reader{}
+	return conn, early, nil
+}
+
 func (c *wsConn) name() string          { return transportWebSocket }
 func (c *wsConn) attached(string)       {}
 func (c *wsConn) outlivesRequest() bool { return c.hijacked }
@@ -144,7 +170,7 @@ func (c *wsConn) readMessage() ([]byte, bool, error) {
 	)
 	for {
 		_ = c.setRead(time.Now().Add(c.idle))
-		hdr, err := ws.ReadHeader(c.br)
+		hdr, err := readHeader(c.br)
 		if err != nil {
 			return nil, false, err
 		}
@@ -189,6 +215,52 @@ func (c *wsConn) readMessage() ([]byte, bool, error) {
 			return msg, op == ws.OpBinary, nil
 		}
 	}
+}
+
+// readHeader reads a frame header from the buffer, as ws.ReadHeader does
+// but without allocating.
+func readHeader(br *bufio.Reader) (h ws.Header, err error) {
+	p, err := br.Peek(2)
+	if err != nil {
+		return h, err
+	}
+	h.Fin = p[0]&0x80 != 0
+	h.Rsv = (p[0] & 0x70) >> 4
+	h.OpCode = ws.OpCode(p[0] & 0x0f)
+	h.Masked = p[1]&0x80 != 0
+	n := 2
+	length := p[1] & 0x7f
+	switch length {
+	case 126:
+		n += 2
+	case 127:
+		n += 8
+	}
+	if h.Masked {
+		n += 4
+	}
+	if p, err = br.Peek(n); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return h, err
+	}
+	switch length {
+	case 126:
+		h.Length = int64(binary.BigEndian.Uint16(p[2:4]))
+	case 127:
+		if p[2]&0x80 != 0 {
+			return h, ws.ErrHeaderLengthMSB
+		}
+		h.Length = int64(binary.BigEndian.Uint64(p[2:10]))
+	default:
+		h.Length = int64(length)
+	}
+	if h.Masked {
+		copy(h.Mask[:], p[n-4:n])
+	}
+	_, _ = br.Discard(n)
+	return h, nil
 }
 
 // control handles a ping, pong or close frame from the client.
