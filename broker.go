@@ -30,17 +30,19 @@ type broker interface {
 	// count without applying it.
 	once(ctx context.Context, id string, fn func() (int, error)) (int, error)
 	// register records new session s, held by this node, with its
-	// initial channels. An error refuses the opening (503).
-	register(ctx context.Context, s *session, channels []string) error
+	// initial channels and the path and host of its opening request. An
+	// error refuses the opening (503).
+	register(ctx context.Context, s *session, channels []string, path, host string) error
 	// find returns the session a cursor's token names when this node does
 	// not hold it, opened by a handler in place scope (nil if none). It is
 	// not claimed yet: its user is checked first.
 	find(ctx context.Context, hd *Handler, c protocol.Cursor) (*session, error)
-	// claim makes this node the holder of s for a resume from lastSeq:
-	// the pushes after it are put in s's buffer and the node that held s
-	// closes its connection (4009). It returns s's channels for a session
-	// this node did not hold. errUnknownSession: s is gone.
-	claim(ctx context.Context, s *session, lastSeq uint64) (channels []string, err error)
+	// claim makes this node the holder of s for a resume from lastSeq
+	// over a connection on transport from remote: the pushes after
+	// lastSeq are put in s's buffer and the node that held s closes its
+	// connection (4009). It returns s's channels for a session this node
+	// did not hold. errUnknownSession: s is gone.
+	claim(ctx context.Context, s *session, lastSeq uint64, transport, remote string) (channels []string, err error)
 	// hold starts delivering s's pushes to this node, after those in its
 	// buffer (after register or claim, once s is attached).
 	hold(s *session)
@@ -57,6 +59,12 @@ type broker interface {
 	// to the node holding it, and returns that node's answer: 202 once it
 	// queued them, 401, 409 or 429 as servePost answers.
 	forward(ctx context.Context, s *session, frames [][]byte) (int, error)
+	// sessions lists the sessions of a user and/or on a channel (all when
+	// both are empty), on every node, ordered by opening time.
+	sessions(ctx context.Context, user, channel string) ([]sessionInfo, error)
+	// info describes session id, wherever held (errUnknownSession if
+	// none).
+	info(ctx context.Context, id string) (sessionInfo, error)
 	// cluster describes the nodes sharing the sessions.
 	cluster(ctx context.Context) (clusterInfo, error)
 	// node names this node in logs ("" for the memory broker).
@@ -107,24 +115,40 @@ func (b *MemoryBroker) once(_ context.Context, id string, fn func() (int, error)
 	return b.hub.idem.do(id, time.Now(), fn)
 }
 
-func (*MemoryBroker) register(context.Context, *session, []string) error { return nil }
+func (*MemoryBroker) register(context.Context, *session, []string, string, string) error { return nil }
 
 func (*MemoryBroker) find(context.Context, *Handler, protocol.Cursor) (*session, error) {
 	return nil, nil // the hub knows every session there is
 }
 
-func (*MemoryBroker) claim(_ context.Context, s *session, _ uint64) ([]string, error) {
+func (*MemoryBroker) claim(_ context.Context, s *session, _ uint64, _, _ string) ([]string, error) {
 	if s.ended() {
 		return nil, errUnknownSession
 	}
 	return nil, nil
 }
 
-func (*MemoryBroker) hold(*session)                                                 {}
-func (*MemoryBroker) subscribe(context.Context, *session, []string, []string) error { return nil }
-func (*MemoryBroker) detached(*session, time.Duration)                              {}
-func (*MemoryBroker) acked(*session, uint64)                                        {}
-func (*MemoryBroker) ended(*session) bool                                           { return true }
+func (*MemoryBroker) hold(*session) {}
+func (b *MemoryBroker) subscribe(_ context.Context, s *session, _, _ []string) error {
+	if b.hub.get(s.id) == nil {
+		return errUnknownSession // the hub changed what it holds; nothing else does
+	}
+	return nil
+}
+
+func (b *MemoryBroker) sessions(_ context.Context, user, channel string) ([]sessionInfo, error) {
+	return b.hub.list(user, channel), nil
+}
+
+func (b *MemoryBroker) info(_ context.Context, id string) (sessionInfo, error) {
+	if info, ok := b.hub.info(id); ok {
+		return info, nil
+	}
+	return sessionInfo{}, errUnknownSession
+}
+func (*MemoryBroker) detached(*session, time.Duration) {}
+func (*MemoryBroker) acked(*session, uint64)           {}
+func (*MemoryBroker) ended(*session) bool              { return true }
 
 func (*MemoryBroker) cluster(context.Context) (clusterInfo, error) {
 	return clusterInfo{Broker: "memory", Nodes: []string{}}, nil

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -201,11 +202,12 @@ func tokenHash(token string) string {
 	return hex.EncodeToString(sum[:])
 }
 
-func (r *RedisBroker) register(ctx context.Context, s *session, channels []string) error {
+func (r *RedisBroker) register(ctx context.Context, s *session, channels []string, path, host string) error {
 	return unavailable(r.rb().Register(ctx, redisbroker.Session{
 		ID: s.id, User: s.user, Scope: s.scope, Token: tokenHash(s.token),
 		MaxLen: int64(s.h.ResumeBuffer), Channels: channels,
-		Window: time.Duration(s.h.ResumeWindow), Path: s.base0().path, Host: s.base0().host,
+		Window: time.Duration(s.h.ResumeWindow), Path: path, Host: host,
+		Transport: s.transport, Remote: s.remote,
 	}))
 }
 
@@ -223,8 +225,8 @@ func (r *RedisBroker) find(ctx context.Context, hd *Handler, c protocol.Cursor) 
 	return s, nil
 }
 
-func (r *RedisBroker) claim(ctx context.Context, s *session, lastSeq uint64) ([]string, error) {
-	seq, err := r.rb().Attach(ctx, s.id)
+func (r *RedisBroker) claim(ctx context.Context, s *session, lastSeq uint64, transport, remote string) ([]string, error) {
+	seq, err := r.rb().Attach(ctx, s.id, transport, remote)
 	if errors.Is(err, redisbroker.ErrUnknownSession) || errors.Is(err, redisbroker.ErrClosed) {
 		return nil, errUnknownSession
 	}
@@ -271,10 +273,77 @@ func (r *RedisBroker) hold(s *session) {
 }
 
 func (r *RedisBroker) subscribe(ctx context.Context, s *session, add, remove []string) error {
-	if err := r.rb().Subscribe(ctx, s.id, add...); err != nil {
-		return unavailable(err)
+	err := r.rb().Subscribe(ctx, s.id, add...)
+	if err == nil {
+		err = r.rb().Unsubscribe(ctx, s.id, remove...)
 	}
-	return unavailable(r.rb().Unsubscribe(ctx, s.id, remove...))
+	if errors.Is(err, redisbroker.ErrUnknownSession) {
+		return errUnknownSession
+	}
+	return unavailable(err)
+}
+
+func (r *RedisBroker) sessions(ctx context.Context, user, channel string) ([]sessionInfo, error) {
+	var ids []string
+	var err error
+	switch {
+	case user != "":
+		ids, err = r.rb().Members(ctx, user, "")
+	case channel != "":
+		ids, err = r.rb().Members(ctx, "", channel)
+	default:
+		ids, err = r.rb().All(ctx)
+	}
+	if err != nil {
+		return nil, unavailable(err)
+	}
+	out := []sessionInfo{}
+	for _, id := range ids {
+		rec, err := r.rb().Lookup(ctx, id)
+		if errors.Is(err, redisbroker.ErrUnknownSession) {
+			continue // expired; the next publish drops it from its sets
+		}
+		if err != nil {
+			return nil, unavailable(err)
+		}
+		info := redisInfo(rec)
+		if (user != "" && info.User != user) || (channel != "" && !slices.Contains(info.Channels, channel)) || rec.Closed != "" {
+			continue
+		}
+		out = append(out, info)
+	}
+	slices.SortFunc(out, func(a, b sessionInfo) int {
+		if c := strings.Compare(a.Opened, b.Opened); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return out, nil
+}
+
+func (r *RedisBroker) info(ctx context.Context, id string) (sessionInfo, error) {
+	rec, err := r.rb().Lookup(ctx, id)
+	if errors.Is(err, redisbroker.ErrUnknownSession) || (err == nil && rec.Closed != "") {
+		return sessionInfo{}, errUnknownSession
+	}
+	if err != nil {
+		return sessionInfo{}, unavailable(err)
+	}
+	return redisInfo(rec), nil
+}
+
+// redisInfo is a session's record in Redis as the sessions API shows it.
+func redisInfo(rec redisbroker.Session) sessionInfo {
+	chans := rec.Channels
+	if chans == nil {
+		chans = []string{}
+	}
+	return sessionInfo{
+		ID: rec.ID, User: rec.User, Transport: rec.Transport, Channels: chans, Remote: rec.Remote,
+		Opened:   rec.Opened.UTC().Format(openedLayout),
+		Attached: rec.Detached.IsZero(),
+		Node:     rec.Node,
+	}
 }
 
 // call runs a broker call that no client waits for, bounded by a timeout.

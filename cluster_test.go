@@ -475,3 +475,64 @@ http://127.0.0.1:{{.HTTP}} {
 		t.Fatalf("hook headers %v: want Duplex-Session %s and Duplex-Disconnect", h.Header, id)
 	}
 }
+
+// The sessions API on any node covers the sessions of every node: list,
+// show, change channels, delete.
+func TestClusterSessionsAPI(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	closed := make(chan client.CloseInfo, 1)
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{
+		Transports: []string{client.SSE},
+		OnClose:    func(c client.CloseInfo) { closed <- c },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	other := nodes[1]
+
+	st, body := doJSON(t, http.MethodGet, other.adminURL("/duplex/sessions?channel=room"), nil)
+	var list []map[string]any
+	if st != http.StatusOK || json.Unmarshal(body, &list) != nil || len(list) != 1 || list[0]["id"] != s.ID() {
+		t.Fatalf("list on the other node: %d %s", st, body)
+	}
+	if list[0]["transport"] != "sse" || list[0]["attached"] != true || list[0]["node"] == "" {
+		t.Fatalf("session info: %s", body)
+	}
+	st, body = doJSON(t, http.MethodPost, other.adminURL("/duplex/sessions/"+s.ID()+"/channels"),
+		map[string]any{"add": []string{"news"}, "remove": []string{"room"}})
+	if st != http.StatusOK || !strings.Contains(string(body), `"channels":["news"]`) {
+		t.Fatalf("channels on the other node: %d %s", st, body)
+	}
+	other.mustPublish(t, map[string]any{"channel": "room", "data": "old"}, 0)
+	other.mustPublish(t, map[string]any{"channel": "news", "data": "new"}, 1)
+	select {
+	case p := <-s.Pushes():
+		if string(p.Data) != `"new"` || p.Channel != "news" {
+			t.Fatalf("push after the change: %s on %q", p.Data, p.Channel)
+		}
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	if st, _ := doJSON(t, http.MethodDelete, other.adminURL("/duplex/sessions/"+s.ID()), nil); st != http.StatusNoContent {
+		t.Fatalf("delete on the other node: %d", st)
+	}
+	select {
+	case c := <-closed:
+		if c.Code != 4000 || c.Reason != "deleted" || c.Reconnect {
+			t.Fatalf("close after the delete: %+v", c)
+		}
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	waitUntil(t, "the session to be gone on both nodes", frameWait, func() bool {
+		a, _ := doJSON(t, http.MethodGet, nodes[0].adminURL("/duplex/sessions/"+s.ID()), nil)
+		b, _ := doJSON(t, http.MethodGet, other.adminURL("/duplex/sessions/"+s.ID()), nil)
+		return a == http.StatusNotFound && b == http.StatusNotFound
+	})
+}

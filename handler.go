@@ -215,7 +215,8 @@ func (h *Handler) open(op *opening, s *session) {
 		h.refuse(op.w, op.r, status, err.Error())
 		return
 	}
-	if err := h.hub.brokerOf().register(op.r.Context(), s, op.channels); err != nil {
+	s.transport, s.remote = op.transport, op.r.RemoteAddr // not shared yet: no lock
+	if err := h.hub.brokerOf().register(op.r.Context(), s, op.channels, op.r.URL.Path, op.r.Host); err != nil {
 		h.hub.release(ad)
 		s.end(closeInfo{Reason: err.Error()})
 		h.unavailable(op, err)
@@ -250,7 +251,8 @@ func (h *Handler) serveNew(op *opening, t transport, s *session, ad *admission, 
 	a := newAttachment(s, h, op.r, op.next, t)
 	var regErr error
 	if !registered {
-		regErr = h.hub.brokerOf().register(op.r.Context(), s, op.channels)
+		s.transport, s.remote = op.transport, op.r.RemoteAddr // not shared yet: no lock
+		regErr = h.hub.brokerOf().register(op.r.Context(), s, op.channels, op.r.URL.Path, op.r.Host)
 	}
 	h.hub.add(s, op.channels, ad)
 	if !s.attach(a, false, 0, op.data) {
@@ -296,7 +298,7 @@ const (
 // (resumed:false), which is also resumeServed.
 func (h *Handler) resume(op *opening) resumeOutcome {
 	s, lastSeq := op.resumable, op.lastSeq
-	channels, err := h.hub.brokerOf().claim(op.r.Context(), s, lastSeq)
+	channels, err := h.hub.brokerOf().claim(op.r.Context(), s, lastSeq, op.transport, op.r.RemoteAddr)
 	if errors.Is(err, errUnknownSession) {
 		return resumeGone
 	}

@@ -445,7 +445,12 @@ type sessionInfo struct {
 	Opened    string   `json:"opened"`
 	// Attached is false while the session waits for its client to resume.
 	Attached bool `json:"attached"`
+	// Node is the node holding it (broker redis only).
+	Node string `json:"node,omitempty"`
 }
+
+// openedLayout is how the sessions API writes opening times.
+const openedLayout = "2006-01-02T15:04:05.000Z07:00"
 
 func (h *hub) infoLocked(s *session) sessionInfo {
 	chans := make([]string, 0, len(h.subscriptions[s]))
@@ -457,7 +462,7 @@ func (h *hub) infoLocked(s *session) sessionInfo {
 		ID:       s.id,
 		User:     s.user,
 		Channels: chans,
-		Opened:   s.opened.UTC().Format("2006-01-02T15:04:05.000Z07:00"),
+		Opened:   s.opened.UTC().Format(openedLayout),
 	}
 	s.mu.Lock()
 	info.Transport, info.Remote = s.transport, s.remote

@@ -200,6 +200,19 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 // GET list (?user=, ?channel=), GET/DELETE one, POST /<id>/channels.
 func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string) {
 	rest = strings.Trim(rest, "/")
+	b := h.brokerOf()
+	fail := func(err error, id string) {
+		if errors.Is(err, errUnknownSession) {
+			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+			return
+		}
+		if ae := brokerError(err); ae.status == http.StatusServiceUnavailable {
+			w.Header().Set("Retry-After", retryAfter)
+			writeAPIError(w, ae)
+			return
+		}
+		writeAPIError(w, brokerError(err))
+	}
 	if rest == "" {
 		if r.Method != http.MethodGet {
 			w.Header().Set("Allow", http.MethodGet)
@@ -207,25 +220,30 @@ func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string)
 			return
 		}
 		q := r.URL.Query()
-		writeJSON(w, http.StatusOK, h.list(q.Get("user"), q.Get("channel")))
+		list, err := b.sessions(r.Context(), q.Get("user"), q.Get("channel"))
+		if err != nil {
+			fail(err, "")
+			return
+		}
+		writeJSON(w, http.StatusOK, list)
 		return
 	}
 	id, sub, _ := strings.Cut(rest, "/")
-	s := h.get(id)
-	if s == nil {
-		writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
-		return
-	}
 	switch {
 	case sub == "" && r.Method == http.MethodGet:
-		info, ok := h.info(id)
-		if !ok {
-			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+		info, err := b.info(r.Context(), id)
+		if err != nil {
+			fail(err, id)
 			return
 		}
 		writeJSON(w, http.StatusOK, info)
 	case sub == "" && r.Method == http.MethodDelete:
-		s.end(closedByApp("deleted"))
+		// A close to the session, on whichever node holds it.
+		deleted := "deleted"
+		if _, err := h.publish(r.Context(), &publishMsg{Session: id, Close: &deleted}); err != nil {
+			fail(err, id)
+			return
+		}
 		w.WriteHeader(http.StatusNoContent)
 	case sub == "channels" && r.Method == http.MethodPost:
 		var change struct {
@@ -237,13 +255,21 @@ func (h *hub) serveSessions(w http.ResponseWriter, r *http.Request, rest string)
 			writeAPIError(w, badPublish(`body must be {"add":[…],"remove":[…]}`))
 			return
 		}
-		if err := h.subscribe(r.Context(), s, change.Add, change.Remove); err != nil && !errors.Is(err, errUnknownSession) {
-			writeAPIError(w, brokerError(err))
+		s := h.get(id)
+		if s != nil {
+			err = h.subscribe(r.Context(), s, change.Add, change.Remove)
+		} else {
+			// Held by another node (or by none): the broker keeps its
+			// channels.
+			err = b.subscribe(r.Context(), &session{id: id}, change.Add, change.Remove)
+		}
+		if err != nil {
+			fail(err, id)
 			return
 		}
-		info, ok := h.info(id)
-		if !ok {
-			writeAPIError(w, &apiError{status: http.StatusNotFound, msg: "unknown session " + id})
+		info, err := b.info(r.Context(), id)
+		if err != nil {
+			fail(err, id)
 			return
 		}
 		writeJSON(w, http.StatusOK, info)

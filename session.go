@@ -170,17 +170,6 @@ func newSession(h *Handler, user string) *session {
 	return s
 }
 
-// base0 is what the session's requests are built from, for a session not
-// attached yet (its opening's, held by the attachment) or attached.
-func (s *session) base0() *requestBase {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.base != nil {
-		return s.base
-	}
-	return &requestBase{}
-}
-
 // route is what a request through the route is made of now.
 func (s *session) route() (*Handler, *requestBase, caddyhttp.Handler, string) {
 	s.mu.Lock()

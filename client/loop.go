@@ -284,6 +284,8 @@ func (s *Session) finish(err error) {
 	}
 	s.mu.Unlock()
 	s.cancel()
-	close(s.pushes)
+	// Closed before the channel closes: a reader that sees Pushes end
+	// sees the state closed too.
 	s.setState(StateClosed)
+	close(s.pushes)
 }

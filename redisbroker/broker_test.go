@@ -80,7 +80,7 @@ func TestResumeOnAnotherNode(t *testing.T) {
 	a.rec.waitFor(t, "three pushes on a", func() bool { return len(a.rec.pushes["s"]) == 3 })
 
 	// The client had seq 2 when its connection to a dropped.
-	seq, err := b.Attach(bg, "s")
+	seq, err := b.Attach(bg, "s", "websocket", "")
 	if err != nil || seq != 3 {
 		t.Fatalf("attach on b: seq %d, %v; want 3", seq, err)
 	}
@@ -208,7 +208,7 @@ func TestCloseAcrossNodes(t *testing.T) {
 	if n := b.publish(t, Publish{User: "u", Payload: []byte("late")}); n != 0 {
 		t.Fatalf("a closed session took a push")
 	}
-	if _, err := b.Attach(bg, "s"); !errors.Is(err, ErrClosed) {
+	if _, err := b.Attach(bg, "s", "websocket", ""); !errors.Is(err, ErrClosed) {
 		t.Fatalf("attach of a closed session: %v, want ErrClosed", err)
 	}
 }
@@ -371,7 +371,7 @@ func TestDeadNodeSessionsAdoptedOnce(t *testing.T) {
 			s2 = s
 		}
 	}
-	if _, err := c.Attach(bg, "s1"); err != nil {
+	if _, err := c.Attach(bg, "s1", "sse", ""); err != nil {
 		t.Fatal(err)
 	}
 	if ended, err := b.ExpireDetached(bg, s1); err != nil || ended {

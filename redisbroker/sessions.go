@@ -5,6 +5,8 @@ import (
 	"errors"
 	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -31,6 +33,10 @@ type Session struct {
 	// node that adopts it from a dead node needs them to end it.
 	Window     time.Duration
 	Path, Host string
+	// Transport and Remote are its latest connection's; Opened is when
+	// it was opened.
+	Transport, Remote string
+	Opened            time.Time
 }
 
 // ErrUnknownSession: no such session (never opened, ended or expired).
@@ -46,7 +52,8 @@ func (b *Broker) Register(ctx context.Context, s Session) error {
 	_, err := b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
 		p.HSet(cctx, b.k.session(s.ID), "node", b.cfg.NodeID, "user", s.User, "scope", s.Scope,
 			"token", s.Token, "seq", 0, "maxlen", max(s.MaxLen, 1),
-			"window", s.Window.Milliseconds(), "path", s.Path, "host", s.Host)
+			"window", s.Window.Milliseconds(), "path", s.Path, "host", s.Host,
+			"transport", s.Transport, "remote", s.Remote, "opened", time.Now().UnixMilli())
 		p.SAdd(cctx, b.k.nodeSessions(b.cfg.NodeID), s.ID)
 		if len(s.Channels) > 0 {
 			p.SAdd(cctx, b.k.channels(s.ID), anys(s.Channels)...)
@@ -76,7 +83,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local closed = redis.call('HGET', KEYS[1], 'closed')
 if closed then return {'closed', closed} end
 local prev = redis.call('HGET', KEYS[1], 'node')
-redis.call('HSET', KEYS[1], 'node', ARGV[1])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'transport', ARGV[2], 'remote', ARGV[3])
 redis.call('HDEL', KEYS[1], 'detached')
 for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
 return {prev, redis.call('HGET', KEYS[1], 'seq')}
@@ -89,7 +96,7 @@ var ErrClosed = errors.New("redisbroker: session closed")
 // its seq: the pushes up to it are in its log (Replay), the later ones come
 // to this node once the caller calls Hold. The node that held it before is
 // told to close its connection (Handler.Command "takeover").
-func (b *Broker) Attach(ctx context.Context, id string) (seq uint64, err error) {
+func (b *Broker) Attach(ctx context.Context, id, transport, remote string) (seq uint64, err error) {
 	b.pend(id)
 	defer func() {
 		if err != nil {
@@ -98,7 +105,7 @@ func (b *Broker) Attach(ctx context.Context, id string) (seq uint64, err error) 
 	}()
 	cctx, cancel := b.call(ctx)
 	defer cancel()
-	res, err := attachScript.Run(cctx, b.rdb, []string{b.k.session(id), b.k.log(id), b.k.channels(id)}, b.cfg.NodeID).Slice()
+	res, err := attachScript.Run(cctx, b.rdb, []string{b.k.session(id), b.k.log(id), b.k.channels(id)}, b.cfg.NodeID, transport, remote).Slice()
 	if errors.Is(err, redis.Nil) {
 		return 0, ErrUnknownSession
 	}
@@ -250,7 +257,10 @@ func (b *Broker) Lookup(ctx context.Context, id string) (Session, error) {
 		return Session{}, ErrUnknownSession
 	}
 	s := Session{ID: id, User: m["user"], Scope: m["scope"], Token: m["token"], Node: m["node"], Closed: m["closed"],
-		Path: m["path"], Host: m["host"]}
+		Path: m["path"], Host: m["host"], Transport: m["transport"], Remote: m["remote"]}
+	if ms, err := strconv.ParseInt(m["opened"], 10, 64); err == nil {
+		s.Opened = time.UnixMilli(ms)
+	}
 	if ms, err := strconv.ParseInt(m["window"], 10, 64); err == nil {
 		s.Window = time.Duration(ms) * time.Millisecond
 	}
@@ -280,6 +290,42 @@ func (b *Broker) ByToken(ctx context.Context, token string) (Session, error) {
 		return Session{}, ErrUnknownSession
 	}
 	return s, err
+}
+
+// All lists every session id (a SCAN over the session keys: for the
+// sessions API, not for hot paths).
+func (b *Broker) All(ctx context.Context) ([]string, error) {
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	var ids []string
+	prefix := b.k.session("")
+	prefix = prefix[:len(prefix)-1] // "P:s:{"
+	scan := func(ctx context.Context, c redis.Cmdable) error {
+		iter := c.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+		for iter.Next(ctx) {
+			k := iter.Val()
+			if strings.HasSuffix(k, "}") {
+				ids = append(ids, k[len(prefix):len(k)-1])
+			}
+		}
+		return iter.Err()
+	}
+	var err error
+	if cc, ok := b.rdb.(*redis.ClusterClient); ok {
+		var mu sync.Mutex
+		err = cc.ForEachMaster(cctx, func(ctx context.Context, c *redis.Client) error {
+			mu.Lock() // ids is shared by the masters' goroutines
+			defer mu.Unlock()
+			return scan(ctx, c)
+		})
+	} else {
+		err = scan(cctx, b.rdb)
+	}
+	if err != nil {
+		return nil, unavailable("listing sessions", err)
+	}
+	slices.Sort(ids)
+	return ids, nil
 }
 
 // Members lists the sessions of a user or on a channel (one of them).
