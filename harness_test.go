@@ -192,6 +192,13 @@ func deadAddr(t testing.TB) string {
 // entries (KEY=VALUE) are added to the process environment.
 func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	t.Helper()
+	return startCaddyBinary(t, caddyBinary, caddyfile, env...)
+}
+
+// startCaddyBinary is startCaddy with the Caddy binary that binary builds
+// (e.g. one without -race, for memory measurements).
+func startCaddyBinary(t *testing.T, binary func(testing.TB) string, caddyfile string, env ...string) *caddyProc {
+	t.Helper()
 	dir := t.TempDir()
 	ports := freePorts(t, 2)
 	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
@@ -214,7 +221,7 @@ func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(caddyBinary(t), "run", "--config", cfPath, "--adapter", "caddyfile")
+	cmd := exec.Command(binary(t), "run", "--config", cfPath, "--adapter", "caddyfile")
 	cmd.Dir = dir
 	// If the test process is killed (a timeout), Caddy goes with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -17,6 +17,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -479,4 +481,70 @@ func (a *sxAppRequests) all() []recordedReq {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return append([]recordedReq(nil), a.reqs...)
+}
+
+// sxGoStats forces a garbage collection in Caddy (through the admin
+// endpoint's pprof handler), then reads Go's heap in use and goroutine
+// count from its /metrics.
+func sxGoStats(t testing.TB, c *caddyProc) (heapInuse, goroutines float64) {
+	t.Helper()
+	for _, p := range []string{"/debug/pprof/heap?gc=1", "/metrics"} {
+		resp, err := httpc.Get(c.adminURL(p))
+		if err != nil {
+			t.Fatalf("GET %s: %v", p, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %d", p, resp.StatusCode)
+		}
+		if p != "/metrics" {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			f := strings.Fields(l)
+			if len(f) != 2 {
+				continue
+			}
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				continue
+			}
+			switch f[0] {
+			case "go_memstats_heap_inuse_bytes":
+				heapInuse = v
+			case "go_goroutines":
+				goroutines = v
+			}
+		}
+	}
+	if heapInuse == 0 || goroutines == 0 {
+		t.Fatalf("no go_memstats_heap_inuse_bytes or go_goroutines in Caddy's /metrics")
+	}
+	return heapInuse, goroutines
+}
+
+var (
+	sxPlainOnce sync.Once
+	sxPlainBin  string
+	sxPlainErr  error
+)
+
+// sxPlainCaddy builds Caddy with the plugin without the race detector,
+// once per test run: the memory tests measure its RSS, which the race
+// detector's own bookkeeping (it grows with every goroutine ever run)
+// would drown.
+func sxPlainCaddy(t testing.TB) string {
+	t.Helper()
+	sxPlainOnce.Do(func() {
+		sxPlainBin = filepath.Join(binDir, "caddy-plain")
+		out, err := exec.Command("go", "build", "-o", sxPlainBin, "./cmd/caddy").CombinedOutput()
+		if err != nil {
+			sxPlainErr = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
+		}
+	})
+	if sxPlainErr != nil {
+		t.Fatal(sxPlainErr)
+	}
+	return sxPlainBin
 }
