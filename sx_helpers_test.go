@@ -247,6 +247,20 @@ func (c *sxWS) drop() {
 	<-c.ended
 }
 
+// halfClose ends the client's side of the TCP connection (FIN) without
+// a WebSocket close: the server reads what was sent, then loses the
+// connection.
+func (c *sxWS) halfClose(t testing.TB) {
+	t.Helper()
+	tc, ok := c.conn.(*net.TCPConn)
+	if !ok {
+		t.Fatalf("not a TCP connection: %T", c.conn)
+	}
+	if err := tc.CloseWrite(); err != nil {
+		t.Fatalf("half-close: %v", err)
+	}
+}
+
 func (c *sxWS) shut() {
 	c.once.Do(func() { close(c.quit) })
 	c.conn.Close()
