@@ -3,7 +3,7 @@ GO      ?= go
 BIN     := bin
 DEMO_UI := http://localhost:8080
 
-FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish FuzzMessageTarget FuzzPostFrames
+FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish FuzzMessageTarget FuzzPostFrames FuzzScopeMethods
 FUZZTIME     ?= 60s
 
 .PHONY: build demo test fuzz bench clean
