@@ -283,8 +283,9 @@ type sxSSE struct {
 	once   sync.Once
 }
 
-// sxSSEClient is an HTTP/1.1 client without a timeout (streams stay open).
-var sxSSEClient = &http.Client{Transport: &http.Transport{Proxy: nil, DisableCompression: true, MaxConnsPerHost: 0}}
+// sxSSEClient is an HTTP/1.1 client without a timeout (streams stay open)
+// and without idle connections, which would outlive the tests.
+var sxSSEClient = &http.Client{Transport: &http.Transport{Proxy: nil, DisableCompression: true, DisableKeepAlives: true}}
 
 // sxStartSSE opens an SSE stream; for a refused opening it returns the
 // status and body and a nil stream.
