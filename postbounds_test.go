@@ -98,7 +98,7 @@ func TestPostBoundsStalledFlood(t *testing.T) {
 	t.Parallel()
 	n := sxEnvInt(t, "DUPLEX_POST_FLOOD", 200)
 	app := newTestApp(t)
-	c := startCaddyBinary(t, sxPlainCaddy, sub(globalOpts("")+sxPostSite, "Upstream", app.Addr))
+	c := startCaddyBinary(t, sxPlainCaddy, sub(globalOpts("")+sxPostSite, "Upstream", app.Addr), sxMemLimit)
 	s := sxOpenSSE(t, c.url("/live"), nil)
 	pid := c.cmd.Process.Pid
 	before := sxRSS(t, pid)
