@@ -9,6 +9,7 @@ package duplex_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,19 +27,52 @@ import (
 // sxSource dials from loopback source address 127.0.<a>.<b>, so many
 // connections do not run out of one address's ephemeral ports.
 func sxSource(i int) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	ip := net.IPv4(127, 0, byte(1+i/250), byte(1+i%250))
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: ip}, Timeout: sxWait}
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: sxSourceIP(i)}, Timeout: sxWait}
 	return d.DialContext
 }
 
-// sxOpenAndDrop opens a WebSocket session from source src, reads its open
+func sxSourceIP(i int) net.IP { return net.IPv4(127, 0, byte(1+i/250%250), byte(1+i%250)) }
+
+// sxFloodSource is sxSource from a source port below the kernel's
+// ephemeral range: the ports freePorts hands to other tests' Caddys come
+// from that range, and a flood's connections taking them would keep
+// those Caddys from binding.
+func sxFloodSource(i int) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	ip := sxSourceIP(i)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var err error
+		for range 20 {
+			port := sxLowPortFirst + int(sxLowPort.Add(1)%sxLowPorts)
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: ip, Port: port}, Timeout: sxWait}
+			var c net.Conn
+			if c, err = d.DialContext(ctx, network, addr); err == nil {
+				return c, nil
+			}
+			if !errors.Is(err, syscall.EADDRINUSE) {
+				return nil, err
+			}
+		}
+		return nil, err
+	}
+}
+
+// Source ports of sxFloodSource: 10000-31999, below the ephemeral range
+// (32768-60999 by default), taken in turn.
+const (
+	sxLowPortFirst = 10000
+	sxLowPorts     = 22000
+)
+
+var sxLowPort atomic.Int64
+
+// sxOpenAndDrop opens a WebSocket session dialled by dial, reads its open
 // frame and cuts the connection (RST, no close handshake): the session is
 // left detached. It returns the open frame, or the refusal status.
-func sxOpenAndDrop(ctx context.Context, url string, hdr http.Header, src int) (map[string]any, int, error) {
+func sxOpenAndDrop(ctx context.Context, url string, hdr http.Header, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (map[string]any, int, error) {
 	status := 0
 	d := ws.Dialer{
 		Header:        ws.HandshakeHeaderHTTP(hdr),
-		NetDial:       sxSource(src),
+		NetDial:       dial,
 		OnStatusError: func(st int, _ []byte, _ io.Reader) { status = st },
 	}
 	conn, br, _, err := d.Dial(ctx, url)
@@ -129,7 +164,7 @@ http://127.0.0.1:{{.HTTP}} {
 	pid := c.cmd.Process.Pid
 	// Warm up (the first sessions allocate the hub's maps and pools).
 	for i := range 200 {
-		if _, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, i); err != nil || st != 101 {
+		if _, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, sxFloodSource(i)); err != nil || st != 101 {
 			t.Fatalf("warm-up opening: %d %v", st, err)
 		}
 	}
@@ -150,7 +185,7 @@ http://127.0.0.1:{{.HTTP}} {
 				if i > n || ctx.Err() != nil {
 					return
 				}
-				if _, st, err := sxOpenAndDrop(ctx, c.wsURL("/live"), nil, i); err != nil || st != 101 {
+				if _, st, err := sxOpenAndDrop(ctx, c.wsURL("/live"), nil, sxFloodSource(i)); err != nil || st != 101 {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, fmt.Sprintf("opening %d: status %d, %v", i, st, err))
 				}
@@ -208,7 +243,7 @@ http://127.0.0.1:{{.HTTP}} {
 `, "Upstream", app.Addr))
 	var first map[string]any
 	for i := range 200 {
-		f, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, i)
+		f, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, sxSource(i))
 		if err != nil || st != 101 {
 			t.Fatalf("opening %d: %d %v", i, st, err)
 		}
@@ -313,7 +348,7 @@ http://127.0.0.1:{{.HTTP}} {
 }
 `, "Upstream", app.Addr))
 	const ipA, ipB = 7, 8 // 127.0.1.8 and 127.0.1.9
-	dropped, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, ipA)
+	dropped, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, sxSource(ipA))
 	if err != nil || st != 101 {
 		t.Fatalf("opening: %d %v", st, err)
 	}
