@@ -25,20 +25,13 @@ import (
 )
 
 // sxSource dials from loopback source address 127.0.<a>.<b>, so many
-// connections do not run out of one address's ephemeral ports.
+// connections do not run out of one address's ephemeral ports, and from
+// a source port below the kernel's ephemeral range: the ports freePorts
+// hands to other tests' Caddys come from that range, and the many
+// connections of these tests taking them would keep those Caddys from
+// binding.
 func sxSource(i int) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: sxSourceIP(i)}, Timeout: sxWait}
-	return d.DialContext
-}
-
-func sxSourceIP(i int) net.IP { return net.IPv4(127, 0, byte(1+i/250%250), byte(1+i%250)) }
-
-// sxFloodSource is sxSource from a source port below the kernel's
-// ephemeral range: the ports freePorts hands to other tests' Caddys come
-// from that range, and a flood's connections taking them would keep
-// those Caddys from binding.
-func sxFloodSource(i int) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	ip := sxSourceIP(i)
+	ip := net.IPv4(127, 0, byte(1+i/250%250), byte(1+i%250))
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		var err error
 		for range 20 {
@@ -56,7 +49,7 @@ func sxFloodSource(i int) func(ctx context.Context, network, addr string) (net.C
 	}
 }
 
-// Source ports of sxFloodSource: 10000-31999, below the ephemeral range
+// Source ports of sxSource: 10000-31999, below the ephemeral range
 // (32768-60999 by default), taken in turn.
 const (
 	sxLowPortFirst = 10000
@@ -164,7 +157,7 @@ http://127.0.0.1:{{.HTTP}} {
 	pid := c.cmd.Process.Pid
 	// Warm up (the first sessions allocate the hub's maps and pools).
 	for i := range 200 {
-		if _, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, sxFloodSource(i)); err != nil || st != 101 {
+		if _, st, err := sxOpenAndDrop(context.Background(), c.wsURL("/live"), nil, sxSource(i)); err != nil || st != 101 {
 			t.Fatalf("warm-up opening: %d %v", st, err)
 		}
 	}
@@ -185,7 +178,7 @@ http://127.0.0.1:{{.HTTP}} {
 				if i > n || ctx.Err() != nil {
 					return
 				}
-				if _, st, err := sxOpenAndDrop(ctx, c.wsURL("/live"), nil, sxFloodSource(i)); err != nil || st != 101 {
+				if _, st, err := sxOpenAndDrop(ctx, c.wsURL("/live"), nil, sxSource(i)); err != nil || st != 101 {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, fmt.Sprintf("opening %d: status %d, %v", i, st, err))
 				}

@@ -8,6 +8,7 @@ package duplex_test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -32,7 +33,7 @@ type sxRawPost struct {
 // "Content-Length: 5000000" or "Transfer-Encoding: chunked") are added.
 func sxStartPost(t *testing.T, c *caddyProc, path, token, contentType string, head ...string) *sxRawPost {
 	t.Helper()
-	conn, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP), sxWait)
+	conn, err := sxSource(0)(context.Background(), "tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP))
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
