@@ -190,13 +190,20 @@ func deadAddr(t testing.TB) string {
 // entries (KEY=VALUE) are added to the process environment.
 func startCaddy(t *testing.T, caddyfile string, env ...string) *caddyProc {
 	t.Helper()
-	return startCaddyAttempt(t, 1, caddyfile, env...)
+	return startCaddyBinary(t, caddyBinary, caddyfile, env...)
+}
+
+// startCaddyBinary is startCaddy with the Caddy binary that binary builds
+// (e.g. one without -race, for memory measurements).
+func startCaddyBinary(t *testing.T, binary func(testing.TB) string, caddyfile string, env ...string) *caddyProc {
+	t.Helper()
+	return startCaddyAttempt(t, 1, binary, caddyfile, env...)
 }
 
 // startCaddyAttempt is startCaddy's attempt n: one whose ports another
 // process took meanwhile (this machine is shared) is tried again, on new
 // ports, up to 3 times.
-func startCaddyAttempt(t *testing.T, n int, caddyfile string, env ...string) *caddyProc {
+func startCaddyAttempt(t *testing.T, n int, binary func(testing.TB) string, caddyfile string, env ...string) *caddyProc {
 	t.Helper()
 	dir := t.TempDir()
 	ports := freePorts(t, 2)
@@ -220,7 +227,7 @@ func startCaddyAttempt(t *testing.T, n int, caddyfile string, env ...string) *ca
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(caddyBinary(t), "run", "--config", cfPath, "--adapter", "caddyfile")
+	cmd := exec.Command(binary(t), "run", "--config", cfPath, "--adapter", "caddyfile")
 	cmd.Dir = dir
 	// If the test process is killed (a timeout), Caddy goes with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -263,7 +270,7 @@ func startCaddyAttempt(t *testing.T, n int, caddyfile string, env ...string) *ca
 		case <-c.done:
 			if n < 3 && strings.Contains(c.out.String(), "address already in use") {
 				t.Logf("caddy could not listen (attempt %d), trying other ports", n)
-				return startCaddyAttempt(t, n+1, caddyfile, env...)
+				return startCaddyAttempt(t, n+1, binary, caddyfile, env...)
 			}
 			t.Fatalf("caddy exited during startup: %v\nCaddyfile:\n%s\noutput:\n%s", c.waitEr, rendered.String(), c.out.String())
 		default:
