@@ -28,11 +28,25 @@ type clusterRedis struct {
 // persistence, and stops it when the test ends.
 func startClusterRedis(t *testing.T) *clusterRedis {
 	t.Helper()
+	return startRedisOn(t, freePorts(t, 1)[0])
+}
+
+// restart kills Redis and starts an empty one on the same port.
+func (r *clusterRedis) restart(t *testing.T) {
+	t.Helper()
+	_ = r.cmd.Process.Kill()
+	_ = r.cmd.Wait()
+	_, port, _ := net.SplitHostPort(r.addr)
+	n, _ := strconv.Atoi(port)
+	*r = *startRedisOn(t, n)
+}
+
+func startRedisOn(t *testing.T, port int) *clusterRedis {
+	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
 		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
 	}
-	port := freePorts(t, 1)[0]
 	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -535,4 +549,96 @@ func TestClusterSessionsAPI(t *testing.T) {
 		b, _ := doJSON(t, http.MethodGet, other.adminURL("/duplex/sessions/"+s.ID()), nil)
 		return a == http.StatusNotFound && b == http.StatusNotFound
 	})
+}
+
+// Redis restarted without its data: sessions are closed with
+// reconnect:true and their resumes open resumed:false — never a silent
+// gap. Killing the nodes' pub/sub connections loses nothing. The same
+// publish id sent to both nodes at once is applied once.
+func TestClusterRedisFailures(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	opens := make(chan client.Open, 8)
+	closes := make(chan client.CloseInfo, 8)
+	s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{
+		Transports: []string{client.WebSocket},
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+		OnOpen:  func(o client.Open) { opens <- o },
+		OnClose: func(c client.CloseInfo) { closes <- c },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	<-opens
+	next := func(want string) {
+		t.Helper()
+		select {
+		case p := <-s.Pushes():
+			if string(p.Data) != want {
+				t.Fatalf("push %s, want %s", p.Data, want)
+			}
+		case <-ctx.Done():
+			t.Fatalf("push %s: %v", want, ctx.Err())
+		}
+	}
+
+	// Pub/sub connections killed between publishes: nothing is lost.
+	admin := exec.Command("redis-cli", "-p", strings.TrimPrefix(r.addr, "127.0.0.1:"), "CLIENT", "KILL", "TYPE", "pubsub")
+	for i := range 20 {
+		if i%5 == 0 {
+			if out, err := admin.CombinedOutput(); err != nil {
+				t.Fatalf("redis-cli: %v %s", err, out)
+			}
+			admin = exec.Command(admin.Path, admin.Args[1:]...)
+		}
+		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, 1)
+	}
+	for i := range 20 {
+		next(strconv.Itoa(i))
+	}
+
+	// One publish id, both nodes, at once: applied once.
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Go(func() {
+			st, body := doJSON(t, http.MethodPost, n.adminURL("/duplex/publish"), map[string]any{"channel": "room", "data": "once", "id": "same"})
+			if st != http.StatusOK || !strings.Contains(string(body), `"delivered":1`) {
+				t.Errorf("publish with the shared id: %d %s", st, body)
+			}
+		})
+	}
+	wg.Wait()
+	next(`"once"`)
+
+	// Redis comes back empty: the session is closed to reconnect, and its
+	// resume starts a new one.
+	r.restart(t)
+	select {
+	case c := <-closes:
+		if !c.Reconnect {
+			t.Fatalf("close after Redis lost its data: %+v, want reconnect", c)
+		}
+	case <-ctx.Done():
+		t.Fatal("no close after Redis lost its data")
+	}
+	select {
+	case o := <-opens:
+		if o.Resumed {
+			t.Fatal("resumed:true after Redis lost the session")
+		}
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	select {
+	case p := <-s.Pushes():
+		t.Fatalf("a push after the restart without a publish: %s", p.Data)
+	default:
+	}
+	nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": "after"}, 1)
+	next(`"after"`)
 }
