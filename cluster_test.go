@@ -736,3 +736,119 @@ func TestClusterChaos(t *testing.T) {
 		}
 	}
 }
+
+// startRedisCluster starts a Redis Cluster of three masters on free ports
+// and returns their addresses.
+func startRedisCluster(t *testing.T) []string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
+	}
+	ports := freePorts(t, 3)
+	var addrs []string
+	for _, port := range ports {
+		dir := t.TempDir()
+		cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+			"--cluster-enabled", "yes", "--cluster-config-file", dir+"/nodes.conf",
+			"--save", "", "--appendonly", "no", "--dir", dir)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		})
+		addrs = append(addrs, "127.0.0.1:"+strconv.Itoa(port))
+	}
+	for _, a := range addrs {
+		_, port, _ := net.SplitHostPort(a)
+		waitUntil(t, "redis "+a+" to answer", 30*time.Second, func() bool {
+			return exec.Command("redis-cli", "-p", port, "PING").Run() == nil
+		})
+	}
+	args := append([]string{"--cluster", "create"}, addrs...)
+	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
+		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
+	}
+	for _, a := range addrs {
+		_, port, _ := net.SplitHostPort(a)
+		waitUntil(t, "the cluster to be ok on "+a, 30*time.Second, func() bool {
+			out, _ := exec.Command("redis-cli", "-p", port, "CLUSTER", "INFO").Output()
+			return strings.Contains(string(out), "cluster_state:ok")
+		})
+	}
+	return addrs
+}
+
+// On a three-master Redis Cluster: fan-out reaches the sessions of every
+// node (their keys spread over the masters' slots) and a session resumes
+// on another node.
+func TestClusterOnRedisCluster(t *testing.T) {
+	t.Parallel()
+	addrs := startRedisCluster(t)
+	app := newTestApp(t)
+	cf := globalOpts("\tduplex {\n\t\tbroker redis "+strings.Join(addrs, " ")+"\n\t}") + sub(`
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		duplex {
+			channels room
+			resume_window 30s
+			messages {
+				path *
+			}
+		}
+		reverse_proxy {{.Upstream}}
+	}
+}
+`, "Upstream", app.Addr)
+	nodes := []*caddyProc{startCaddy(t, cf), startCaddy(t, cf)}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var peers []*client.Session
+	var rrs []*roundRobin
+	for i := range 12 {
+		rr := &roundRobin{nodes: nodes}
+		rr.next.Store(int64(i))
+		transport := []string{client.WebSocket, client.SSE, client.Stream}[i%3]
+		s, err := client.Dial(ctx, nodes[0].url("/live"), client.Options{
+			Transports: []string{transport}, DialContext: rr.dial,
+			MinBackoff: 10 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+		})
+		if err != nil {
+			t.Fatalf("session %d: %v", i, err)
+		}
+		defer s.Close()
+		peers = append(peers, s)
+		rrs = append(rrs, rr)
+	}
+	const pushes = 20
+	for i := range pushes {
+		if i == pushes/2 {
+			for _, rr := range rrs {
+				rr.cutAll() // every session resumes on the other node
+			}
+		}
+		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
+	}
+	for si, s := range peers {
+		for i := range pushes {
+			select {
+			case p := <-s.Pushes():
+				var n int
+				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
+					t.Fatalf("session %d: push %d is seq %d data %s", si, i, p.Seq, p.Data)
+				}
+			case <-ctx.Done():
+				t.Fatalf("session %d: push %d: %v", si, i, ctx.Err())
+			}
+		}
+	}
+	st, body := doJSON(t, http.MethodGet, nodes[1].adminURL("/duplex/sessions"), nil)
+	var list []map[string]any
+	if st != http.StatusOK || json.Unmarshal(body, &list) != nil || len(list) != len(peers) {
+		t.Fatalf("sessions across the Redis Cluster's masters: %d, %d listed", st, len(list))
+	}
+}
