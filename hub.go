@@ -383,12 +383,14 @@ func (h *hub) subscribeLocked(s *session, c string) {
 // encoded once; each session only queues it, so no socket write happens
 // here and a slow session never holds up the others.
 func (h *hub) deliver(m *publishMsg) (int, error) {
-	targets, err := h.targets(m)
-	if err != nil {
-		return 0, err
-	}
-	n := 0
 	if m.Close != nil {
+		// Ending a session takes hub.mu: end the targets after the read
+		// lock is released.
+		targets, err := h.targets(m)
+		if err != nil {
+			return 0, err
+		}
+		n := 0
 		c := closedByApp(*m.Close)
 		for _, s := range targets {
 			if s.end(c) {
@@ -398,8 +400,25 @@ func (h *hub) deliver(m *publishMsg) (int, error) {
 		return n, nil
 	}
 	p := newPush(m.Channel, m.Data)
-	for _, s := range targets {
-		if s.push(p) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	if m.Session != "" {
+		s := h.sessions[m.Session]
+		if s == nil || s.ended() {
+			return 0, errUnknownSession
+		}
+		if s.id != m.Except && s.push(p) {
+			return 1, nil
+		}
+		return 0, nil
+	}
+	set := h.channels[m.Channel]
+	if m.User != "" {
+		set = h.users[m.User]
+	}
+	n := 0
+	for s := range set {
+		if s.id != m.Except && s.push(p) {
 			n++
 		}
 	}

@@ -141,21 +141,22 @@ type logEntry struct {
 	push *push
 }
 
-// randomID returns n bytes from crypto/rand, base64url-encoded.
-func randomID(n int) string {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		// crypto/rand never fails on supported platforms.
-		panic("duplex: crypto/rand: " + err.Error())
+// newIDs returns a session's id (128 bits) and token (192 bits) from one
+// read of crypto/rand, base64url-encoded.
+func newIDs() (id, token string) {
+	var b [16 + 24]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic("duplex: crypto/rand: " + err.Error()) // never fails on supported platforms
 	}
-	return base64.RawURLEncoding.EncodeToString(b)
+	return base64.RawURLEncoding.EncodeToString(b[:16]), base64.RawURLEncoding.EncodeToString(b[16:])
 }
 
 func newSession(h *Handler, user string) *session {
 	ctx, cancel := context.WithCancel(context.Background())
+	id, token := newIDs()
 	s := &session{
-		id:     randomID(16), // 128 bits
-		token:  randomID(24), // 192 bits
+		id:     id,
+		token:  token,
 		user:   user,
 		opened: time.Now(),
 		hub:    h.hub,
