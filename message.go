@@ -108,9 +108,8 @@ func (in *inbox) drain() {
 
 // handle checks a message against the rate limit and decodes it, then
 // serves it once the session has a max_inflight slot. The slot is held
-// until the route call returns, also past message_timeout. A message
-// costs no goroutine of its own unless max_inflight lets several run at
-// once.
+// until the route call returns, also past message_timeout. With
+// max_inflight 1 a message costs no goroutine of its own.
 func (s *session) handle(m inMsg) {
 	var f *protocol.Message
 	body, contentType := m.b, "application/octet-stream"
@@ -149,10 +148,11 @@ func (s *session) handle(m inMsg) {
 	case <-s.ctx.Done():
 		return
 	}
-	if len(s.sem) == cap(s.sem) {
-		// Every slot is taken: the next message would wait anyway, so
-		// this one is served here, on the inbox's goroutine (always, with
-		// the default max_inflight 1).
+	if cap(s.sem) == 1 {
+		// max_inflight 1 (the default): the next message waits for this
+		// one anyway, so it is served here, on the inbox's goroutine.
+		// With more slots it gets a goroutine of its own, so that the
+		// inbox goes on filling slots as others free them.
 		defer func() { <-s.sem }()
 		s.serve(f, body, contentType)
 		return
