@@ -67,18 +67,43 @@ func (RedisBroker) CaddyModule() caddy.ModuleInfo {
 // configuration across config reloads, keyed by the broker's JSON.
 var redisNodes = caddy.NewUsagePool()
 
-// redisNode is a running redisbroker.Broker with its subscriber loop.
+// redisNode is a redisbroker.Broker with its subscriber loop, started
+// once by the first config that runs with it (not by one that is only
+// validated).
 type redisNode struct {
-	b      *redisbroker.Broker
-	cancel context.CancelFunc
-	done   chan struct{}
+	b       *redisbroker.Broker
+	startMu sync.Mutex // guards cancel and done
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+// start runs the subscriber loop unless it runs already.
+func (n *redisNode) start() {
+	n.startMu.Lock()
+	defer n.startMu.Unlock()
+	if n.done != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel, n.done = cancel, make(chan struct{})
+	go func() {
+		defer close(n.done)
+		n.b.Run(ctx, redisEvents{globalHub, n.b})
+	}()
 }
 
 func (n *redisNode) Destruct() error {
-	n.cancel()
-	<-n.done
+	n.startMu.Lock()
+	if n.done != nil {
+		n.cancel()
+		<-n.done
+	}
+	n.startMu.Unlock()
 	return n.b.Close()
 }
+
+// Start runs the broker's subscriber (from the duplex app's Start).
+func (r *RedisBroker) Start() { r.shared.start() }
 
 // redisLog sends go-redis's own messages (reconnections, Sentinel
 // lookups) to Caddy's logger instead of stderr.
@@ -128,13 +153,7 @@ func (r *RedisBroker) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return nil, err
 		}
-		runCtx, cancel := context.WithCancel(context.Background())
-		n := &redisNode{b: b, cancel: cancel, done: make(chan struct{})}
-		go func() {
-			defer close(n.done)
-			b.Run(runCtx, redisEvents{globalHub, b})
-		}()
-		return n, nil
+		return &redisNode{b: b}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("duplex: broker redis: %w", err)

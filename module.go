@@ -134,6 +134,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 // Start applies the global options. A new config's apps start before the
 // old config's stop, so the new settings take over.
 func (a *App) Start() error {
+	if r, ok := a.broker.(*RedisBroker); ok {
+		r.Start()
+	}
 	a.hub.app.Store(a)
 	return nil
 }
