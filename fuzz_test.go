@@ -122,6 +122,7 @@ func FuzzMessageTarget(f *testing.F) {
 		{"POST", "/live/rooms/1?x=1"}, {"get", "/live/../admin"}, {"TRACE", "/live"},
 		{"pri", "//evil.example/x"}, {"DELETE", "/live/%2e%2e/admin"}, {"PUT", "/live//x"},
 		{"POST", "/livex"}, {"x y", "/live"}, {"POST", "http://h/live"},
+		{"POST", `/live/x\..\..\admin`}, {"POST", "/live/x%5c..%5cadmin"},
 	} {
 		f.Add(s[0], s[1])
 	}
@@ -143,7 +144,7 @@ func FuzzMessageTarget(f *testing.F) {
 			return
 		}
 		p := req.URL.Path
-		if !strings.HasPrefix(p, "/") || strings.Contains(p, "//") || strings.Contains(p, "/../") || strings.HasSuffix(p, "/..") || strings.Contains(p, "/./") || req.URL.Host != "" {
+		if !strings.HasPrefix(p, "/") || strings.Contains(p, "//") || strings.Contains(p, "/../") || strings.HasSuffix(p, "/..") || strings.Contains(p, "/./") || strings.Contains(p, "\\") || req.URL.Host != "" {
 			t.Fatalf("target %q made path %q (host %q)", target, p, req.URL.Host)
 		}
 		if underPath(p, "/live") && p != "/live" && !strings.HasPrefix(p, "/live/") {

@@ -177,6 +177,11 @@ func parseTarget(target string) (*url.URL, error) {
 	if clean != pu.Path {
 		return nil, errors.New("path must be clean: no . or .. segments, no repeated slashes")
 	}
+	if strings.ContainsRune(pu.Path, '\\') {
+		// An app that reads a backslash as a slash would see dot segments
+		// the scope check did not.
+		return nil, errors.New("path must not contain a backslash")
+	}
 	return pu, nil
 }
 
