@@ -852,3 +852,68 @@ http://127.0.0.1:{{.HTTP}} {
 		t.Fatalf("sessions across the Redis Cluster's masters: %d, %d listed", st, len(list))
 	}
 }
+
+// `caddy reload` on one node behaves as on a single node (its sessions get
+// 4012 and resume, with every push), and the other node's sessions do not
+// notice it.
+func TestClusterReloadOneNode(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	type peer struct {
+		s      *client.Session
+		closes atomic.Int32
+		opens  atomic.Int32
+	}
+	var peers []*peer
+	for _, n := range nodes {
+		p := &peer{}
+		s, err := client.Dial(ctx, n.url("/live"), client.Options{
+			Transports: []string{client.WebSocket},
+			MinBackoff: 10 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+			OnClose:    func(client.CloseInfo) { p.closes.Add(1) },
+			OnOpen:     func(client.Open) { p.opens.Add(1) },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		p.s = s
+		peers = append(peers, p)
+	}
+	nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": 0}, 2)
+	changed := renderedConfig(t, nodes[0]) + "\nhttp://127.0.0.1:" + itoa(freePorts(t, 1)[0]) + " {\n\trespond ok\n}\n"
+	resp, err := http.Post(nodes[0].adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d", resp.StatusCode)
+	}
+	waitUntil(t, "node 0's session to resume", frameWait, func() bool { return peers[0].opens.Load() == 2 })
+	for i := 1; i <= 5; i++ {
+		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, 2)
+	}
+	for pi, p := range peers {
+		for i := 0; i <= 5; i++ {
+			select {
+			case got := <-p.s.Pushes():
+				if string(got.Data) != strconv.Itoa(i) || got.Seq != uint64(i+1) {
+					t.Fatalf("session %d: push %d is seq %d data %s", pi, i, got.Seq, got.Data)
+				}
+			case <-ctx.Done():
+				t.Fatalf("session %d: push %d: %v", pi, i, ctx.Err())
+			}
+		}
+	}
+	if peers[0].closes.Load() != 1 {
+		t.Errorf("node 0's session got %d closes, want the reload's one", peers[0].closes.Load())
+	}
+	if peers[1].closes.Load() != 0 || peers[1].opens.Load() != 1 {
+		t.Errorf("node 1's session noticed the reload: %d closes, %d opens", peers[1].closes.Load(), peers[1].opens.Load())
+	}
+}
