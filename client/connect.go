@@ -6,8 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"time"
+
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // cursor is where a resume starts: <token>:<last seq>, or "" before the
@@ -18,7 +19,7 @@ func (s *Session) cursor() string {
 	if s.token == "" {
 		return ""
 	}
-	return s.token + ":" + strconv.FormatUint(s.lastSeq, 10)
+	return protocol.Cursor{Token: s.token, Seq: s.lastSeq}.String()
 }
 
 // opening is a connection whose open frame has arrived.
@@ -79,10 +80,10 @@ func readOpen(ctx context.Context, c conn) (opening, error) {
 		if err := json.Unmarshal(raw, &f); err != nil {
 			return opening{}, fmt.Errorf("duplex client: %s: %w: %w", c.transport(), errNotOpen, err)
 		}
-		if f.Type == "ping" {
+		if f.Type == protocol.TypePing {
 			continue
 		}
-		if f.Type != "open" || f.Session == "" || f.Token == "" {
+		if f.Type != protocol.TypeOpen || f.Session == "" || f.Token == "" {
 			return opening{}, fmt.Errorf("duplex client: %s: %w: %s", c.transport(), errNotOpen, raw)
 		}
 		return opening{c: c, f: f, raw: raw}, nil

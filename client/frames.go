@@ -4,28 +4,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // serverFrame is any frame the server sends (README, "Frames").
-type serverFrame struct {
-	Type      string          `json:"type"`
-	Session   string          `json:"session"`
-	Token     string          `json:"token"`
-	Resumed   bool            `json:"resumed"`
-	Heartbeat float64         `json:"heartbeat"`
-	Data      json.RawMessage `json:"data"`
-	Seq       uint64          `json:"seq"`
-	Channel   string          `json:"channel"`
-	Ref       json.RawMessage `json:"ref"`
-	Status    int             `json:"status"`
-	Error     string          `json:"error"`
-	Encoding  string          `json:"encoding"`
-	Code      int             `json:"code"`
-	Reason    string          `json:"reason"`
-	Reconnect bool            `json:"reconnect"`
-}
+type serverFrame = protocol.Frame
 
-// messageFrame is a client message.
+// messageFrame is a client message, as the client writes it: its id is
+// always a string.
 type messageFrame struct {
 	ID     string          `json:"id,omitempty"`
 	Method string          `json:"method,omitempty"`

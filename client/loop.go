@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/caddy-duplex/duplex/protocol"
 )
 
 // maxBatch is the most frames written at once (one SSE POST carries at most
@@ -124,26 +126,26 @@ func (s *Session) handle(raw []byte) (end bool, why error) {
 	if json.Unmarshal(raw, &f) != nil {
 		return false, nil
 	}
-	if f.Type == "ping" {
+	if f.Type == protocol.TypePing {
 		return false, nil
 	}
 	if s.opts.OnFrame != nil {
 		s.opts.OnFrame(raw)
 	}
 	switch f.Type {
-	case "push":
+	case protocol.TypePush:
 		s.deliver(f)
-	case "ack":
+	case protocol.TypeAck:
 		s.settle(f.Ref, nil, nil)
-	case "reply":
+	case protocol.TypeReply:
 		data := f.Data
 		if data == nil {
 			data = json.RawMessage("null")
 		}
 		s.settle(f.Ref, data, nil)
-	case "error":
+	case protocol.TypeError:
 		s.settle(f.Ref, nil, &Error{Status: f.Status, Message: f.Error})
-	case "close":
+	case protocol.TypeClose:
 		if s.opts.OnClose != nil {
 			s.opts.OnClose(CloseInfo{Code: f.Code, Reason: f.Reason, Reconnect: f.Reconnect})
 		}
