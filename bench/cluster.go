@@ -319,6 +319,12 @@ func (e *env) startDuplexSystem(name string, n int, rs *redisServer, dial func(c
 
 // runCluster runs (e): every phase on every system.
 func (e *env) runCluster() {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		logf("cluster: skipped, redis-server is not installed (apt-get install redis-server): %v", err)
+		e.rep.add("(e) cluster", "websocket", metricSpec{key: "skipped",
+			label: "skipped: redis-server not found", format: "%.0f"}, math.NaN(), math.NaN())
+		return
+	}
 	rs, err := startRedis(e.bins.workDir)
 	if err != nil {
 		e.failures++
