@@ -5,8 +5,8 @@
 // markdown table: every figure for caddy-duplex beside the reference
 // server's, and their ratio.
 //
-//	go run ./bench           # the full run (about 8 minutes on 2 cores)
-//	go run ./bench -quick    # smaller sizes, 3 s phases (about 2 minutes)
+//	go run ./bench           # the full run (about 12 minutes on 2 cores, the cluster included)
+//	go run ./bench -quick    # smaller sizes, 3 s phases (about 3½ minutes)
 //
 // Scenarios: (a) idle sessions: RSS per session and opens per second;
 // (b) fan-out: publishes to one channel with N subscribers; (c) unicast:
@@ -79,7 +79,7 @@ func parseFlags() (config, error) {
 		scenarios, transports, servers, szs string
 		clusterSizes                        string
 	)
-	flag.BoolVar(&quick, "quick", false, "quick run: N=1000 only, 20 publishes, 3 s phases (overrides the size and duration flags)")
+	flag.BoolVar(&quick, "quick", false, "quick run: N=1000 only (cluster fan-out 1, 100, 1000), 20 publishes, 3 s phases (overrides the size and duration flags)")
 	flag.StringVar(&scenarios, "scenarios", strings.Join(allScenarios, ","), "scenarios to run: "+strings.Join(allScenarios, ","))
 	flag.StringVar(&transports, "transports", "websocket,sse,stream", "transports to drive")
 	flag.StringVar(&servers, "servers", nameDuplex+","+nameReference, "servers to measure")
