@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strconv"
 	"sync"
@@ -41,9 +42,17 @@ type clientSession struct {
 // acknowledge pushes (no ack frames in the measurements) and does not
 // reconnect on its own within a run.
 func openSession(transport string, srv *server, channel string, onFrame frameFunc) (*clientSession, error) {
+	return openSessionDial(transport, srv, channel, nil, onFrame)
+}
+
+// openSessionDial is openSession with the client's DialContext (nil: a
+// net.Dialer).
+func openSessionDial(transport string, srv *server, channel string,
+	dial func(ctx context.Context, network, addr string) (net.Conn, error), onFrame frameFunc) (*clientSession, error) {
 	u := "http://" + srv.host + srv.livePath + "?channel=" + url.QueryEscape(channel)
 	opened := false // set by Dial's goroutine before the reader starts
 	s, err := client.Dial(context.Background(), u, client.Options{
+		DialContext: dial,
 		Transports:  []string{transport},
 		HTTP:        client.HTTP1,
 		DialTimeout: openTimeout,

@@ -5,8 +5,8 @@
 // markdown table: every figure for caddy-duplex beside the reference
 // server's, and their ratio.
 //
-//	go run ./bench           # the full run (about 8 minutes on 2 cores)
-//	go run ./bench -quick    # smaller sizes, 3 s phases (about 2 minutes)
+//	go run ./bench           # the full run (about 12 minutes on 2 cores, the cluster included)
+//	go run ./bench -quick    # smaller sizes, 3 s phases (about 3½ minutes)
 //
 // Scenarios: (a) idle sessions: RSS per session and opens per second;
 // (b) fan-out: publishes to one channel with N subscribers; (c) unicast:
@@ -14,7 +14,9 @@
 // batched publishes; (d) round trips through the session to the upstream,
 // beside plain HTTP/1.1 requests through Caddy's reverse_proxy. Each runs
 // over WebSocket, SSE (+ POST) and stream (NDJSON over HTTP/1.1 full
-// duplex). Server CPU time per operation comes from /proc/<pid>/stat,
+// duplex). (e) cluster: three Caddy nodes on Redis (`broker redis`)
+// beside one on the memory broker and beside three Centrifugo v6 nodes on
+// the same Redis, over WebSocket (cluster.go). Server CPU time per operation comes from /proc/<pid>/stat,
 // RSS from /proc/<pid>/status. Each measurement gets fresh server
 // processes; progress goes to stderr, the table to stdout.
 package main
@@ -57,6 +59,9 @@ type config struct {
 	rtSessions int           // (d) sessions sending back to back
 	rtDuration time.Duration // (d)
 
+	clusterSizes []int  // (e) fan-out session counts
+	centrifugo   string // (e) Centrifugo binary ("" = $(go env GOPATH)/bin/centrifugo)
+
 	proxyIdleConns int // Caddy's keepalive_idle_conns_per_host (0: default)
 
 	pprofDir string // save Caddy profiles here ("" = none)
@@ -65,15 +70,16 @@ type config struct {
 	keep     bool   // keep the work directory
 }
 
-var allScenarios = []string{"idle", "fanout", "unicast", "roundtrip"}
+var allScenarios = []string{"idle", "fanout", "unicast", "roundtrip", "cluster"}
 
 func parseFlags() (config, error) {
 	var (
 		cfg                                 config
 		quick                               bool
 		scenarios, transports, servers, szs string
+		clusterSizes                        string
 	)
-	flag.BoolVar(&quick, "quick", false, "quick run: N=1000 only, 20 publishes, 3 s phases (overrides the size and duration flags)")
+	flag.BoolVar(&quick, "quick", false, "quick run: N=1000 only (cluster fan-out 1, 100, 1000), 20 publishes, 3 s phases (overrides the size and duration flags)")
 	flag.StringVar(&scenarios, "scenarios", strings.Join(allScenarios, ","), "scenarios to run: "+strings.Join(allScenarios, ","))
 	flag.StringVar(&transports, "transports", "websocket,sse,stream", "transports to drive")
 	flag.StringVar(&servers, "servers", nameDuplex+","+nameReference, "servers to measure")
@@ -91,6 +97,8 @@ func parseFlags() (config, error) {
 	flag.DurationVar(&cfg.drain, "drain", 5*time.Second, "(c) longest wait for deliveries after publishing stops")
 	flag.IntVar(&cfg.rtSessions, "rt-sessions", 100, "(d) sessions (and plain-request clients)")
 	flag.DurationVar(&cfg.rtDuration, "rt-duration", 10*time.Second, "(d) time each sends back to back")
+	flag.StringVar(&clusterSizes, "cluster-sizes", "1,100,1000,10000", "(e) cluster fan-out session counts")
+	flag.StringVar(&cfg.centrifugo, "centrifugo", "", "(e) Centrifugo v6 binary (default: centrifugo in $(go env GOPATH)/bin; its rows are skipped if it is not there)")
 	flag.IntVar(&cfg.proxyIdleConns, "proxy-idle-conns", 128, "Caddy's reverse_proxy keepalive_idle_conns_per_host, for both routes (0: Caddy's default, 32, which churns upstream connections under 100 concurrent clients)")
 	flag.StringVar(&cfg.pprofDir, "pprof", "", "save Caddy heap, goroutine and CPU profiles into this directory")
 	flag.StringVar(&cfg.caddyBin, "caddy", "", "Caddy binary to use instead of building ./cmd/caddy")
@@ -100,6 +108,7 @@ func parseFlags() (config, error) {
 
 	if quick {
 		szs = "1000"
+		clusterSizes = "1,100,1000"
 		cfg.publishes = 20
 		cfg.duration = 3 * time.Second
 		cfg.rtDuration = 3 * time.Second
@@ -132,7 +141,14 @@ func parseFlags() (config, error) {
 		}
 		cfg.sizes = append(cfg.sizes, n)
 	}
-	if len(cfg.sizes) == 0 || cfg.publishes < 1 || cfg.unicastSessions < 1 || cfg.publishers < 1 || cfg.rtSessions < 1 {
+	for _, s := range splitList(clusterSizes) {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			return cfg, fmt.Errorf("-cluster-sizes: bad size %q", s)
+		}
+		cfg.clusterSizes = append(cfg.clusterSizes, n)
+	}
+	if len(cfg.sizes) == 0 || len(cfg.clusterSizes) == 0 || cfg.publishes < 1 || cfg.unicastSessions < 1 || cfg.publishers < 1 || cfg.rtSessions < 1 {
 		return cfg, fmt.Errorf("sizes, publishes, sessions and publishers must be positive")
 	}
 	return cfg, nil
@@ -195,7 +211,7 @@ func run(cfg config) int {
 	if err != nil {
 		return fail(err)
 	}
-	need := uint64(slices.Max(cfg.sizes) + 1000) // per process: the harness and each server
+	need := uint64(max(slices.Max(cfg.sizes), slices.Max(cfg.clusterSizes)) + 1000) // per process: the harness and each server
 	if limit < need {
 		logf("warning: open-file limit %d is below the %d the largest size needs", limit, need)
 	}
@@ -248,6 +264,9 @@ func run(cfg config) int {
 	}
 	if cfg.scenarios["roundtrip"] {
 		e.runRoundTrips()
+	}
+	if cfg.scenarios["cluster"] {
+		e.runCluster()
 	}
 
 	up.stop(time.Second) // so its CPU time counts as ours

@@ -87,6 +87,15 @@ func startServer(name string, bins binaries, upstreamPort int) (*server, error) 
 }
 
 func startCaddy(bins binaries, upstreamPort int) (*server, error) {
+	return startCaddyWith(bins, func(admin, httpPort int, storage string) string {
+		return fmt.Sprintf(caddyfile, admin, httpPort, upstreamPort, storage, proxyOptions(bins.proxyIdleConns))
+	})
+}
+
+// startCaddyWith starts Caddy with the Caddyfile config returns for its
+// admin and HTTP ports and storage directory; the site must serve
+// /direct (it is polled until Caddy answers).
+func startCaddyWith(bins binaries, config func(admin, httpPort int, storage string) string) (*server, error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, err
@@ -97,7 +106,7 @@ func startCaddy(bins binaries, upstreamPort int) (*server, error) {
 		return nil, fmt.Errorf("caddy dir: %w", err)
 	}
 	cf := filepath.Join(dir, "Caddyfile")
-	body := fmt.Sprintf(caddyfile, admin, httpPort, upstreamPort, filepath.Join(dir, "storage"), proxyOptions(bins.proxyIdleConns))
+	body := config(admin, httpPort, filepath.Join(dir, "storage"))
 	if err := os.WriteFile(cf, []byte(body), 0o644); err != nil {
 		return nil, fmt.Errorf("writing Caddyfile: %w", err)
 	}
