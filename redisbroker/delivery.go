@@ -50,32 +50,19 @@ func (b *Broker) holding(id string) *holding {
 	return b.held[id]
 }
 
-// receive handles one message on this node's channel: "p <id> <seq>
-// <payload>" a push, "c <id> <kind> <payload>" a command, "f <id>
+// receive handles one message on this node's channel: "m" and "x" a
+// publish's pushes and closes (see receiveBatch), "c <id> <kind>
+// <payload>" a command, "f <id>
 // <request>@<node> <payload>" a forward to answer, "r <request> <status>"
 // the answer to one of this node's forwards.
 func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 	kind, rest, _ := cutSpace(msg)
+	if kind == "m" || kind == "x" {
+		b.receiveBatch(ctx, h, kind, rest)
+		return
+	}
 	id, rest, _ := cutSpace(rest)
 	switch kind {
-	case "p":
-		seqText, payload, _ := cutSpace(rest)
-		seq, err := strconv.ParseUint(seqText, 10, 64)
-		if err != nil {
-			return
-		}
-		hd := b.holding(id)
-		if hd == nil {
-			return // not held here (any more): its log has it
-		}
-		hd.mu.Lock()
-		defer hd.mu.Unlock()
-		e := Entry{Seq: seq, Payload: []byte(payload)}
-		if hd.pending {
-			hd.waiting = append(hd.waiting, e)
-			return
-		}
-		b.deliverLocked(ctx, h, id, hd, e)
 	case "c":
 		cmd, payload, _ := cutSpace(rest)
 		if cmd == "takeover" {
@@ -104,6 +91,48 @@ func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 			}
 		}
 	}
+}
+
+// receiveBatch handles a publish's message to this node: "m <length>
+// <payload> <id>:<seq> …" pushes, "x <length> <close frame> <id> …"
+// closes.
+func (b *Broker) receiveBatch(ctx context.Context, h Handler, kind, rest string) {
+	lenText, rest, _ := cutSpace(rest)
+	n, err := strconv.Atoi(lenText)
+	if err != nil || n < 0 || n > len(rest) {
+		return
+	}
+	payload, entries := rest[:n], strings.TrimPrefix(rest[n:], " ")
+	for entries != "" {
+		var entry string
+		entry, entries, _ = cutSpace(entries)
+		if kind == "x" {
+			h.Command(entry, "close", []byte(payload))
+			continue
+		}
+		id, seqText, _ := strings.Cut(entry, ":")
+		seq, err := strconv.ParseUint(seqText, 10, 64)
+		if err != nil {
+			continue
+		}
+		b.receivePush(ctx, h, id, seq, payload)
+	}
+}
+
+// receivePush delivers push seq of session id, if this node holds it.
+func (b *Broker) receivePush(ctx context.Context, h Handler, id string, seq uint64, payload string) {
+	hd := b.holding(id)
+	if hd == nil {
+		return // not held here (any more): its log has it
+	}
+	hd.mu.Lock()
+	defer hd.mu.Unlock()
+	e := Entry{Seq: seq, Payload: []byte(payload)}
+	if hd.pending {
+		hd.waiting = append(hd.waiting, e)
+		return
+	}
+	b.deliverLocked(ctx, h, id, hd, e)
 }
 
 // deliverLocked delivers e to session id after the pushes it missed, read

@@ -32,12 +32,15 @@
 // # A publish
 //
 // A publish resolves its targets (one SMEMBERS for a channel or user),
-// groups them by Redis Cluster slot and runs the publish script once per
-// group (once in all on standalone Redis): for each session, HINCRBY its
-// seq, XADD the push to its log and PUBLISH it to the holding node's
-// channel P:n:<node>, all atomic per session. Cost per publish: one
-// script call per slot group, with 3 commands per target session inside
-// it, plus one SMEMBERS for channel and user targets.
+// groups them by Redis Cluster slot, in batches of 256 sessions, and runs
+// the publish script once per batch, all batches of a publish in one
+// pipeline (one round trip; a single batch on standalone Redis up to 256
+// targets): for each session one HMGET (node, closed, resume_buffer), one
+// HINCRBY of its seq and one XADD to its log, atomic per session; then one
+// PUBLISH per node holding some of them, naming the sessions and their seqs
+// with the payload once. Cost per publish: 3 commands per target session
+// plus one PUBLISH per node and batch, plus one SMEMBERS for channel and
+// user targets.
 //
 // # Gaps
 //

@@ -22,27 +22,38 @@ type Publish struct {
 
 // publishScript applies one publish to the sessions whose keys are KEYS
 // (meta and log of each, in turn; ids in ARGV[4..]): each gets the push
-// with its next seq in its log and on its node's channel (ARGV[3] is the
-// channel prefix), or the close (ARGV[2] "1"). It returns how many it
+// with its next seq in its log, or the close (ARGV[2] "1"). Each node
+// holding some of them gets one message on its channel (ARGV[3] is the
+// channel prefix) naming them with their seqs. It returns how many it
 // reached and the ids of those that are gone.
 var publishScript = redis.NewScript(`
-local n, gone = 0, {}
+local n, gone, byNode = 0, {}, {}
 for i = 1, #KEYS / 2 do
   local meta, log, id = KEYS[2*i-1], KEYS[2*i], ARGV[3+i]
-  local node = redis.call('HGET', meta, 'node')
-  if not node or redis.call('HEXISTS', meta, 'closed') == 1 then
-    if not node then gone[#gone+1] = id end
-  elseif ARGV[2] == '1' then
-    redis.call('HSET', meta, 'closed', ARGV[1])
-    redis.call('PUBLISH', ARGV[3] .. node, 'c ' .. id .. ' close ' .. ARGV[1])
-    n = n + 1
-  else
-    local seq = redis.call('HINCRBY', meta, 'seq', 1)
-    local maxlen = redis.call('HGET', meta, 'maxlen') or '1000'
-    redis.call('XADD', log, 'MAXLEN', maxlen, seq .. '-1', 'p', ARGV[1])
-    redis.call('PUBLISH', ARGV[3] .. node, 'p ' .. id .. ' ' .. seq .. ' ' .. ARGV[1])
+  local m = redis.call('HMGET', meta, 'node', 'closed', 'maxlen')
+  local node = m[1]
+  if not node then
+    gone[#gone+1] = id
+  elseif not m[2] then
+    local entry
+    if ARGV[2] == '1' then
+      redis.call('HSET', meta, 'closed', ARGV[1])
+      entry = id
+    else
+      local seq = redis.call('HINCRBY', meta, 'seq', 1)
+      redis.call('XADD', log, 'MAXLEN', m[3] or '1000', seq .. '-1', 'p', ARGV[1])
+      entry = id .. ':' .. seq
+    end
+    local list = byNode[node]
+    if not list then list = {}; byNode[node] = list end
+    list[#list+1] = entry
     n = n + 1
   end
+end
+local kind = 'm '
+if ARGV[2] == '1' then kind = 'x ' end
+for node, list in pairs(byNode) do
+  redis.call('PUBLISH', ARGV[3] .. node, kind .. #ARGV[1] .. ' ' .. ARGV[1] .. ' ' .. table.concat(list, ' '))
 end
 return {n, gone}
 `)
@@ -74,29 +85,55 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 			}
 		}
 	}
-	n, gone := 0, []string{}
+	// One script call per batch; the batches of one publish go in one
+	// pipeline (one round trip).
+	type batch struct {
+		keys []string
+		argv []any
+		res  *redis.Cmd
+	}
+	var batches []*batch
 	for _, group := range b.groups(ids) {
 		for len(group) > 0 {
-			batch := group[:min(len(group), scriptBatch)]
-			group = group[len(batch):]
-			k := make([]string, 0, 2*len(batch))
-			argv := make([]any, 0, 3+len(batch))
-			argv = append(argv, p.Payload, boolArg(p.Close), b.k.node(""))
-			for _, id := range batch {
-				k = append(k, b.k.session(id), b.k.log(id))
-				argv = append(argv, id)
+			ids := group[:min(len(group), scriptBatch)]
+			group = group[len(ids):]
+			bt := &batch{keys: make([]string, 0, 2*len(ids)), argv: make([]any, 0, 3+len(ids))}
+			bt.argv = append(bt.argv, p.Payload, boolArg(p.Close), b.k.node(""))
+			for _, id := range ids {
+				bt.keys = append(bt.keys, b.k.session(id), b.k.log(id))
+				bt.argv = append(bt.argv, id)
 			}
-			cctx, cancel := b.call(ctx)
-			res, err := publishScript.Run(cctx, b.rdb, k, argv...).Slice()
-			cancel()
-			if err != nil {
-				return n, unavailable("publishing", err)
+			batches = append(batches, bt)
+		}
+	}
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	if len(batches) == 1 {
+		batches[0].res = publishScript.Run(cctx, b.rdb, batches[0].keys, batches[0].argv...)
+	} else if len(batches) > 1 {
+		_, _ = b.rdb.Pipelined(cctx, func(pl redis.Pipeliner) error {
+			for _, bt := range batches {
+				bt.res = publishScript.EvalSha(cctx, pl, bt.keys, bt.argv...)
 			}
-			reached, _ := res[0].(int64)
-			n += int(reached)
-			for _, g := range res[1].([]any) {
-				gone = append(gone, g.(string))
+			return nil
+		})
+		for _, bt := range batches {
+			if redis.HasErrorPrefix(bt.res.Err(), "NOSCRIPT") {
+				// Not applied: run it again, loading the script.
+				bt.res = publishScript.Run(cctx, b.rdb, bt.keys, bt.argv...)
 			}
+		}
+	}
+	n, gone := 0, []string{}
+	for _, bt := range batches {
+		res, err := bt.res.Slice()
+		if err != nil {
+			return n, unavailable("publishing", err)
+		}
+		reached, _ := res[0].(int64)
+		n += int(reached)
+		for _, g := range res[1].([]any) {
+			gone = append(gone, g.(string))
 		}
 	}
 	if p.Session != "" && n == 0 && len(gone) > 0 {
