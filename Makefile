@@ -49,7 +49,8 @@ fuzz:
 
 ## bench: Go micro-benchmarks (frame encoding, hub fan-out), then the
 ## benchmark harness: Caddy + plugin against the reference server over
-## loopback, one table (see BENCHMARKS.md; about 8 minutes on 2 cores)
+## loopback, one table, then the cluster rows beside Centrifugo (see
+## BENCHMARKS.md; about 12 minutes on 2 cores)
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	$(GO) run ./bench
