@@ -121,3 +121,20 @@ func TestAdaptErrors(t *testing.T) {
 		})
 	}
 }
+
+// The demo's cluster Caddyfile (make demo-cluster) adapts for each node,
+// with the broker and the node's ports from the environment.
+func TestDemoClusterCaddyfile(t *testing.T) {
+	t.Setenv("PORT", "8081")
+	t.Setenv("ADMIN", "2020")
+	raw, err := os.ReadFile("testdata/demo/Caddyfile.cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := adapt(t, "testdata/demo/Caddyfile.cluster", string(raw))
+	for _, want := range []string{`"broker": "redis"`, `"127.0.0.1:6390"`, `":8081"`, `"localhost:2020"`, `"handler": "duplex_client"`} {
+		if !strings.Contains(got, want) {
+			t.Errorf("adapted config lacks %s:\n%s", want, got)
+		}
+	}
+}
