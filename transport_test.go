@@ -304,6 +304,9 @@ func TestStreamTransport(t *testing.T) {
 
 // --- heartbeats and idle timeouts ----------------------------------------------
 
+// The heartbeat leaves a healthy peer a whole heartbeat of slack before
+// its read deadline (two heartbeats after its last frame): 2s, so that a
+// loaded machine running -race cannot starve a ping or its pong that long.
 func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
@@ -314,19 +317,19 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 				path *
 			}
 			user {http.request.header.X-User}
-			heartbeat 1s
+			heartbeat 2s
 			resume_window 1s
 		}
 		reverse_proxy {{.Upstream}}
 	}
 `, "Upstream", app.Addr), `
 		timeouts {
-			read_body_idle 3s
-			write_idle 3s
+			read_body_idle 5s
+			write_idle 5s
 		}
 `, xconnectEnv)
 	c := e.c
-	const silence = 8 * time.Second
+	const silence = 12 * time.Second
 
 	// Everything is opened first, so the waits overlap.
 
@@ -402,11 +405,11 @@ func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 			switch cc := s.conn.(type) {
 			case *streamDuplex:
 				if n := cc.pings.Load(); n < 2 {
-					t.Errorf("stream: %d ping lines during %s of silence with heartbeat 1s", n, silence)
+					t.Errorf("stream: %d ping lines during %s of silence with heartbeat 2s", n, silence)
 				}
 			case *sseDuplex:
 				if n := cc.pings.Load(); n < 2 {
-					t.Errorf("sse: %d ping events during %s of silence with heartbeat 1s", n, silence)
+					t.Errorf("sse: %d ping events during %s of silence with heartbeat 2s", n, silence)
 				}
 			}
 		})
