@@ -72,6 +72,7 @@ var redisNodes = caddy.NewUsagePool()
 // validated).
 type redisNode struct {
 	b       *redisbroker.Broker
+	events  redisEvents
 	startMu sync.Mutex // guards cancel and done
 	cancel  context.CancelFunc
 	done    chan struct{}
@@ -88,7 +89,7 @@ func (n *redisNode) start() {
 	n.cancel, n.done = cancel, make(chan struct{})
 	go func() {
 		defer close(n.done)
-		n.b.Run(ctx, redisEvents{globalHub, n.b})
+		n.b.Run(ctx, n.events)
 	}()
 }
 
@@ -153,7 +154,7 @@ func (r *RedisBroker) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return nil, err
 		}
-		return &redisNode{b: b}, nil
+		return &redisNode{b: b, events: redisEvents{hub: globalHub, rb: b, pushes: new(pushCache)}}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("duplex: broker redis: %w", err)
@@ -288,7 +289,7 @@ func (r *RedisBroker) hold(s *session) {
 	s.mu.Lock()
 	seq := s.seq
 	s.mu.Unlock()
-	r.rb().Hold(s.ctx, redisEvents{s.hub, r.rb()}, s.id, seq)
+	r.rb().Hold(s.ctx, r.shared.events, s.id, seq)
 }
 
 func (r *RedisBroker) subscribe(ctx context.Context, s *session, add, remove []string) error {
@@ -429,16 +430,38 @@ func (r *RedisBroker) node() string { return r.rb().NodeID() }
 
 // redisEvents hands what Redis sends this node to the hub's sessions.
 type redisEvents struct {
-	hub *hub
-	rb  *redisbroker.Broker
+	hub    *hub
+	rb     *redisbroker.Broker
+	pushes *pushCache
 }
 
 var _ redisbroker.Handler = redisEvents{}
 
 func (e redisEvents) Deliver(id string, seq uint64, payload []byte) {
 	if s := e.hub.get(id); s != nil {
-		s.pushSeq(seq, &push{suffix: payload})
+		s.pushSeq(seq, e.pushes.of(payload))
 	}
+}
+
+// pushCache makes one push for the sessions of one publish: the broker
+// hands them the same payload slice, one after the other.
+type pushCache struct {
+	mu   sync.Mutex // guards the fields below
+	key  *byte      // the payload's first byte
+	n    int
+	last *push
+}
+
+func (c *pushCache) of(payload []byte) *push {
+	if len(payload) == 0 {
+		return &push{suffix: payload}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.key != &payload[0] || c.n != len(payload) {
+		c.key, c.n, c.last = &payload[0], len(payload), &push{suffix: payload}
+	}
+	return c.last
 }
 
 func (e redisEvents) Command(id, kind string, payload []byte) {

@@ -19,7 +19,8 @@ import (
 type Handler interface {
 	// Deliver hands this node push seq of session id, which it holds.
 	// For one session, calls come one at a time, in seq order, without
-	// gaps.
+	// gaps. The sessions of one publish get the same payload slice: it
+	// must not be modified.
 	Deliver(id string, seq uint64, payload []byte)
 	// Command hands this node a command for session id: "close" (the
 	// app closed the session; payload is the close frame), "takeover"

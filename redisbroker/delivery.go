@@ -102,12 +102,13 @@ func (b *Broker) receiveBatch(ctx context.Context, h Handler, kind, rest string)
 	if err != nil || n < 0 || n > len(rest) {
 		return
 	}
-	payload, entries := rest[:n], strings.TrimPrefix(rest[n:], " ")
+	// One copy of the payload for all the sessions of the batch.
+	payload, entries := []byte(rest[:n]), strings.TrimPrefix(rest[n:], " ")
 	for entries != "" {
 		var entry string
 		entry, entries, _ = cutSpace(entries)
 		if kind == "x" {
-			h.Command(entry, "close", []byte(payload))
+			h.Command(entry, "close", payload)
 			continue
 		}
 		id, seqText, _ := strings.Cut(entry, ":")
@@ -120,14 +121,14 @@ func (b *Broker) receiveBatch(ctx context.Context, h Handler, kind, rest string)
 }
 
 // receivePush delivers push seq of session id, if this node holds it.
-func (b *Broker) receivePush(ctx context.Context, h Handler, id string, seq uint64, payload string) {
+func (b *Broker) receivePush(ctx context.Context, h Handler, id string, seq uint64, payload []byte) {
 	hd := b.holding(id)
 	if hd == nil {
 		return // not held here (any more): its log has it
 	}
 	hd.mu.Lock()
 	defer hd.mu.Unlock()
-	e := Entry{Seq: seq, Payload: []byte(payload)}
+	e := Entry{Seq: seq, Payload: payload}
 	if hd.pending {
 		hd.waiting = append(hd.waiting, e)
 		return
