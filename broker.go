@@ -2,7 +2,6 @@ package duplex
 
 import (
 	"context"
-	"encoding/json"
 	"net/http"
 	"time"
 
@@ -167,16 +166,6 @@ func (h *hub) brokerOf() broker {
 		return a.broker
 	}
 	return h.memory
-}
-
-// marshalBroker is the JSON of a broker module with its name, for the
-// Caddyfile adapter.
-func marshalBroker(name string, v any) json.RawMessage {
-	b, err := json.Marshal(v)
-	if err != nil || string(b) == "{}" || string(b) == "null" {
-		return json.RawMessage(`{"broker":"` + name + `"}`)
-	}
-	return json.RawMessage(`{"broker":"` + name + `",` + string(b[1:]))
 }
 
 // Interface guards

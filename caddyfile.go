@@ -373,7 +373,7 @@ func parseBroker(d *caddyfile.Dispenser) (json.RawMessage, error) {
 		if d.NextArg() || d.NextBlock(nest) {
 			return nil, d.Err("duplex: broker memory takes no options")
 		}
-		return marshalBroker("memory", nil), nil
+		return caddyconfig.JSONModuleObject(struct{}{}, "broker", "memory", nil), nil
 	case "redis":
 		at := d.Token()
 		r := new(RedisBroker)
@@ -425,7 +425,7 @@ func parseBroker(d *caddyfile.Dispenser) (json.RawMessage, error) {
 		if len(r.Addresses) == 0 {
 			return nil, fmt.Errorf("duplex: broker redis: no address, at %s:%d", at.File, at.Line)
 		}
-		return marshalBroker("redis", r), nil
+		return caddyconfig.JSONModuleObject(r, "broker", "redis", nil), nil
 	default:
 		return nil, d.Errf("duplex: unknown broker %q (want memory or redis)", name)
 	}
