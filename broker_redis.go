@@ -380,7 +380,7 @@ func (r *RedisBroker) detached(s *session, window time.Duration) {
 }
 
 func (r *RedisBroker) acked(s *session, seq uint64) {
-	go r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+	r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
 }
 
 // ended removes s unless another node holds it now (it moved there and
@@ -388,13 +388,12 @@ func (r *RedisBroker) acked(s *session, seq uint64) {
 func (r *RedisBroker) ended(s *session) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
 	defer cancel()
-	rec, err := r.rb().Lookup(ctx, s.id)
-	if err == nil && rec.Node != r.rb().NodeID() {
-		r.rb().Release(s.id)
-		return false
+	held, err := r.rb().EndHeld(ctx, s.id)
+	if err != nil {
+		// Redis is away: run the hook here rather than never.
+		r.logger.Error("redis broker: ending", zap.String("session", s.id), zap.Error(err))
 	}
-	r.call("ending", s, func(ctx context.Context) error { return r.rb().End(ctx, s.id) })
-	return true
+	return held
 }
 
 func (r *RedisBroker) forward(ctx context.Context, s *session, frames [][]byte) (int, error) {

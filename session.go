@@ -88,6 +88,7 @@ type session struct {
 	transport string
 	remote    string
 	gen       uint64 // counts attachments; guards the expiry timer
+	acked     uint64 // the highest push seq the client acked
 	expiry    *time.Timer
 	endReason string
 	endKind   string // metric label
@@ -282,10 +283,17 @@ func (s *session) dropHeldLocked(n int) {
 // ack is the client's {"type":"ack","seq":N}.
 func (s *session) ack(seq uint64) {
 	s.mu.Lock()
+	seq = min(seq, s.seq) // a client cannot ack pushes it has not had
+	advanced := seq > s.acked
+	if advanced {
+		s.acked = seq
+	}
 	s.trimLocked(seq)
 	s.confirmLocked(seq)
 	s.mu.Unlock()
-	s.hub.brokerOf().acked(s, seq)
+	if advanced {
+		s.hub.brokerOf().acked(s, seq)
+	}
 }
 
 // push gives the session the next push: it is buffered for resume and, if a

@@ -167,15 +167,25 @@ func (b *Broker) expireLater(ctx context.Context, p redis.Pipeliner, id, token s
 }
 
 // End removes session id for good: its keys and its places in the channel,
-// user and token indexes.
+// user, token and node indexes (unless another node holds it now).
 func (b *Broker) End(ctx context.Context, id string) error {
+	_, err := b.EndHeld(ctx, id)
+	return err
+}
+
+// EndHeld is End for the node that held session id: if another node holds
+// it now (it resumed there), nothing is removed and held is false.
+func (b *Broker) EndHeld(ctx context.Context, id string) (held bool, err error) {
 	b.Release(id)
 	s, err := b.Lookup(ctx, id)
 	if errors.Is(err, ErrUnknownSession) {
-		return nil
+		return true, nil
 	}
 	if err != nil {
-		return err
+		return true, err
+	}
+	if s.Node != b.cfg.NodeID {
+		return false, nil
 	}
 	cctx, cancel := b.call(ctx)
 	defer cancel()
@@ -192,9 +202,9 @@ func (b *Broker) End(ctx context.Context, id string) error {
 		return nil
 	})
 	if err != nil {
-		return unavailable("ending a session", err)
+		return true, unavailable("ending a session", err)
 	}
-	return nil
+	return true, nil
 }
 
 // Subscribe adds session id to channels.
