@@ -55,6 +55,9 @@ func (b *Broker) Register(ctx context.Context, s Session) error {
 			"window", s.Window.Milliseconds(), "path", s.Path, "host", s.Host,
 			"transport", s.Transport, "remote", s.Remote, "opened", time.Now().UnixMilli())
 		p.SAdd(cctx, b.k.nodeSessions(b.cfg.NodeID), s.ID)
+		// A node that holds sessions is known to be alive, even before its
+		// first heartbeat: if it dies then, its sessions are reaped.
+		p.ZAdd(cctx, b.k.nodes(), redis.Z{Score: float64(time.Now().UnixMilli()), Member: b.cfg.NodeID})
 		if len(s.Channels) > 0 {
 			p.SAdd(cctx, b.k.channels(s.ID), anys(s.Channels)...)
 			for _, c := range s.Channels {
@@ -121,6 +124,7 @@ func (b *Broker) Attach(ctx context.Context, id, transport, remote string) (seq 
 		_, err := b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
 			p.SRem(cctx, b.k.nodeSessions(prev), id)
 			p.SAdd(cctx, b.k.nodeSessions(b.cfg.NodeID), id)
+			p.ZAdd(cctx, b.k.nodes(), redis.Z{Score: float64(time.Now().UnixMilli()), Member: b.cfg.NodeID})
 			p.Publish(cctx, b.k.node(prev), "c "+id+" takeover ")
 			return nil
 		})
