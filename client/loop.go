@@ -79,6 +79,12 @@ func (s *Session) serve(c conn) error {
 		end, why := s.handle(raw)
 		if end {
 			ended = why
+			// Nothing more is written after the server's close: what is
+			// still queued goes on the next connection, not into one the
+			// server no longer reads.
+			unwatch()
+			stop()
+			wg.Wait()
 			readErr = s.drain(c)
 			break
 		}
