@@ -340,6 +340,16 @@ func (c *caddyProc) adminURL(path string) string {
 // returns the status and the raw response body.
 func doJSON(t *testing.T, method, url string, body any, hdr ...string) (int, []byte) {
 	t.Helper()
+	st, raw, err := tryJSON(method, url, body, hdr...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, raw
+}
+
+// tryJSON is doJSON for goroutines other than the test's (t.Fatal may
+// only stop the test's own): it returns the error instead.
+func tryJSON(method, url string, body any, hdr ...string) (int, []byte, error) {
 	var r io.Reader
 	switch b := body.(type) {
 	case nil:
@@ -350,13 +360,13 @@ func doJSON(t *testing.T, method, url string, body any, hdr ...string) (int, []b
 	default:
 		j, err := json.Marshal(b)
 		if err != nil {
-			t.Fatalf("marshal: %v", err)
+			return 0, nil, fmt.Errorf("marshal: %w", err)
 		}
 		r = bytes.NewReader(j)
 	}
 	req, err := http.NewRequest(method, url, r)
 	if err != nil {
-		t.Fatal(err)
+		return 0, nil, err
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -366,14 +376,14 @@ func doJSON(t *testing.T, method, url string, body any, hdr ...string) (int, []b
 	}
 	resp, err := httpc.Do(req)
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
+		return 0, nil, fmt.Errorf("%s %s: %w", method, url, err)
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatalf("%s %s: read body: %v", method, url, err)
+		return 0, nil, fmt.Errorf("%s %s: read body: %w", method, url, err)
 	}
-	return resp.StatusCode, raw
+	return resp.StatusCode, raw, nil
 }
 
 // decode unmarshals raw JSON, failing the test if it is not JSON.
