@@ -136,7 +136,7 @@ function openSSE(s, cursor) {
       }
       r.body?.cancel?.().catch(() => {});
       if (r.status === 202) return;
-      if (r.status === 429) throw { sent: 0, retry: 1000 * Math.max(1, +r.headers.get("Retry-After") || 1) };
+      if (r.status === 429) throw { sent: 0, retry: Math.min(1000 * Math.max(1, +r.headers.get("Retry-After") || 1), o.maxBackoff) };
       if (r.status === 400 || r.status === 413) throw { sent: 0, status: r.status, bad: 1, msg: await r.text().catch(() => "") };
       throw { sent: 0, dead: true }; // 401 ended, 409 no stream: reconnect
     };
@@ -256,8 +256,7 @@ class Session extends EventTarget {
     this.transport = c.kind;
     this._hb = (f.heartbeat || 0) * 1000;
     this._acked = this._seq; // the cursor acknowledged them
-    this._try = 0;
-    this._conn = c;
+    this._conn = c; // backoff resets on its first frame: a server that opens and drops still gets backoff
     this._alive(c);
     this._set("open");
     const detail = { session: f.session, resumed: !!f.resumed, data: f.data, transport: c.kind };
@@ -283,6 +282,7 @@ class Session extends EventTarget {
 
   _frame(c, f) {
     if (c !== this._conn) return;
+    this._try = 0;
     this._alive(c);
     switch (f.type) {
       case "push":
