@@ -42,7 +42,7 @@ class Conn {
 
 const opened = (kind, f, write, drop, resolve, reject) => {
   if (f.type !== "open" || !f.session || !f.token) {
-    drop();
+    drop(true);
     reject(new Error(kind + ": first frame is not open"));
     return null;
   }
@@ -64,9 +64,11 @@ function openWS(s, cursor) {
     let c = null;
     // Dropping a connection leaves the socket to the server: a close frame
     // from the client would end the session, and the resume replaces it.
-    const drop = () => {
+    // A socket still opening, or whose first frame was no open (bad), is
+    // closed: it carries no session of ours.
+    const drop = (bad) => {
       ws.onmessage = ws.onclose = ws.onerror = null;
-      if (ws.readyState === 0) ws.close();
+      if (bad || ws.readyState === 0) ws.close();
     };
     const fail = (e) => { clearTimeout(t); drop(); reject(e); };
     const t = setTimeout(() => fail(new Error("websocket: no open frame in time")), s._o.openTimeout);

@@ -304,3 +304,16 @@ test("a refused first opening rejects ready", async () => {
   const s = connect(URL_, { transports: ["sse"] });
   await assert.rejects(s.ready, (err) => err.code === "closed" && err.status === 403);
 });
+
+test("a first frame that is not an open closes the WebSocket, and the client tries again", async () => {
+  const before = FakeWS.all.length;
+  const s = connect(URL_, { transports: ["websocket"], minBackoff: 1, maxBackoff: 5 });
+  await waitFor("a websocket", () => FakeWS.all.length > before);
+  const ws = FakeWS.last();
+  ws.accept({ type: "open", session: "S1" }); // no token
+  const ws2 = await nextSocket(before + 1);
+  assert.notEqual(ws.closedWith, null, "the bad socket is closed, not left open");
+  ws2.accept(open());
+  await s.ready;
+  s.close();
+});
