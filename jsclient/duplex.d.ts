@@ -19,6 +19,8 @@ export interface Options {
   maxBackoff?: number;
   /** Pushes are acknowledged at most this often (ms). Default 1000. */
   ackInterval?: number;
+  /** Longest SSE line or event data (characters); a longer one drops the connection (an "error" event, status 0) and the session resumes. Default 16 MiB. */
+  maxFrameSize?: number;
 }
 
 export interface OpenDetail {
@@ -42,7 +44,7 @@ export interface CloseDetail {
   reconnect: boolean;
 }
 
-/** An error frame that answered no call (e.g. for a send()). */
+/** An error frame that answered no call (e.g. for a send()); status 0: the client's own (an SSE event over maxFrameSize). */
 export interface ErrorDetail {
   ref?: string | number;
   status: number;
@@ -97,5 +99,5 @@ export function connect(url: string | URL, options?: Options): Session;
 /** The reconnection delay before attempt n (from 0), in ms: full jitter. */
 export function backoff(n: number, min?: number, max?: number, random?: () => number): number;
 
-/** An event-stream parser: feed it text, it calls on(data) for each event's data. */
-export function sseParser(on: (data: string) => void): (chunk: string) => void;
+/** An event-stream parser: feed it text, it calls on(data) for each event's data; a line or data over max characters (default 16 MiB) throws a RangeError. */
+export function sseParser(on: (data: string) => void, max?: number): (chunk: string) => void;

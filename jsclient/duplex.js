@@ -97,8 +97,11 @@ function openWS(s, cursor) {
 }
 
 // sseParser splits an event stream into events and calls on(data) for each.
-export function sseParser(on) {
+// A line or an event's data over max characters throws a RangeError: a
+// stream that never ends one must not grow without bound.
+export function sseParser(on, max = 16 << 20) {
   let buf = "", data = null;
+  const big = () => { throw new RangeError("sse: event larger than " + max + " characters"); };
   return (chunk) => {
     buf += chunk;
     let i;
@@ -112,8 +115,10 @@ export function sseParser(on) {
       } else if (line.startsWith("data")) {
         const v = line.slice(line[4] === ":" ? (line[5] === " " ? 6 : 5) : line.length);
         if (line.length === 4 || line[4] === ":") data = data === null ? v : data + "\n" + v;
+        if (data?.length > max) big();
       }
     }
+    if (buf.length > max) big();
   };
 }
 
@@ -164,14 +169,16 @@ function openSSE(s, cursor) {
         if (fr.type === "ping") return;
         clearTimeout(t);
         c = opened(SSE, fr, write, drop, resolve, reject);
-      });
+      }, o.maxFrameSize);
       try {
         for (;;) {
           const { done, value } = await rd.read();
           if (done) break;
           parse(dec.decode(value, { stream: true }));
         }
-      } catch {}
+      } catch (e) { // an event too large breaks the connection like a read error
+        if (e instanceof RangeError) s._emit("error", { status: 0, message: e.message });
+      }
       drop();
       if (c) c.end();
       else throw new Error("sse: stream ended before open");
@@ -185,7 +192,8 @@ class Session extends EventTarget {
   constructor(url, options = {}) {
     super();
     this._o = { transports: [WS, SSE], headers: {}, callTimeout: 30000, openTimeout: 15000,
-      minBackoff: 500, maxBackoff: 20000, ackInterval: 1000, credentials: "same-origin", ...options };
+      minBackoff: 500, maxBackoff: 20000, ackInterval: 1000, credentials: "same-origin",
+      maxFrameSize: 16 << 20, ...options };
     for (const t of this._o.transports) if (!OPENERS[t]) throw new TypeError("duplex: unknown transport " + t);
     this._url = new URL(url, globalThis.location?.href).href;
     this.state = "connecting";

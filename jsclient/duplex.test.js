@@ -317,3 +317,33 @@ test("a first frame that is not an open closes the WebSocket, and the client tri
   await s.ready;
   s.close();
 });
+
+test("sseParser: a line or an event over max throws instead of growing", () => {
+  const got = [];
+  const feed = sseParser((d) => got.push(d), 10);
+  feed("data: 1234\n\n"); // 4 characters of data, a 10-character line
+  assert.deepEqual(got, ["1234"]);
+  assert.throws(() => { for (let i = 0; i < 5; i++) feed("xxx"); }, /larger than 10/, "a line that never ends");
+  const feed2 = sseParser(() => assert.fail("no event"), 10);
+  assert.throws(() => { for (let i = 0; i < 5; i++) feed2("data: abc\n"); }, /larger than 10/, "an event that never ends");
+});
+
+test("an SSE event over maxFrameSize drops the connection, is reported, and the session resumes", async () => {
+  const srv = sseServer();
+  const s = connect(URL_, { transports: ["sse"], minBackoff: 1, maxBackoff: 5, maxFrameSize: 200 });
+  const errors = [];
+  s.addEventListener("error", (ev) => errors.push(ev.detail));
+  await waitFor("the event stream", () => srv.ctl);
+  srv.event(open());
+  srv.event({ type: "push", seq: 1, data: 1 });
+  await s.ready;
+  const first = srv.ctl;
+  for (let i = 0; i < 20; i++) first.enqueue(new TextEncoder().encode("data: " + "x".repeat(20))); // never ends
+  await waitFor("a second GET", () => srv.gets.length === 2);
+  assert.equal(srv.gets[1].get("Last-Event-ID"), "T1:1");
+  assert.equal(errors.length, 1);
+  assert.match(errors[0].message, /sse: event larger than 200 characters/);
+  srv.event(open({ resumed: true }));
+  await waitFor("open", () => s.state === "open");
+  s.close();
+});
