@@ -21,6 +21,8 @@ export interface Options {
   ackInterval?: number;
   /** Longest SSE line or event data (characters); a longer one drops the connection (an "error" event, status 0) and the session resumes. Default 16 MiB. */
   maxFrameSize?: number;
+  /** Frames waiting to be written (e.g. while disconnected) at most; past it, send() throws and call() rejects with a DuplexError "full". Default 1000. */
+  maxQueue?: number;
 }
 
 export interface OpenDetail {
@@ -76,7 +78,7 @@ export interface Session extends EventTarget {
   readonly ready: Promise<OpenDetail>;
   /** Sends a message; resolves with the reply's data, undefined for an ack. */
   call<T = unknown>(path: string, data?: unknown, options?: CallOptions): Promise<T>;
-  /** Sends a message without an id (fire-and-forget). */
+  /** Sends a message without an id (fire-and-forget); throws a DuplexError ("closed", "full"). */
   send(path: string, data?: unknown, options?: { method?: string }): void;
   /** Ends the session. */
   close(): void;
@@ -87,10 +89,10 @@ export interface Session extends EventTarget {
 }
 
 export class DuplexError extends Error {
-  /** "error": an error frame (status is its status); "timeout": callTimeout passed; "closed": the session ended or was lost. */
-  readonly code: "error" | "timeout" | "closed";
+  /** "error": an error frame (status is its status); "timeout": callTimeout passed; "closed": the session ended or was lost; "full": maxQueue frames wait already. */
+  readonly code: "error" | "timeout" | "closed" | "full";
   readonly status?: number;
-  constructor(code: "error" | "timeout" | "closed", message: string, status?: number);
+  constructor(code: "error" | "timeout" | "closed" | "full", message: string, status?: number);
 }
 
 /** Opens a session on url (absolute, or relative to the page). */

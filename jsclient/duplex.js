@@ -3,7 +3,7 @@
 
 const WS = "websocket", SSE = "sse";
 
-/** A call that failed: code "error" (an error frame; status is its status), "timeout" or "closed". */
+/** A call that failed: code "error" (an error frame; status is its status), "timeout", "closed" or "full" (maxQueue frames wait already). */
 export class DuplexError extends Error {
   constructor(code, message, status) {
     super(message);
@@ -193,7 +193,7 @@ class Session extends EventTarget {
     super();
     this._o = { transports: [WS, SSE], headers: {}, callTimeout: 30000, openTimeout: 15000,
       minBackoff: 500, maxBackoff: 20000, ackInterval: 1000, credentials: "same-origin",
-      maxFrameSize: 16 << 20, ...options };
+      maxFrameSize: 16 << 20, maxQueue: 1000, ...options };
     for (const t of this._o.transports) if (!OPENERS[t]) throw new TypeError("duplex: unknown transport " + t);
     this._url = new URL(url, globalThis.location?.href).href;
     this.state = "connecting";
@@ -369,6 +369,8 @@ class Session extends EventTarget {
 
   _queue(path, data, method, id) {
     if (this.state === "closed") throw new DuplexError("closed", "session closed");
+    // Bounded: while disconnected, frames wait here; past maxQueue the new one fails at once.
+    if (this._out.length >= this._o.maxQueue) throw new DuplexError("full", "send queue full (" + this._o.maxQueue + " frames)");
     const f = { path };
     if (id) f.id = id;
     if (method && method.toUpperCase() !== "POST") f.method = method;

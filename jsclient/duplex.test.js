@@ -347,3 +347,22 @@ test("an SSE event over maxFrameSize drops the connection, is reported, and the 
   await waitFor("open", () => s.state === "open");
   s.close();
 });
+
+test("the send queue is bounded: past maxQueue, send throws and call rejects with code full", async () => {
+  const before = FakeWS.all.length;
+  const s = connect(URL_, { transports: ["websocket"], minBackoff: 1, maxBackoff: 5, maxQueue: 2 });
+  const a = s.call("/live/a", 1, { timeout: 0 });
+  s.send("/live/b");
+  assert.throws(() => s.send("/live/c"), (err) => err instanceof DuplexError && err.code === "full");
+  await assert.rejects(s.call("/live/d"), (err) => err instanceof DuplexError && err.code === "full");
+  await waitFor("a websocket", () => FakeWS.all.length > before);
+  const ws = FakeWS.last();
+  ws.accept(open());
+  await waitFor("two frames", () => ws.sent.length === 2);
+  assert.deepEqual(ws.sent, [{ id: "c1", path: "/live/a", data: 1 }, { path: "/live/b" }]);
+  s.send("/live/e"); // written: room again
+  await waitFor("the third frame", () => ws.sent.length === 3);
+  ws.frame({ type: "ack", ref: "c1" });
+  await a;
+  s.close();
+});
