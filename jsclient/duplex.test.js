@@ -366,3 +366,25 @@ test("the send queue is bounded: past maxQueue, send throws and call rejects wit
   await a;
   s.close();
 });
+
+test("calls without a timeout end when the session ends, with its reason; none is left pending", async () => {
+  const [s, ws] = await session({ callTimeout: 0 });
+  const written = s.call("/live/a");
+  await waitFor("the call", () => ws.sent.length === 1);
+  const n = FakeWS.all.length;
+  ws.drop();
+  await nextSocket(n); // reconnecting: the next call waits, unwritten
+  const queued = s.call("/live/b", null, { timeout: -1 });
+  assert.equal(s._calls.size, 2);
+  s.close();
+  await assert.rejects(written, (err) => err.code === "closed" && err.message === "session closed");
+  await assert.rejects(queued, (err) => err.code === "closed" && err.message === "session closed");
+  assert.equal(s._calls.size, 0);
+
+  const [s2, ws2] = await session({ callTimeout: 0 });
+  const p = s2.call("/live/c");
+  await waitFor("the call", () => ws2.sent.length === 1);
+  ws2.frame({ type: "close", code: 4000, reason: "bye", reconnect: false });
+  await assert.rejects(p, (err) => err.code === "closed" && err.message === "bye");
+  assert.equal(s2._calls.size, 0);
+});
