@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -29,28 +30,50 @@ const sseRetry = 2000
 
 // sseConn is the SSE transport of one session. Client frames do not come
 // through it: POSTs hand them to the session's inbox.
+//
+// Over HTTP/1.1 it takes the connection over (see takeOver) and writes the
+// events straight to it; over HTTP/2 and HTTP/3 it writes the request's
+// response and stays inside the request.
 type sseConn struct {
-	token   string
+	token string
+	// conn is the connection taken over, or nil inside the request.
+	conn    net.Conn
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex // guards the burst writer and token
+	wmu sync.Mutex // guards the burst writer, token and write deadline
+	wd  writeDeadline
 	burstWriter
-	rc *http.ResponseController
+	rc *http.ResponseController // inside the request only
 
 	endOnce sync.Once
 	gone    chan struct{} // closed by end
 }
 
-// acceptSSE starts the event stream. Its headers go out with the open
+// acceptSSE starts the event stream. Its head goes out with the open
 // event, which is queued at once, in one write.
-func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
-	rc := http.NewResponseController(w)
+func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sseConn, error) {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no")
+	retry := "retry: " + strconv.Itoa(sseRetry) + "\n\n"
+	if canTakeOver(r) {
+		if conn, _, ok := takeOver(w); ok {
+			c := &sseConn{
+				conn:        conn,
+				wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
+				burstWriter: burstWriter{out: conn},
+				gone:        make(chan struct{}),
+			}
+			bw := c.buffer()
+			_, _ = bw.Write(responseHead(h))
+			_, _ = bw.WriteString(retry)
+			return c, nil
+		}
+	}
+	rc := http.NewResponseController(w)
 	w.WriteHeader(http.StatusOK)
-	if _, err := io.WriteString(w, "retry: "+strconv.Itoa(sseRetry)+"\n\n"); err != nil {
+	if _, err := io.WriteString(w, retry); err != nil {
 		return nil, fmt.Errorf("duplex: sse: %w", err)
 	}
 	return &sseConn{
@@ -62,7 +85,7 @@ func acceptSSE(w http.ResponseWriter, r *http.Request) (*sseConn, error) {
 }
 
 func (c *sseConn) name() string          { return transportSSE }
-func (c *sseConn) outlivesRequest() bool { return false }
+func (c *sseConn) outlivesRequest() bool { return c.conn != nil }
 
 // attached names the session whose cursors the event ids carry.
 func (c *sseConn) attached(token string) {
@@ -74,6 +97,9 @@ func (c *sseConn) attached(token string) {
 // readMessage waits for the stream to end: an SSE client sends nothing on
 // it.
 func (c *sseConn) readMessage() ([]byte, bool, error) {
+	if c.conn != nil {
+		return nil, false, drainUntilGone(c.conn)
+	}
 	select {
 	case <-c.gone:
 	case <-c.reqDone:
@@ -98,6 +124,7 @@ var (
 func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.wd.refresh()
 	var head [128]byte
 	buf := head[:0]
 	if typ == protocol.TypePush || typ == protocol.TypeOpen {
@@ -123,8 +150,15 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 func (c *sseConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	return c.flushLocked()
+}
+
+func (c *sseConn) flushLocked() error {
 	if err := c.flushBurst(); err != nil {
 		return err
+	}
+	if c.rc == nil {
+		return nil
 	}
 	return c.rc.Flush()
 }
@@ -132,21 +166,25 @@ func (c *sseConn) flush() error {
 func (c *sseConn) ping() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.wd.refresh()
 	if _, err := c.buffer().Write(ssePing); err != nil {
 		return err
 	}
-	if err := c.flushBurst(); err != nil {
-		return err
-	}
-	return c.rc.Flush()
+	return c.flushLocked()
 }
 
 // close ends the response: the close event was the last one, and there is
 // no close handshake to wait for.
 func (c *sseConn) close(int, string) error { return c.end() }
 
+// end ends the response; a connection taken over is closed.
 func (c *sseConn) end() error {
-	c.endOnce.Do(func() { close(c.gone) })
+	c.endOnce.Do(func() {
+		close(c.gone)
+		if c.conn != nil {
+			_ = c.conn.Close()
+		}
+	})
 	return nil
 }
 

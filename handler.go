@@ -194,10 +194,10 @@ func (h *Handler) accept(op *opening) (transport, error) {
 	case transportStream:
 		// The client need not send anything; liveness comes from writes.
 		h.extendIdleTimeouts(r, silentPeer, idle)
-		return acceptStream(w, r, h.MaxMessageSize)
+		return acceptStream(w, r, h.MaxMessageSize, idle)
 	default:
 		h.extendIdleTimeouts(r, silentPeer, idle)
-		return acceptSSE(w, r)
+		return acceptSSE(w, r, idle)
 	}
 }
 

@@ -6,24 +6,29 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httputil"
 	"sync"
 	"time"
 )
 
 // streamConn is the `stream` transport: one full-duplex HTTP request whose
 // body carries client frames and whose response carries server frames, one
-// JSON object per line (NDJSON). It runs over HTTP/2 (TLS or h2c) and over
-// HTTP/1.1 with full duplex enabled.
+// JSON object per line (NDJSON). It runs over HTTP/2 (TLS or h2c) inside
+// its request, and over HTTP/1.1 on the connection taken over (see
+// takeOver), reading the request's chunked body itself.
 type streamConn struct {
 	br      *bufio.Reader
-	body    io.ReadCloser
+	body    io.ReadCloser // inside the request only
+	conn    net.Conn      // the connection taken over, or nil
 	maxSize int64
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex // guards the burst writer
+	wmu sync.Mutex // guards the burst writer and write deadline
+	wd  writeDeadline
 	burstWriter
-	rc *http.ResponseController
+	rc *http.ResponseController // inside the request only
 
 	gone     chan struct{} // closed by end
 	goneOnce sync.Once
@@ -31,22 +36,46 @@ type streamConn struct {
 
 var pingLine = []byte(`{"type":"ping"}` + "\n")
 
-// acceptStream starts the stream response. Its headers go out with the
+// streamReadBuffer is the size of the read buffers of a stream taken over
+// (its chunk reader's and its line reader's): lines longer than it are
+// read in several pieces.
+const streamReadBuffer = 512
+
+// acceptStream starts the stream response. Its head goes out with the
 // open frame, which is queued at once, in one write.
-func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*streamConn, error) {
+func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle time.Duration) (*streamConn, error) {
+	h := w.Header()
+	if r.ProtoMajor == 1 {
+		h.Del("Connection") // set by ServeHTTP for refusals
+	}
+	h.Set("Content-Type", "application/x-ndjson")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	h.Set("Incremental", "?1")
+	if canTakeOver(r) {
+		if body, ok := bodyFraming(r); ok {
+			if conn, early, ok := takeOver(w); ok {
+				raw := bufio.NewReaderSize(earlyReader(conn, early), streamReadBuffer)
+				c := &streamConn{
+					br:          bufio.NewReaderSize(body(raw), streamReadBuffer),
+					conn:        conn,
+					maxSize:     maxSize,
+					wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
+					burstWriter: burstWriter{out: conn},
+					gone:        make(chan struct{}),
+				}
+				_, _ = c.buffer().Write(responseHead(h))
+				return c, nil
+			}
+		}
+	}
 	rc := http.NewResponseController(w)
 	if r.ProtoMajor == 1 {
-		w.Header().Del("Connection") // set by ServeHTTP for refusals
 		if err := rc.EnableFullDuplex(); err != nil {
 			http.Error(w, "duplex: the stream transport needs HTTP/2, or HTTP/1.1 with full duplex", http.StatusHTTPVersionNotSupported)
 			return nil, fmt.Errorf("duplex: stream: enabling full duplex: %w", err)
 		}
 	}
-	h := w.Header()
-	h.Set("Content-Type", "application/x-ndjson")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no")
-	h.Set("Incremental", "?1")
 	w.WriteHeader(http.StatusOK)
 	return &streamConn{
 		br:          bufio.NewReader(r.Body),
@@ -59,15 +88,32 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64) (*strea
 	}, nil
 }
 
+// bodyFraming returns how to read the body of HTTP/1.1 request r from its
+// connection: chunked, or of its Content-Length. ok is false for framing
+// net/http would have to undo (another transfer coding).
+func bodyFraming(r *http.Request) (func(*bufio.Reader) io.Reader, bool) {
+	switch {
+	case len(r.TransferEncoding) == 1 && r.TransferEncoding[0] == "chunked":
+		return func(br *bufio.Reader) io.Reader { return httputil.NewChunkedReader(br) }, true
+	case len(r.TransferEncoding) == 0 && r.ContentLength >= 0:
+		n := r.ContentLength
+		return func(br *bufio.Reader) io.Reader { return io.LimitReader(br, n) }, true
+	}
+	return nil, false
+}
+
 func (c *streamConn) name() string          { return transportStream }
 func (c *streamConn) attached(string)       {}
-func (c *streamConn) outlivesRequest() bool { return false }
+func (c *streamConn) outlivesRequest() bool { return c.conn != nil }
 
 func (c *streamConn) readMessage() ([]byte, bool, error) {
 	for {
 		line, err := readLine(c.br, c.maxSize)
 		if errors.Is(err, io.EOF) {
 			// The client half-closed its body: it may still receive.
+			if c.conn != nil {
+				return nil, false, drainUntilGone(c.conn)
+			}
 			select {
 			case <-c.gone:
 			case <-c.reqDone:
@@ -117,6 +163,7 @@ func readLine(br *bufio.Reader, max int64) ([]byte, error) {
 func (c *streamConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.wd.refresh()
 	bw := c.buffer()
 	for _, p := range [4][]byte{a, b, cc, newline} {
 		if _, err := bw.Write(p); err != nil {
@@ -131,8 +178,15 @@ var newline = []byte{'\n'}
 func (c *streamConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	return c.flushLocked()
+}
+
+func (c *streamConn) flushLocked() error {
 	if err := c.flushBurst(); err != nil {
 		return err
+	}
+	if c.rc == nil {
+		return nil
 	}
 	return c.rc.Flush()
 }
@@ -140,13 +194,11 @@ func (c *streamConn) flush() error {
 func (c *streamConn) ping() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.wd.refresh()
 	if _, err := c.buffer().Write(pingLine); err != nil {
 		return err
 	}
-	if err := c.flushBurst(); err != nil {
-		return err
-	}
-	return c.rc.Flush()
+	return c.flushLocked()
 }
 
 // close ends the response: the close frame was the last line, and there is
@@ -156,6 +208,10 @@ func (c *streamConn) close(int, string) error { return c.end() }
 func (c *streamConn) end() error {
 	c.goneOnce.Do(func() {
 		close(c.gone)
+		if c.conn != nil {
+			_ = c.conn.Close()
+			return
+		}
 		_ = c.rc.SetReadDeadline(time.Now())
 		_ = c.body.Close()
 	})

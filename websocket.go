@@ -57,16 +57,10 @@ type wsConn struct {
 	// textPing: heartbeats also go out as {"type":"ping"} text frames.
 	textPing bool
 	setRead  func(time.Time) error
-	setWrite func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex // guards the burst writer, handshake and the write deadline
-	// handshake is the 101 response not written yet: it goes out with
-	// the first frames (the open frame), in one write.
-	handshake []byte
-	// deadline is the write deadline set last; it is pushed forward only
-	// once half of it has passed, not for every frame.
-	deadline time.Time
+	wmu sync.Mutex // guards the burst writer and the write deadline
+	wd  writeDeadline
 	burstWriter
 	// flushOut pushes buffered bytes to the peer (HTTP/2 needs a flush of
 	// the response, not only of bw).
@@ -89,19 +83,15 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		conn = rawConn(conn)
 		// Frames the client sent right behind its handshake may be in the
 		// server's read buffer; read those first, then the connection.
-		var br io.Reader = conn
-		if len(early) > 0 {
-			br = io.MultiReader(bytes.NewReader(early), conn)
-		}
 		return &wsConn{
-			br:          bufio.NewReaderSize(br, wsReadBuffer),
+			br:          bufio.NewReaderSize(earlyReader(conn, early), wsReadBuffer),
 			hijacked:    true,
 			textPing:    textPing,
 			burstWriter: burstWriter{out: conn},
 			maxSize:     maxSize,
 			idle:        idle,
 			setRead:     conn.SetReadDeadline,
-			setWrite:    conn.SetWriteDeadline,
+			wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
 			release:     conn.Close,
 			flushOut:    func() error { return nil },
 		}, nil
@@ -126,7 +116,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		idle:        idle,
 		textPing:    textPing,
 		setRead:     rc.SetReadDeadline,
-		setWrite:    rc.SetWriteDeadline,
+		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
 		release: func() error {
 			_ = rc.SetReadDeadline(time.Now())
 			return body.Close()
@@ -299,22 +289,11 @@ func (c *wsConn) protocolError(reason string) {
 func (c *wsConn) writeControl(f ws.Frame) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.refreshWriteDeadline()
+	c.wd.refresh()
 	if err := ws.WriteFrame(c.buffer(), f); err != nil {
 		return err
 	}
 	return c.flushLocked()
-}
-
-// refreshWriteDeadline keeps a write deadline of about idle ahead: a peer
-// that stops reading blocks a write for at most that long.
-func (c *wsConn) refreshWriteDeadline() {
-	now := time.Now()
-	if c.deadline.Sub(now) > c.idle/2 {
-		return
-	}
-	c.deadline = now.Add(c.idle)
-	_ = c.setWrite(c.deadline)
 }
 
 // flushLocked sends the burst and gives its buffer back.
@@ -328,7 +307,7 @@ func (c *wsConn) flushLocked() error {
 func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.refreshWriteDeadline()
+	c.wd.refresh()
 	hdr := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(a) + len(b) + len(cc))}
 	bw := c.buffer()
 	if err := ws.WriteHeader(bw, hdr); err != nil {
@@ -356,7 +335,7 @@ var pingText = ws.MustCompileFrame(ws.NewTextFrame([]byte(`{"type":"ping"}`)))
 func (c *wsConn) ping() error {
 	if c.textPing {
 		c.wmu.Lock()
-		c.refreshWriteDeadline()
+		c.wd.refresh()
 		_, err := c.buffer().Write(pingText)
 		c.wmu.Unlock()
 		if err != nil {
