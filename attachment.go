@@ -211,11 +211,11 @@ func (a *attachment) run() {
 	}
 }
 
-// start runs the attachment. A connection that outlives its request (a
-// WebSocket on a hijacked HTTP/1.1 connection) runs in a goroutine of its
-// own and the request's handler returns, so an idle session does not keep
-// Caddy's whole handler stack (and the server's connection goroutine)
-// alive. Streams over HTTP/2, stream and SSE must stay inside their
+// start runs the attachment. A connection that outlives its request (any
+// transport on an HTTP/1.1 connection taken over) runs in a goroutine of
+// its own and the request's handler returns, so an idle session does not
+// keep Caddy's whole handler stack (and the server's connection goroutine)
+// alive. Sessions over HTTP/2 and HTTP/3 streams stay inside their
 // request.
 func (a *attachment) start() {
 	a.out.mu.Lock() // heartbeat reads pinger after taking it (enter)
