@@ -89,7 +89,10 @@ type Options struct {
 	// OnDisconnect, if set, is called when a connection ends, with why:
 	// a *WebSocketClose when the server's WebSocket close frame ended it
 	// (also when it answers Close's), ErrClosed when Close ended it
-	// otherwise, else the error that ended it.
+	// otherwise, else the error that ended it. It runs on the session's
+	// connection loop, before the next connection is dialed: it must
+	// return promptly and must not call the session's methods that wait
+	// for a connection (Call, Close); hand slow work to a goroutine.
 	OnDisconnect func(error)
 }
 
