@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -120,7 +121,7 @@ func TestPubSubLossRepaired(t *testing.T) {
 			want = append(want, v+":"+v)
 		}
 	}
-	wantText := joinSpace(want)
+	wantText := strings.Join(want, " ")
 	a.rec.waitFor(t, "every push once, in order", func() bool { return a.rec.seqs("s") == wantText })
 	if a.GapRepairs() == 0 {
 		t.Errorf("no gap was repaired: the kills did not cost a push (test did not test)")
@@ -281,17 +282,6 @@ func TestRedisUnavailable(t *testing.T) {
 	if err != nil || len(nodes) != 1 || nodes[0] != "a" {
 		t.Fatalf("nodes: %v %v", nodes, err)
 	}
-}
-
-func joinSpace(ss []string) string {
-	out := ""
-	for i, s := range ss {
-		if i > 0 {
-			out += " "
-		}
-		out += s
-	}
-	return out
 }
 
 // A forward reaches the node holding the session and brings back its
