@@ -150,17 +150,7 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 func (c *sseConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return c.flushLocked()
-}
-
-func (c *sseConn) flushLocked() error {
-	if err := c.flushBurst(); err != nil {
-		return err
-	}
-	if c.rc == nil {
-		return nil
-	}
-	return c.rc.Flush()
+	return flushResponse(&c.burstWriter, c.rc)
 }
 
 func (c *sseConn) ping() error {
@@ -170,7 +160,7 @@ func (c *sseConn) ping() error {
 	if _, err := c.buffer().Write(ssePing); err != nil {
 		return err
 	}
-	return c.flushLocked()
+	return flushResponse(&c.burstWriter, c.rc)
 }
 
 // close ends the response: the close event was the last one, and there is

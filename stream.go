@@ -178,17 +178,7 @@ var newline = []byte{'\n'}
 func (c *streamConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return c.flushLocked()
-}
-
-func (c *streamConn) flushLocked() error {
-	if err := c.flushBurst(); err != nil {
-		return err
-	}
-	if c.rc == nil {
-		return nil
-	}
-	return c.rc.Flush()
+	return flushResponse(&c.burstWriter, c.rc)
 }
 
 func (c *streamConn) ping() error {
@@ -198,7 +188,7 @@ func (c *streamConn) ping() error {
 	if _, err := c.buffer().Write(pingLine); err != nil {
 		return err
 	}
-	return c.flushLocked()
+	return flushResponse(&c.burstWriter, c.rc)
 }
 
 // close ends the response: the close frame was the last line, and there is

@@ -28,14 +28,33 @@ func takeOver(w http.ResponseWriter) (conn net.Conn, early []byte, ok bool) {
 	if err != nil {
 		return nil, nil, false
 	}
-	if n := rw.Reader.Buffered(); n > 0 {
-		b, _ := rw.Reader.Peek(n)
+	return rawConn(conn), takeBuffered(rw.Reader), true
+}
+
+// takeBuffered returns a copy of what the server had read from a hijacked
+// connection beyond the request head, and drops the buffer: net/http's
+// connection keeps pointing at it after the hijack, and nothing reads its
+// 4 KiB any more.
+func takeBuffered(br *bufio.Reader) (early []byte) {
+	if n := br.Buffered(); n > 0 {
+		b, _ := br.Peek(n)
 		early = bytes.Clone(b)
 	}
-	// net/http's connection keeps pointing at its read buffer after the
-	// hijack: drop the 4 KiB it holds. Nothing reads it any more.
-	*rw.Reader = bufio.Reader{}
-	return rawConn(conn), early, true
+	*br = bufio.Reader{}
+	return early
+}
+
+// flushResponse sends a burst written to the response of rc (a session
+// inside its request); with rc nil (a connection taken over) the burst's
+// write was all.
+func flushResponse(b *burstWriter, rc *http.ResponseController) error {
+	if err := b.flushBurst(); err != nil {
+		return err
+	}
+	if rc == nil {
+		return nil
+	}
+	return rc.Flush()
 }
 
 // responseHead is the head of a 200 response written on a connection taken

@@ -2,7 +2,6 @@ package duplex
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -138,14 +137,7 @@ func upgradeHTTP1(w http.ResponseWriter, r *http.Request) (conn net.Conn, early 
 		}
 		return nil, nil, fmt.Errorf("duplex: websocket upgrade: %w", err)
 	}
-	if n := rw.Reader.Buffered(); n > 0 {
-		b, _ := rw.Reader.Peek(n)
-		early = bytes.Clone(b)
-	}
-	// net/http's connection keeps pointing at its read buffer after the
-	// hijack: drop the 4 KiB it holds. Nothing reads it any more.
-	*rw.Reader = bufio.Reader{}
-	return conn, early, nil
+	return conn, takeBuffered(rw.Reader), nil
 }
 
 func (c *wsConn) name() string          { return transportWebSocket }
