@@ -117,8 +117,11 @@ func dialR(t *testing.T, base string, d rdial, path string, hdr http.Header, cur
 func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string, dial dialFunc) (*rconn, error) {
 	path, hdr = withCursor(d, path, hdr, cursor)
 	tg := target{proto: d.proto, base: base}
-	rc, _, err := dialConn(tg, d.transport, path, hdr, connOpts{dial: dial})
+	rc, status, err := dialConn(tg, d.transport, path, hdr, connOpts{dial: dial})
 	if err != nil {
+		if status == 0 {
+			err = noAnswerError{err}
+		}
 		return nil, fmt.Errorf("%s: %w", d, err)
 	}
 	if rc.major != tg.protoMajor() {
@@ -128,6 +131,12 @@ func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header,
 	t.Cleanup(rc.cut)
 	return &rconn{rawConn: rc, d: d}, nil
 }
+
+// noAnswerError is a dial that got no HTTP answer at all: the connection
+// (or, for HTTP/2, its setup) failed before the server said anything.
+type noAnswerError struct{ error }
+
+func (e noAnswerError) Unwrap() error { return e.error }
 
 // smallWindowDial dials with a tiny receive buffer and segment size, so a
 // client that stops reading makes the server's writes block after ~100 KB
