@@ -20,8 +20,8 @@ const closeGrace = 2 * time.Second
 
 // attachment is one connection serving a session. Its reader (run) reads
 // the client's messages into the session's inbox; its outbox queues the
-// frames for the client, which a writer goroutine writes only while there
-// are some; a timer sends heartbeats. When the connection ends, run
+// frames for the client, which its writer writes (on the write pool) only
+// while there are some; a timer sends heartbeats. When the connection ends, run
 // detaches the session (see session.detach).
 type attachment struct {
 	s    *session
@@ -64,7 +64,7 @@ func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handl
 // queue adds frames to the outbox whatever their size.
 func (a *attachment) queue(fs ...outFrame) {
 	if a.out.queue(fs...) {
-		go a.writeBurst()
+		writers.run(a)
 	}
 }
 
@@ -77,7 +77,7 @@ func (a *attachment) offer(f outFrame) bool {
 		metrics.slowClosures.Inc()
 	}
 	if wake {
-		go a.writeBurst()
+		writers.run(a)
 	}
 	return queued
 }
@@ -86,7 +86,7 @@ func (a *attachment) offer(f outFrame) bool {
 // session stays unless it was ended).
 func (a *attachment) close(c closeInfo) {
 	if a.out.close(c) {
-		go a.writeBurst()
+		writers.run(a)
 	}
 }
 
@@ -98,7 +98,8 @@ func (a *attachment) drop() {
 }
 
 // writeBurst writes queued frames until the queue is empty (or the close
-// frame is written). It runs counted in the outbox's writers.
+// frame is written). It runs on the write pool (writers), counted in the
+// outbox's writers.
 func (a *attachment) writeBurst() {
 	defer a.out.writers.Done()
 	t := a.t
@@ -134,14 +135,10 @@ func (a *attachment) writeBurst() {
 				_ = t.close(closing.Code, closing.Reason)
 			}
 			// Give the client a moment to answer the close, so the
-			// connection is not reset under its last frames.
-			timer := time.NewTimer(closeGrace)
-			select {
-			case <-a.readerDone:
-			case <-timer.C:
-			}
-			timer.Stop()
-			a.drop()
+			// connection is not reset under its last frames; waited for
+			// on a goroutine of its own, not the write pool's worker.
+			a.out.writers.Add(1)
+			go a.awaitCloseAnswer()
 			return
 		}
 		if err := t.flush(); err != nil {
@@ -149,6 +146,19 @@ func (a *attachment) writeBurst() {
 			return
 		}
 	}
+}
+
+// awaitCloseAnswer drops the connection once the client answered the close
+// frame, or after closeGrace. It runs counted in the outbox's writers.
+func (a *attachment) awaitCloseAnswer() {
+	defer a.out.writers.Done()
+	timer := time.NewTimer(closeGrace)
+	select {
+	case <-a.readerDone:
+	case <-timer.C:
+	}
+	timer.Stop()
+	a.drop()
 }
 
 // heartbeat pings the peer every heartbeat, from a timer (no goroutine

@@ -5,8 +5,8 @@ import "sync"
 // outbox is one connection's queue of frames for the client: the frames
 // waiting for the writer, their size, the cursor of the last push queued,
 // and whether the connection is closing. Publishers and message answers
-// only queue; the attachment's writer goroutine takes what is queued and
-// writes it, so nobody waits on a socket but the writer.
+// only queue; the attachment's writer (run by the write pool) takes what
+// is queued and writes it, so nobody waits on a socket but the writer.
 //
 // An outbox has its own lock, taken after the session's mu (a session
 // queues under its mu, so that the order of pushes and answers is the
@@ -24,9 +24,11 @@ type outbox struct {
 	writing  bool       // a writer is draining the queue
 	stopped  bool       // the connection is done: no writer starts any more
 
-	// writers counts the goroutines writing to the connection (the writer
-	// and a heartbeat in flight); each is added under mu while not
-	// stopped, so once stop returns, writers.Wait waits for them all.
+	// writers counts what may still write to or drop the connection (the
+	// writer, a heartbeat in flight, the wait for the client's answer to
+	// a close); each is added under mu while not stopped (or by a writer
+	// still counted), so once stop returns, writers.Wait waits for them
+	// all.
 	writers sync.WaitGroup
 }
 

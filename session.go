@@ -26,14 +26,16 @@ import (
 // attachment on the same session.
 //
 // Frames for the client are only ever queued in the attachment's outbox;
-// its writer goroutine drains the queue into the transport, so publishers
-// never wait on a socket.
+// its writer (run on the write pool) drains the queue into the transport,
+// so publishers never wait on a socket.
 //
 // Lock order: hub.mu or a connect stream's hookWriter.mu, then a session's
 // mu, then one of the locks that take no other: the hub's detached-list
 // lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
 // inbox and transport (wmu) locks are never held while another is taken;
-// a handler's attachmentSet lock only before outbox locks (closeAll). No code holds two sessions' mu at once; end must be
+// a handler's attachmentSet lock only before outbox locks (closeAll); the
+// write pool's lock alone, after an outbox's is released (a woken writer
+// is handed to the pool). No code holds two sessions' mu at once; end must be
 // called with no lock held (it unregisters the session and runs the
 // disconnect hook).
 type session struct {

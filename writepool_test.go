@@ -1,0 +1,123 @@
+package duplex
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// task is a writer for the pool's tests: it waits for release (if set),
+// then reports that it ran.
+type task struct {
+	release chan struct{}
+	ran     chan struct{}
+	order   *[]int
+	mu      *sync.Mutex
+	n       int
+}
+
+func (t *task) writeBurst() {
+	if t.release != nil {
+		<-t.release
+	}
+	if t.order != nil {
+		t.mu.Lock()
+		*t.order = append(*t.order, t.n)
+		t.mu.Unlock()
+	}
+	close(t.ran)
+}
+
+func waitRan(t *testing.T, k *task, what string) {
+	t.Helper()
+	select {
+	case <-k.ran:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s never ran", what)
+	}
+}
+
+// waitIdle waits until the pool's workers have all ended.
+func waitIdle(t *testing.T, p *writePool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		p.mu.Lock()
+		running, waiting := p.running, len(p.queue)-p.head
+		p.mu.Unlock()
+		if running == 0 && waiting == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pool still has %d workers and %d waiting writers", running, waiting)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Every writer runs, in the order woken once the workers are busy, and the
+// workers end when none is left.
+func TestWritePoolRunsAllInOrder(t *testing.T) {
+	p := &writePool{size: 1, stall: time.Hour}
+	var mu sync.Mutex
+	var order []int
+	first := &task{release: make(chan struct{}), ran: make(chan struct{}), order: &order, mu: &mu, n: 0}
+	p.run(first)
+	tasks := []*task{first}
+	for i := 1; i <= 100; i++ {
+		k := &task{ran: make(chan struct{}), order: &order, mu: &mu, n: i}
+		tasks = append(tasks, k)
+		p.run(k)
+	}
+	p.mu.Lock()
+	waiting := len(p.queue) - p.head
+	p.mu.Unlock()
+	if waiting != 100 {
+		t.Fatalf("%d writers wait behind the busy worker, want 100 (no more workers than size)", waiting)
+	}
+	close(first.release)
+	for i, k := range tasks {
+		waitRan(t, k, fmt.Sprintf("writer %d", i))
+	}
+	for i, n := range order {
+		if n != i {
+			t.Fatalf("writers ran in the order %v, want the order they were woken", order)
+		}
+	}
+	waitIdle(t, p)
+}
+
+// Writers blocked on their connections do not hold up the others: the
+// watchdog starts another worker when none finished for a stall period.
+func TestWritePoolWatchdog(t *testing.T) {
+	p := &writePool{size: 2, stall: time.Millisecond}
+	var blocked []*task
+	for range 2 {
+		k := &task{release: make(chan struct{}), ran: make(chan struct{})}
+		blocked = append(blocked, k)
+		p.run(k)
+	}
+	healthy := &task{ran: make(chan struct{})}
+	p.run(healthy)
+	waitRan(t, healthy, "the writer behind two blocked ones")
+	for _, k := range blocked {
+		close(k.release)
+		waitRan(t, k, "a released writer")
+	}
+	waitIdle(t, p)
+	// The watchdog disarms at its next look, leaving no timer behind.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		p.mu.Lock()
+		watching := p.watching
+		p.mu.Unlock()
+		if !watching {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watchdog is still armed with no writer waiting")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
