@@ -50,6 +50,9 @@ type RedisBroker struct {
 	// Placeholders are expanded (e.g. {system.hostname}). Default: random
 	// per process.
 	NodeID string `json:"node_id,omitempty"`
+	// Timeout bounds every Redis call, and how long an SSE POST waits for
+	// the node holding its session. Default 5s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
 
 	shared *redisNode
 	logger *zap.Logger
@@ -129,6 +132,7 @@ func (r *RedisBroker) Provision(ctx caddy.Context) error {
 		DB:         r.DB,
 		Prefix:     r.Prefix,
 		NodeID:     repl.ReplaceAll(r.NodeID, ""),
+		Timeout:    time.Duration(r.Timeout),
 		Observe:    func(d time.Duration, _ error) { metrics.redisLatency.Observe(d.Seconds()) },
 		Events: func(kind string, n int) {
 			switch kind {
@@ -170,6 +174,9 @@ func (r *RedisBroker) Validate() error {
 	}
 	if r.DB < 0 {
 		return fmt.Errorf("duplex: broker redis: db %d must not be negative", r.DB)
+	}
+	if r.Timeout < 0 {
+		return fmt.Errorf("duplex: broker redis: timeout %s must not be negative", time.Duration(r.Timeout))
 	}
 	return nil
 }
@@ -368,7 +375,7 @@ func redisInfo(rec redisbroker.Session) sessionInfo {
 
 // call runs a broker call that no client waits for, bounded by a timeout.
 func (r *RedisBroker) call(what string, s *session, fn func(ctx context.Context) error) {
-	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), r.rb().Timeout())
 	defer cancel()
 	if err := fn(ctx); err != nil && !errors.Is(err, redisbroker.ErrUnknownSession) {
 		r.logger.Error("redis broker: "+what, zap.String("session", s.id), zap.Error(err))
@@ -386,7 +393,7 @@ func (r *RedisBroker) acked(s *session, seq uint64) {
 // ended removes s unless another node holds it now (it moved there and
 // that node owns its end).
 func (r *RedisBroker) ended(s *session) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), r.rb().Timeout())
 	defer cancel()
 	held, err := r.rb().EndHeld(ctx, s.id)
 	if err != nil {
@@ -501,7 +508,7 @@ func (e redisEvents) Forwarded(id string, payload []byte) int {
 func (e redisEvents) Adopted(rec redisbroker.Session) {
 	wait := max(time.Until(rec.Detached.Add(rec.Window)), 0)
 	time.AfterFunc(wait, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), e.rb.Timeout())
 		defer cancel()
 		ended, err := e.rb.ExpireDetached(ctx, rec)
 		if err != nil || !ended {
