@@ -386,8 +386,64 @@ func (r *RedisBroker) detached(s *session, window time.Duration) {
 	r.call("detaching", s, func(ctx context.Context) error { return r.rb().Detach(ctx, s.id, window) })
 }
 
+// acked trims s's log in Redis up to seq in the background: an ack is
+// handled on the session's message path, which must not wait on Redis
+// (a round trip each, up to the timeout while Redis is away).
 func (r *RedisBroker) acked(s *session, seq uint64) {
-	r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+	if s.trims.add(seq) {
+		go r.trim(s)
+	}
+}
+
+// trim trims s's log to the newest seq acked until it has caught up with
+// the acks, one Redis call at a time, each bounded by the timeout. It
+// stops once s has ended: its log goes with it, or it moved and the node
+// holding it now trims on the next ack.
+func (r *RedisBroker) trim(s *session) {
+	var done uint64
+	for {
+		seq, ok := s.trims.next(done, s.ctx.Err() != nil)
+		if !ok {
+			return
+		}
+		r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+		done = seq
+	}
+}
+
+// trimQueue hands the acks of one session to at most one trim goroutine
+// at a time: acks that arrive while it waits on Redis only raise seq, and
+// it trims to the newest one next, so a burst of acks costs a Redis call
+// or two, not one each.
+type trimQueue struct {
+	mu      sync.Mutex // guards seq and running
+	seq     uint64     // the highest seq acked
+	running bool       // a goroutine trims, and reads seq before it stops
+}
+
+// add records an ack of seq and reports whether the caller must start
+// the trim goroutine (none runs).
+func (q *trimQueue) add(seq uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.seq = max(q.seq, seq)
+	if q.running {
+		return false
+	}
+	q.running = true
+	return true
+}
+
+// next is the seq the trim goroutine trims to after having trimmed to
+// done; ok false (then it must stop) once it has caught up, or if stop.
+func (q *trimQueue) next(done uint64, stop bool) (seq uint64, ok bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if stop || q.seq <= done {
+		q.running = false
+		return 0, false
+	}
+	return q.seq, true
 }
 
 // ended removes s unless another node holds it now (it moved there and
