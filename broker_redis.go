@@ -50,6 +50,9 @@ type RedisBroker struct {
 	// Placeholders are expanded (e.g. {system.hostname}). Default: random
 	// per process.
 	NodeID string `json:"node_id,omitempty"`
+	// Timeout bounds every Redis call, and how long an SSE POST waits for
+	// the node holding its session. Default 5s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
 
 	shared *redisNode
 	logger *zap.Logger
@@ -129,6 +132,7 @@ func (r *RedisBroker) Provision(ctx caddy.Context) error {
 		DB:         r.DB,
 		Prefix:     r.Prefix,
 		NodeID:     repl.ReplaceAll(r.NodeID, ""),
+		Timeout:    time.Duration(r.Timeout),
 		Observe:    func(d time.Duration, _ error) { metrics.redisLatency.Observe(d.Seconds()) },
 		Events: func(kind string, n int) {
 			switch kind {
@@ -170,6 +174,9 @@ func (r *RedisBroker) Validate() error {
 	}
 	if r.DB < 0 {
 		return fmt.Errorf("duplex: broker redis: db %d must not be negative", r.DB)
+	}
+	if r.Timeout < 0 {
+		return fmt.Errorf("duplex: broker redis: timeout %s must not be negative", time.Duration(r.Timeout))
 	}
 	return nil
 }
@@ -368,7 +375,7 @@ func redisInfo(rec redisbroker.Session) sessionInfo {
 
 // call runs a broker call that no client waits for, bounded by a timeout.
 func (r *RedisBroker) call(what string, s *session, fn func(ctx context.Context) error) {
-	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), r.rb().Timeout())
 	defer cancel()
 	if err := fn(ctx); err != nil && !errors.Is(err, redisbroker.ErrUnknownSession) {
 		r.logger.Error("redis broker: "+what, zap.String("session", s.id), zap.Error(err))
@@ -379,14 +386,70 @@ func (r *RedisBroker) detached(s *session, window time.Duration) {
 	r.call("detaching", s, func(ctx context.Context) error { return r.rb().Detach(ctx, s.id, window) })
 }
 
+// acked trims s's log in Redis up to seq in the background: an ack is
+// handled on the session's message path, which must not wait on Redis
+// (a round trip each, up to the timeout while Redis is away).
 func (r *RedisBroker) acked(s *session, seq uint64) {
-	r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+	if s.trims.add(seq) {
+		go r.trim(s)
+	}
+}
+
+// trim trims s's log to the newest seq acked until it has caught up with
+// the acks, one Redis call at a time, each bounded by the timeout. It
+// stops once s has ended: its log goes with it, or it moved and the node
+// holding it now trims on the next ack.
+func (r *RedisBroker) trim(s *session) {
+	var done uint64
+	for {
+		seq, ok := s.trims.next(done, s.ctx.Err() != nil)
+		if !ok {
+			return
+		}
+		r.call("trimming", s, func(ctx context.Context) error { return r.rb().Trim(ctx, s.id, seq) })
+		done = seq
+	}
+}
+
+// trimQueue hands the acks of one session to at most one trim goroutine
+// at a time: acks that arrive while it waits on Redis only raise seq, and
+// it trims to the newest one next, so a burst of acks costs a Redis call
+// or two, not one each.
+type trimQueue struct {
+	mu      sync.Mutex // guards seq and running
+	seq     uint64     // the highest seq acked
+	running bool       // a goroutine trims, and reads seq before it stops
+}
+
+// add records an ack of seq and reports whether the caller must start
+// the trim goroutine (none runs).
+func (q *trimQueue) add(seq uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.seq = max(q.seq, seq)
+	if q.running {
+		return false
+	}
+	q.running = true
+	return true
+}
+
+// next is the seq the trim goroutine trims to after having trimmed to
+// done; ok false (then it must stop) once it has caught up, or if stop.
+func (q *trimQueue) next(done uint64, stop bool) (seq uint64, ok bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if stop || q.seq <= done {
+		q.running = false
+		return 0, false
+	}
+	return q.seq, true
 }
 
 // ended removes s unless another node holds it now (it moved there and
 // that node owns its end).
 func (r *RedisBroker) ended(s *session) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), r.rb().Timeout())
 	defer cancel()
 	held, err := r.rb().EndHeld(ctx, s.id)
 	if err != nil {
@@ -501,7 +564,7 @@ func (e redisEvents) Forwarded(id string, payload []byte) int {
 func (e redisEvents) Adopted(rec redisbroker.Session) {
 	wait := max(time.Until(rec.Detached.Add(rec.Window)), 0)
 	time.AfterFunc(wait, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), redisbroker.DefaultTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), e.rb.Timeout())
 		defer cancel()
 		ended, err := e.rb.ExpireDetached(ctx, rec)
 		if err != nil || !ended {

@@ -323,6 +323,7 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //			tls
 //			prefix <prefix>        # default duplex
 //			node_id <id>           # default random per process
+//			timeout <duration>     # bound of each Redis call; default 5s
 //		}
 //	}
 func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
@@ -418,6 +419,16 @@ func parseBroker(d *caddyfile.Dispenser) (json.RawMessage, error) {
 					return nil, d.ArgErr()
 				}
 				r.TLS = true
+			case "timeout":
+				v, err := oneArg(d)
+				if err != nil {
+					return nil, err
+				}
+				dur, err := caddy.ParseDuration(v)
+				if err != nil || dur <= 0 {
+					return nil, d.Errf("duplex: broker redis: timeout: invalid duration %q (want e.g. 5s)", v)
+				}
+				r.Timeout = caddy.Duration(dur)
 			default:
 				return nil, d.Errf("duplex: broker redis: unknown option %q", opt)
 			}

@@ -85,7 +85,14 @@ func startRedisOn(t *testing.T, port int) *clusterRedis {
 // sessions on /live (channel "room"), messages to the test app.
 func startCluster(t *testing.T, r *clusterRedis, n int, app *testApp) []*caddyProc {
 	t.Helper()
-	cf := globalOpts("\tduplex {\n\t\tbroker redis "+r.addr+"\n\t}") + sub(`
+	return startClusterWith(t, "broker redis "+r.addr, n, app)
+}
+
+// startClusterWith is startCluster with broker, the `broker redis …`
+// option of the nodes' duplex global options.
+func startClusterWith(t *testing.T, broker string, n int, app *testApp) []*caddyProc {
+	t.Helper()
+	cf := globalOpts("\tduplex {\n\t\t"+broker+"\n\t}") + sub(`
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
@@ -338,6 +345,57 @@ func TestClusterRedisUnavailable(t *testing.T) {
 		t.Fatalf("a push after the retried one: seq %d %s", p.Seq, p.Data)
 	case <-time.After(500 * time.Millisecond):
 	}
+}
+
+// An ack that advances trims the session's log in Redis without holding
+// the session's next message: with Redis stopped (and a broker timeout far
+// longer than the wait for the reply) the message after the ack is still
+// answered, and the trim lands once Redis continues.
+func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	node := startClusterWith(t, "broker redis {\n\t\t\taddress "+r.addr+"\n\t\t\ttimeout 10m\n\t\t}", 1, app)[0]
+	// Before the nodes stop (cleanups run last first): a node stopping
+	// while Redis is stopped would wait on it.
+	t.Cleanup(func() { _ = r.cmd.Process.Signal(syscall.SIGCONT) })
+
+	c := sxOpenWS(t, node.wsURL("/live"), nil)
+	id := c.open.str("session")
+	for i := 1; i <= 2; i++ {
+		node.mustPublish(t, map[string]any{"session": id, "data": i}, 1)
+		if f := c.mustNext(t); f.typ() != "push" || f["seq"] != float64(i) {
+			t.Fatalf("push %d: got %v", i, f)
+		}
+	}
+	// The session's log, by redisbroker's key names (keys.go) with the
+	// default prefix; its entries are <seq>-1.
+	_, port, _ := net.SplitHostPort(r.addr)
+	firstInLog := func() string {
+		out, err := exec.Command("redis-cli", "-p", port, "XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1").Output()
+		if err != nil {
+			t.Fatalf("redis-cli XRANGE: %v", err)
+		}
+		first, _, _ := strings.Cut(string(out), "\n")
+		return first
+	}
+	if got := firstInLog(); got != "1-1" {
+		t.Fatalf("log starts at %q before the ack; want 1-1", got)
+	}
+
+	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	c.send(t, map[string]any{"type": "ack", "seq": 1})
+	c.send(t, map[string]any{"type": "message", "id": "after-ack", "path": "/live/echo", "data": "hi"})
+	if f := c.answerTo(t, "after-ack"); f.typ() != "reply" {
+		t.Fatalf("answer to the message after the ack, Redis stopped: %v", f)
+	}
+
+	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the log trimmed up to the ack", time.Minute, func() bool { return firstInLog() == "2-1" })
 }
 
 // GET /duplex/cluster lists the live nodes on any node; the metrics count

@@ -32,12 +32,12 @@ import (
 // Lock order: hub.mu or a connect stream's hookWriter.mu, then a session's
 // mu, then one of the locks that take no other: the hub's detached-list
 // lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
-// inbox and transport (wmu) locks are never held while another is taken;
-// a handler's attachmentSet lock only before outbox locks (closeAll); the
-// write pool's lock alone, after an outbox's is released (a woken writer
-// is handed to the pool). No code holds two sessions' mu at once; end must be
-// called with no lock held (it unregisters the session and runs the
-// disconnect hook).
+// inbox, transport (wmu) and trims locks are never held while another is
+// taken; a handler's attachmentSet lock only before outbox locks
+// (closeAll); the write pool's lock alone, after an outbox's is released
+// (a woken writer is handed to the pool). No code holds two sessions' mu
+// at once; end must be called with no lock held (it unregisters the
+// session and runs the disconnect hook).
 type session struct {
 	id, token string
 	user      string
@@ -70,6 +70,9 @@ type session struct {
 	// claimed: made on this node to resume a session a clustered broker
 	// knows (held elsewhere or by nobody); not in the hub until attached.
 	claimed bool
+	// trims carries the client's acks to the goroutine that trims the
+	// session's log in Redis (broker redis only; see RedisBroker.acked).
+	trims trimQueue
 
 	mu    sync.Mutex // guards the fields below
 	state sessionState

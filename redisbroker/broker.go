@@ -90,6 +90,9 @@ func (b *Broker) GapRepairs() int64 { return b.gapRepairs.Load() }
 // NodeID is this node's name.
 func (b *Broker) NodeID() string { return b.cfg.NodeID }
 
+// Timeout is the bound of one Redis call (Config.Timeout).
+func (b *Broker) Timeout() time.Duration { return b.cfg.Timeout }
+
 // Close releases the Redis connections.
 func (b *Broker) Close() error { return b.rdb.Close() }
 
