@@ -54,10 +54,15 @@ type broker interface {
 	// ended removes s from the set of sessions and reports whether this
 	// node is the one to run its disconnect hook (it may have moved).
 	ended(s *session) bool
-	// forward hands the frames of an SSE POST for session s (from find)
-	// to the node holding it, and returns that node's answer: 202 once it
-	// queued them, 401, 409 or 429 as servePost answers.
-	forward(ctx context.Context, s *session, frames [][]byte) (int, error)
+	// locate finds where the session an SSE POST's token names is held
+	// when this node does not hold it, if it was opened by a handler in
+	// place scope (ok false if there is no such session). Unlike find, it
+	// builds no session: a POST only needs to reach the session's node.
+	locate(ctx context.Context, hd *Handler, token string) (rs remoteSession, ok bool, err error)
+	// forward hands the frames of an SSE POST for session rs (from
+	// locate) to the node holding it, and returns that node's answer: 202
+	// once it queued them, 401, 409 or 429 as servePost answers.
+	forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error)
 	// sessions lists the sessions of a user and/or on a channel (all when
 	// both are empty), on every node, ordered by opening time.
 	sessions(ctx context.Context, user, channel string) ([]sessionInfo, error)
@@ -155,8 +160,18 @@ func (*MemoryBroker) cluster(context.Context) (clusterInfo, error) {
 
 func (*MemoryBroker) node() string { return "" }
 
-func (*MemoryBroker) forward(context.Context, *session, [][]byte) (int, error) {
-	return http.StatusUnauthorized, nil // find found nothing to forward to
+func (*MemoryBroker) locate(context.Context, *Handler, string) (remoteSession, bool, error) {
+	return remoteSession{}, false, nil // the hub knows every session there is
+}
+
+func (*MemoryBroker) forward(context.Context, remoteSession, [][]byte) (int, error) {
+	return http.StatusUnauthorized, nil // locate found nothing to forward to
+}
+
+// remoteSession is a session held by another node of a cluster, as an SSE
+// POST for it needs to know it: its id and the node holding it.
+type remoteSession struct {
+	id, node string
 }
 
 // brokerOf is the broker of the running config: the duplex app's, or the

@@ -252,6 +252,17 @@ func (r *RedisBroker) find(ctx context.Context, hd *Handler, c protocol.Cursor) 
 	return s, nil
 }
 
+func (r *RedisBroker) locate(ctx context.Context, hd *Handler, token string) (remoteSession, bool, error) {
+	rec, err := r.rb().ByToken(ctx, tokenHash(token))
+	if errors.Is(err, redisbroker.ErrUnknownSession) || (err == nil && (rec.Scope != hd.key || rec.Closed != "")) {
+		return remoteSession{}, false, nil
+	}
+	if err != nil {
+		return remoteSession{}, false, unavailable(err)
+	}
+	return remoteSession{id: rec.ID, node: rec.Node}, true, nil
+}
+
 func (r *RedisBroker) claim(ctx context.Context, s *session, lastSeq uint64, transport, remote string) ([]string, error) {
 	seq, err := r.rb().Attach(ctx, s.id, transport, remote)
 	if errors.Is(err, redisbroker.ErrUnknownSession) || errors.Is(err, redisbroker.ErrClosed) {
@@ -459,7 +470,7 @@ func (r *RedisBroker) ended(s *session) bool {
 	return held
 }
 
-func (r *RedisBroker) forward(ctx context.Context, s *session, frames [][]byte) (int, error) {
+func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error) {
 	payload := make([]byte, 0, 64)
 	payload = append(payload, '[')
 	for i, f := range frames {
@@ -469,7 +480,7 @@ func (r *RedisBroker) forward(ctx context.Context, s *session, frames [][]byte) 
 		payload = append(payload, f...)
 	}
 	payload = append(payload, ']')
-	status, err := r.rb().Forward(ctx, s.id, payload)
+	status, err := r.rb().ForwardTo(ctx, rs.node, rs.id, payload)
 	switch {
 	case errors.Is(err, redisbroker.ErrUnknownSession):
 		return http.StatusUnauthorized, nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os/exec"
@@ -143,6 +144,97 @@ func (rr *roundRobin) cutAll() {
 		_ = c.Close()
 	}
 	rr.conns = nil
+}
+
+// SSE POSTs sent to a node that does not hold their session are bounded
+// there as on the node holding it: at most 4 are read at once (429
+// beyond), and once their bodies end they are forwarded and answered.
+func TestClusterForwardedPostBounds(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	holder, other := nodes[0], nodes[1]
+	s := sxOpenSSE(t, holder.url("/live"), nil)
+
+	// Four POSTs to the other node, each read by it (100 Continue) and
+	// stopping one byte short of its body.
+	var reading []*readPost
+	for i := range 4 {
+		reading = append(reading, startReadPost(t, other, "/live", s.token(), fmt.Sprintf(`{"id":"p%d","path":"/live/ok"}`, i)))
+	}
+	if st, b := sxPost(t, other.url("/live"), s.token(), "application/json", []byte(`{"id":"fifth","path":"/live/ok"}`)); st != http.StatusTooManyRequests {
+		t.Fatalf("a fifth POST on the forwarding node: %d %s, want 429", st, b)
+	}
+	for i, p := range reading {
+		if st := p.finish(t); st != http.StatusAccepted {
+			t.Fatalf("POST %d after its body ended: %d, want 202", i, st)
+		}
+	}
+	// The node holding the session served them: each gets its reply.
+	want := map[string]bool{"p0": true, "p1": true, "p2": true, "p3": true}
+	for len(want) > 0 {
+		f := s.mustNext(t)
+		if want[f.ref()] {
+			if f.typ() != "reply" || f.status() != http.StatusOK {
+				t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
+			}
+			delete(want, f.ref())
+		}
+	}
+}
+
+// readPost is an SSE POST the server has started to read: sent with
+// Expect: 100-continue, it got its 100 Continue (the server's handler reads
+// the body) and all of its body but the last byte.
+type readPost struct {
+	conn net.Conn
+	br   *bufio.Reader
+	last []byte
+}
+
+func startReadPost(t *testing.T, c *caddyProc, path, token, body string) *readPost {
+	t.Helper()
+	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	_ = conn.SetDeadline(time.Now().Add(sxWait))
+	head := "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + strconv.Itoa(c.HTTP) +
+		"\r\nContent-Type: application/json\r\nDuplex-Token: " + token +
+		"\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\nExpect: 100-continue\r\n\r\n"
+	if _, err := conn.Write([]byte(head)); err != nil {
+		t.Fatalf("write request head: %v", err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("POST %s: %v", body, err)
+	}
+	if resp.StatusCode != http.StatusContinue {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("POST %s: %d %s, want 100 Continue", body, resp.StatusCode, b)
+	}
+	if _, err := conn.Write([]byte(body[:len(body)-1])); err != nil {
+		t.Fatalf("write body: %v", err)
+	}
+	return &readPost{conn: conn, br: br, last: []byte(body[len(body)-1:])}
+}
+
+// finish sends the last byte and returns the answer's status.
+func (p *readPost) finish(t *testing.T) int {
+	t.Helper()
+	_ = p.conn.SetDeadline(time.Now().Add(sxWait))
+	if _, err := p.conn.Write(p.last); err != nil {
+		t.Fatalf("write body: %v", err)
+	}
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		t.Fatalf("reading the answer: %v", err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 // A publish on any node reaches the sessions on every node, once and in

@@ -214,21 +214,20 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		return
 	}
 	s := h.hub.byToken(token, h.key)
-	remote := false
+	var rs remoteSession // the session, if another node of a cluster holds it
 	if s == nil {
-		// Perhaps held by another node of a cluster.
+		var ok bool
 		var err error
-		s, err = h.hub.brokerOf().find(r.Context(), h, protocol.Cursor{Token: token})
+		rs, ok, err = h.hub.brokerOf().locate(r.Context(), h, token)
 		if err != nil {
 			w.Header().Set("Retry-After", retryAfter)
 			reject(http.StatusServiceUnavailable, "sessions are unavailable; retry later")
 			return
 		}
-		if s == nil {
+		if !ok {
 			reject(http.StatusUnauthorized, "unknown or ended session token")
 			return
 		}
-		remote = true
 	} else if _, _, _, transport := s.route(); transport != transportSSE {
 		reject(http.StatusConflict, "the session is not an SSE session: send frames on its connection")
 		return
@@ -247,12 +246,24 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(http.StatusRequestEntityTooLarge, "body larger than the frame limits")
 		return
 	}
-	if s.posts.Add(1) > maxPostsInFlight {
-		s.posts.Add(-1)
-		reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
-		return
+	id := rs.id
+	if s != nil {
+		id = s.id
+		if s.posts.Add(1) > maxPostsInFlight {
+			s.posts.Add(-1)
+			reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
+			return
+		}
+		defer s.posts.Add(-1)
+	} else {
+		// Counted here too: the node holding the session sees only what
+		// this one forwards.
+		if !h.hub.forwarding.enter(id) {
+			reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
+			return
+		}
+		defer h.hub.forwarding.leave(id)
 	}
-	defer s.posts.Add(-1)
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(time.Now().Add(postReadTimeout))
 	frames, perr := readPostFrames(r.Body, ndjson, h.MaxMessageSize, inboxSize)
@@ -262,9 +273,9 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		return
 	}
 	status, msg := 0, ""
-	if remote {
+	if s == nil {
 		var err error
-		status, err = h.hub.brokerOf().forward(r.Context(), s, frames)
+		status, err = h.hub.brokerOf().forward(r.Context(), rs, frames)
 		if err != nil {
 			w.Header().Set("Retry-After", retryAfter)
 			reject(http.StatusServiceUnavailable, "the node holding the session cannot be reached; retry later")
@@ -278,8 +289,36 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 		reject(status, msg)
 		return
 	}
-	h.logger.Debug("frames posted", zap.String("session", s.id), zap.Int("frames", len(frames)), zap.Bool("forwarded", remote))
+	h.logger.Debug("frames posted", zap.String("session", id), zap.Int("frames", len(frames)), zap.Bool("forwarded", s == nil))
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// postsInFlight counts the SSE POSTs being read per session id, for
+// sessions this node does not hold (a session it holds counts its own).
+type postsInFlight struct {
+	mu sync.Mutex     // guards n
+	n  map[string]int // by session id; no entry at 0
+}
+
+// enter counts a POST for session id unless maxPostsInFlight are being
+// read already.
+func (p *postsInFlight) enter(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n[id] >= maxPostsInFlight {
+		return false
+	}
+	p.n[id]++
+	return true
+}
+
+// leave uncounts a POST that enter counted.
+func (p *postsInFlight) leave(id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n[id]--; p.n[id] <= 0 {
+		delete(p.n, id)
+	}
 }
 
 // takePost queues the frames of an SSE POST for s, all or none, and

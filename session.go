@@ -32,12 +32,12 @@ import (
 // Lock order: hub.mu or a connect stream's hookWriter.mu, then a session's
 // mu, then one of the locks that take no other: the hub's detached-list
 // lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
-// inbox, transport (wmu) and trims locks are never held while another is
-// taken; a handler's attachmentSet lock only before outbox locks
-// (closeAll); the write pool's lock alone, after an outbox's is released
-// (a woken writer is handed to the pool). No code holds two sessions' mu
-// at once; end must be called with no lock held (it unregisters the
-// session and runs the disconnect hook).
+// inbox, transport (wmu) and trims locks, and the hub's count of forwarded
+// POSTs, are never held while another is taken; a handler's attachmentSet
+// lock only before outbox locks (closeAll); the write pool's lock alone,
+// after an outbox's is released (a woken writer is handed to the pool). No
+// code holds two sessions' mu at once; end must be called with no lock
+// held (it unregisters the session and runs the disconnect hook).
 type session struct {
 	id, token string
 	user      string

@@ -17,6 +17,12 @@ func (b *Broker) Forward(ctx context.Context, id string, payload []byte) (int, e
 	if err != nil {
 		return 0, err
 	}
+	return b.ForwardTo(ctx, s.Node, id, payload)
+}
+
+// ForwardTo is Forward to node, known to hold session id (from its record,
+// e.g. ByToken's): it saves the lookup.
+func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte) (int, error) {
 	req := randomID()
 	ch := make(chan int, 1)
 	b.mu.Lock()
@@ -29,7 +35,7 @@ func (b *Broker) Forward(ctx context.Context, id string, payload []byte) (int, e
 	}()
 	cctx, cancel := b.call(ctx)
 	defer cancel()
-	n, err := b.rdb.Publish(cctx, b.k.node(s.Node), "f "+id+" "+req+"@"+b.cfg.NodeID+" "+string(payload)).Result()
+	n, err := b.rdb.Publish(cctx, b.k.node(node), "f "+id+" "+req+"@"+b.cfg.NodeID+" "+string(payload)).Result()
 	if err != nil {
 		return 0, unavailable("forwarding", err)
 	}
