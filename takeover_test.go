@@ -1,7 +1,13 @@
 package duplex_test
 
 import (
+	"bufio"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 )
 
 // SSE and stream sessions over HTTP/1.1 write their own response head on
@@ -74,4 +80,85 @@ func first(v []string) string {
 		return ""
 	}
 	return v[0]
+}
+
+// A stream over HTTP/1.1 may send its body with a Content-Length instead
+// of chunked: the session reads the body from the connection it took over
+// (its start came with the request head, the rest later) up to that
+// length and serves its messages. The end of the body is the end of what
+// the client sends: the session stays and keeps sending (as when a client
+// ends a chunked body), and what comes on the connection after the body is
+// not read as a message. The connection's end then detaches the session.
+func TestTakenOverStreamSizedBody(t *testing.T) {
+	t.Parallel()
+	app := newTestApp(t)
+	c := startCaddy(t, sub(globalOpts("")+`
+http://127.0.0.1:{{.HTTP}} {
+	route /live* {
+		header Access-Control-Allow-Origin "https://app.example"
+		duplex {
+			messages {
+				path *
+			}
+			user {http.request.header.X-User}
+			max_message_size 1KiB
+		}
+		reverse_proxy {{.Upstream}}
+	}
+}
+`, "Upstream", app.Addr))
+	message := func(id string) string { return `{"id":"` + id + `","path":"/reply","data":"` + id + `"}` + "\n" }
+	msg1, msg2 := message("sized-1"), message("sized-2")
+	// After the body: a line over max_message_size, which the session
+	// would count and answer with error 413 as soon as it read it.
+	after := `{"id":"after","data":"` + strings.Repeat("x", 2<<10) + `"}` + "\n"
+
+	host := "127.0.0.1:" + strconv.Itoa(c.HTTP)
+	conn, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	sc := &streamDuplex{eventPump: newEventPump()}
+	rc := &rawConn{duplexConn: sc, cutf: func() { conn.Close() }, major: 1}
+	t.Cleanup(rc.cut)
+	send := func(s string) {
+		t.Helper()
+		_ = conn.SetWriteDeadline(time.Now().Add(frameWait))
+		if _, err := conn.Write([]byte(s)); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+	}
+	send("POST /live HTTP/1.1\r\nHost: " + host + "\r\nContent-Type: application/x-ndjson\r\nX-User: sized\r\n" +
+		"Content-Length: " + strconv.Itoa(len(msg1)+len(msg2)) + "\r\n\r\n" + msg1)
+	_ = conn.SetReadDeadline(time.Now().Add(frameWait))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("response head: %v", err)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, want 200", resp.StatusCode)
+	}
+	checkTakenOverHead(t, resp.Header, resp.Close, resp.TransferEncoding, resp.ContentLength, "application/x-ndjson")
+	go sc.readLoop(resp.Body)
+	s := &dxSession{name: "stream with a Content-Length", transport: "stream", conn: sc, raw: rc}
+	s.expectOpen(t)
+	expectFrame(t, s.readFrame(t), map[string]any{"type": "reply", "ref": "sized-1", "status": 200, "data": map[string]any{"echo": "sized-1"}})
+	send(msg2 + after)
+	expectFrame(t, s.readFrame(t), map[string]any{"type": "reply", "ref": "sized-2", "status": 200, "data": map[string]any{"echo": "sized-2"}})
+
+	// The body is over: the client still receives.
+	for i := 1; i <= 2; i++ {
+		c.mustPublish(t, map[string]any{"session": s.Session, "data": i}, 1)
+		s.expectPush(t, "", i)
+	}
+
+	// The client goes: the session is detached (and resumable), and the
+	// line after the body was never read as a message (the session's
+	// reader had returned before it detached).
+	rc.cut()
+	hkWaitDetached(t, c, s.Session)
+	if n := scrape(t, c)[`caddy_duplex_messages_total{result="too_large"}`]; n != 0 {
+		t.Errorf("%v oversize messages: what the client sent after its body was read as messages", n)
+	}
 }
