@@ -17,7 +17,7 @@ import (
 // body carries client frames and whose response carries server frames, one
 // JSON object per line (NDJSON). It runs over HTTP/2 (TLS or h2c) inside
 // its request, and over HTTP/1.1 on the connection taken over (see
-// takeOver), reading the request's chunked body itself.
+// takeOver), reading the request's body (chunked or sized) itself.
 type streamConn struct {
 	br      *bufio.Reader
 	body    io.ReadCloser // inside the request only
