@@ -486,22 +486,41 @@ func (l *answerLog) repeated(session string, frame map[string]any) bool {
 	return false
 }
 
+// stallGate stops a reader after a number of messages: it reads nothing
+// more from its connection (not even pings) until unstalled.
+type stallGate struct {
+	stall chan struct{} // nil: the reader never stalls
+	after int
+}
+
+// unstall lets a stalled reader go on.
+func (g *stallGate) unstall() { close(g.stall) }
+
+// pass returns once a reader that has read n messages may read on: at
+// once before it stalls, else when it is unstalled. It reports false if
+// the reader must quit instead.
+func (g *stallGate) pass(n int, quit <-chan struct{}) bool {
+	if g.stall == nil || n < g.after {
+		return true
+	}
+	select {
+	case <-g.stall:
+		return true
+	case <-quit:
+		return false
+	}
+}
+
 // --- websocket ---------------------------------------------------------------
 
 type wsDuplex struct {
 	eventPump
+	stallGate
 	r      io.Reader
 	w      io.Writer
 	wmu    sync.Mutex
 	closer func()
-	// stall, if not nil, stops the reader after stallAfter messages until
-	// it is closed (unstall).
-	stall      chan struct{}
-	stallAfter int
 }
-
-// unstall lets a stalled reader go on.
-func (c *wsDuplex) unstall() { close(c.stall) }
 
 func (c *wsDuplex) writeFrame(f ws.Frame) error {
 	c.wmu.Lock()
@@ -537,12 +556,8 @@ func (c *wsDuplex) readLoop() {
 	var msg []byte
 	var msgOp ws.OpCode
 	for n := 0; ; {
-		if c.stall != nil && n >= c.stallAfter {
-			select { // reading nothing more, not even pings, until unstalled
-			case <-c.stall:
-			case <-c.quit:
-				return
-			}
+		if !c.pass(n, c.quit) {
+			return
 		}
 		h, err := ws.ReadHeader(c.r)
 		if err != nil {
@@ -589,18 +604,23 @@ func (c *wsDuplex) readLoop() {
 type connOpts struct {
 	dial            dialFunc // dials TCP (nil: a net.Dialer)
 	transparentGzip bool     // HTTP/1.1: Go's own Accept-Encoding/gunzip
-	// stall: a WebSocket whose reader stops after stallAfter messages
-	// (0: it reads nothing, not even pings) until unstalled.
+	// stall: a WebSocket or SSE reader that stops after stallAfter
+	// messages (0: it reads nothing, not even pings) until unstalled.
 	stall      bool
 	stallAfter int
 }
 
+// gate is the stallGate of a reader dialed with o.
+func (o connOpts) gate() stallGate {
+	if !o.stall {
+		return stallGate{}
+	}
+	return stallGate{stall: make(chan struct{}), after: o.stallAfter}
+}
+
 // wsConn starts the reader of a WebSocket connection.
 func (o connOpts) wsConn(r io.Reader, w io.Writer, closer func()) *wsDuplex {
-	wc := &wsDuplex{eventPump: newEventPump(), r: r, w: w, closer: closer, stallAfter: o.stallAfter}
-	if o.stall {
-		wc.stall = make(chan struct{})
-	}
+	wc := &wsDuplex{eventPump: newEventPump(), stallGate: o.gate(), r: r, w: w, closer: closer}
 	go wc.readLoop()
 	return wc
 }
@@ -715,7 +735,7 @@ func dialConn(tg target, transport, path string, hdr http.Header, o connOpts) (*
 		rc.duplexConn = sc
 		go sc.readLoop(body)
 	} else {
-		sc := &sseDuplex{eventPump: newEventPump(), hc: hc, url: tg.url(path), resp: resp, cancel: cancel}
+		sc := &sseDuplex{eventPump: newEventPump(), stallGate: o.gate(), hc: hc, url: tg.url(path), resp: resp, cancel: cancel}
 		sc.retry.Store(-1)
 		rc.duplexConn = sc
 		go sc.readLoop(body)
@@ -885,6 +905,7 @@ func mediaTypeOf(v string) string {
 
 type sseDuplex struct {
 	eventPump
+	stallGate
 	hc     *http.Client
 	url    string
 	resp   *http.Response
@@ -959,7 +980,10 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 	defer close(c.exited)
 	p := newSSEParser()
 	buf := make([]byte, 32<<10)
-	for {
+	for frames := 0; ; {
+		if !c.pass(frames, c.quit) {
+			return
+		}
 		n, err := body.Read(buf)
 		if n > 0 {
 			for _, ev := range p.Feed(buf[:n]) {
@@ -980,6 +1004,7 @@ func (c *sseDuplex) readLoop(body io.Reader) {
 				if !c.emitFrame([]byte(ev.Data), &ev, false) {
 					return
 				}
+				frames++
 			}
 			c.retry.Store(int64(p.Retry))
 		}

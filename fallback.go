@@ -43,7 +43,6 @@ type sseConn struct {
 	wmu sync.Mutex // guards the burst writer, token and write deadline
 	wd  writeDeadline
 	burstWriter
-	rc *http.ResponseController // inside the request only
 
 	endOnce sync.Once
 	gone    chan struct{} // closed by end
@@ -78,8 +77,7 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 	}
 	return &sseConn{
 		reqDone:     r.Context().Done(),
-		burstWriter: burstWriter{out: w},
-		rc:          rc,
+		burstWriter: burstWriter{out: w, rc: rc},
 		gone:        make(chan struct{}),
 	}, nil
 }
@@ -150,7 +148,7 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 func (c *sseConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return flushResponse(&c.burstWriter, c.rc)
+	return c.flushBurst()
 }
 
 func (c *sseConn) ping() error {
@@ -160,7 +158,7 @@ func (c *sseConn) ping() error {
 	if _, err := c.buffer().Write(ssePing); err != nil {
 		return err
 	}
-	return flushResponse(&c.burstWriter, c.rc)
+	return c.flushBurst()
 }
 
 // close ends the response: the close event was the last one, and there is

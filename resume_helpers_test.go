@@ -111,13 +111,14 @@ func withCursor(d rdial, path string, hdr http.Header, cursor string) (string, h
 // cursor, if not empty, asks to resume. The connection is cut when the
 // test ends. It never calls t.Fatal, so workers may use it.
 func dialR(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string) (*rconn, error) {
-	return dialRWith(t, base, d, path, hdr, cursor, nil)
+	return dialRWith(t, base, d, path, hdr, cursor, connOpts{})
 }
 
-func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string, dial dialFunc) (*rconn, error) {
+// dialRWith is dialR with dialConn's options o.
+func dialRWith(t *testing.T, base string, d rdial, path string, hdr http.Header, cursor string, o connOpts) (*rconn, error) {
 	path, hdr = withCursor(d, path, hdr, cursor)
 	tg := target{proto: d.proto, base: base}
-	rc, status, err := dialConn(tg, d.transport, path, hdr, connOpts{dial: dial})
+	rc, status, err := dialConn(tg, d.transport, path, hdr, o)
 	if err != nil {
 		if status == 0 {
 			err = noAnswerError{err}
@@ -209,8 +210,20 @@ func (s *rsess) nextFrame() (map[string]any, dxEvent, error) {
 
 // openR opens a new session and reads its open frame (resumed:false).
 func openR(t *testing.T, name, base string, d rdial, path string, hdr http.Header) (*rsess, error) {
+	return openRWith(t, name, base, d, path, hdr, connOpts{})
+}
+
+// openStalledR opens a new session over d (websocket or sse) on a TCP
+// connection with a tiny receive window (smallWindowDial) whose client
+// reads the open frame, then nothing, until its reader is unstalled.
+func openStalledR(t *testing.T, name, base string, d rdial, path string, hdr http.Header) (*rsess, error) {
+	return openRWith(t, name, base, d, path, hdr, connOpts{dial: smallWindowDial, stall: true, stallAfter: 1})
+}
+
+// openRWith is openR with dialConn's options o.
+func openRWith(t *testing.T, name, base string, d rdial, path string, hdr http.Header, o connOpts) (*rsess, error) {
 	s := &rsess{name: name, base: base, path: path, hdr: hdr}
-	conn, err := dialR(t, base, d, path, hdr, "")
+	conn, err := dialRWith(t, base, d, path, hdr, "", o)
 	if err != nil {
 		return nil, fmt.Errorf("%s: open: %w", name, err)
 	}

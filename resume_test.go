@@ -574,18 +574,8 @@ func TestResumeStalledReader(t *testing.T) {
 
 	// The stalled client: a WebSocket over a TCP connection with a tiny
 	// receive window; it reads its open frame, then nothing.
-	stalled := &rsess{name: "stalled", base: base, path: "/live/stall", hdr: hdrs("X-User", "stalled")}
-	rc, _, err := dialConn(target{proto: "h1", base: base}, "websocket", stalled.path, stalled.hdr, connOpts{dial: smallWindowDial, stall: true, stallAfter: 1})
+	stalled, err := openStalledR(t, "stalled", base, rdials[0], "/live/stall", hdrs("X-User", "stalled"))
 	must(t, err)
-	t.Cleanup(rc.cut)
-	stalled.conn = &rconn{rawConn: rc, d: rdials[0]}
-	open, e, err := stalled.nextFrame()
-	must(t, err)
-	stalled.id, _ = open["session"].(string)
-	stalled.token, _ = open["token"].(string)
-	if open["type"] != "open" || stalled.id == "" || stalled.token == "" {
-		t.Fatalf("stalled client: first frame %s, want open", e.raw)
-	}
 
 	var (
 		fails   errs
@@ -663,7 +653,7 @@ func TestResumeStalledReader(t *testing.T) {
 	t.Logf("the stalled connection overflowed after %d publishes; %d readers got them all first", published, nReaders)
 
 	// Now the stalled client reads: the pushes that fit, then close 4008.
-	rc.duplexConn.(*wsDuplex).unstall()
+	stalled.conn.duplexConn.(*wsDuplex).unstall()
 	for {
 		f, e, err := stalled.nextFrame()
 		must(t, err)

@@ -17,7 +17,7 @@ import (
 // body carries client frames and whose response carries server frames, one
 // JSON object per line (NDJSON). It runs over HTTP/2 (TLS or h2c) inside
 // its request, and over HTTP/1.1 on the connection taken over (see
-// takeOver), reading the request's chunked body itself.
+// takeOver), reading the request's body (chunked or sized) itself.
 type streamConn struct {
 	br      *bufio.Reader
 	body    io.ReadCloser // inside the request only
@@ -28,7 +28,6 @@ type streamConn struct {
 	wmu sync.Mutex // guards the burst writer and write deadline
 	wd  writeDeadline
 	burstWriter
-	rc *http.ResponseController // inside the request only
 
 	gone     chan struct{} // closed by end
 	goneOnce sync.Once
@@ -82,8 +81,7 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 		body:        r.Body,
 		maxSize:     maxSize,
 		reqDone:     r.Context().Done(),
-		burstWriter: burstWriter{out: w},
-		rc:          rc,
+		burstWriter: burstWriter{out: w, rc: rc},
 		gone:        make(chan struct{}),
 	}, nil
 }
@@ -178,7 +176,7 @@ var newline = []byte{'\n'}
 func (c *streamConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return flushResponse(&c.burstWriter, c.rc)
+	return c.flushBurst()
 }
 
 func (c *streamConn) ping() error {
@@ -188,7 +186,7 @@ func (c *streamConn) ping() error {
 	if _, err := c.buffer().Write(pingLine); err != nil {
 		return err
 	}
-	return flushResponse(&c.burstWriter, c.rc)
+	return c.flushBurst()
 }
 
 // close ends the response: the close frame was the last line, and there is

@@ -44,19 +44,6 @@ func takeBuffered(br *bufio.Reader) (early []byte) {
 	return early
 }
 
-// flushResponse sends a burst written to the response of rc (a session
-// inside its request); with rc nil (a connection taken over) the burst's
-// write was all.
-func flushResponse(b *burstWriter, rc *http.ResponseController) error {
-	if err := b.flushBurst(); err != nil {
-		return err
-	}
-	if rc == nil {
-		return nil
-	}
-	return rc.Flush()
-}
-
 // responseHead is the head of a 200 response written on a connection taken
 // over: the headers set on w so far (by handlers in front, e.g. CORS), the
 // transport's own, and Connection: close, since the body (NDJSON lines or

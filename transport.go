@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"io"
+	"net/http"
 	"sync"
 )
 
@@ -62,8 +63,13 @@ type transport interface {
 // holds no buffer and a burst costs one write (and one deadline update in
 // Caddy's response wrappers) instead of one per piece.
 type burstWriter struct {
-	out io.Writer     // the connection or response
-	bw  *bufio.Writer // from writerPool while a burst is being written
+	out io.Writer // the connection or response
+	// rc is the response's controller while the session runs inside its
+	// request: each burst written to the response is flushed through it.
+	// It is nil on a connection the session writes to directly, where the
+	// burst's write is all.
+	rc *http.ResponseController
+	bw *bufio.Writer // from writerPool while a burst is being written
 }
 
 var writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4096) }}
@@ -77,14 +83,20 @@ func (b *burstWriter) buffer() *bufio.Writer {
 	return b.bw
 }
 
-// flushBurst writes the burst out and gives its buffer back.
+// flushBurst writes the burst out, gives its buffer back and flushes the
+// response, if there is one.
 func (b *burstWriter) flushBurst() error {
-	if b.bw == nil {
+	if b.bw != nil {
+		err := b.bw.Flush()
+		b.bw.Reset(nil)
+		writerPool.Put(b.bw)
+		b.bw = nil
+		if err != nil {
+			return err
+		}
+	}
+	if b.rc == nil {
 		return nil
 	}
-	err := b.bw.Flush()
-	b.bw.Reset(nil)
-	writerPool.Put(b.bw)
-	b.bw = nil
-	return err
+	return b.rc.Flush()
 }

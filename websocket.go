@@ -61,9 +61,6 @@ type wsConn struct {
 	wmu sync.Mutex // guards the burst writer and the write deadline
 	wd  writeDeadline
 	burstWriter
-	// flushOut pushes buffered bytes to the peer (HTTP/2 needs a flush of
-	// the response, not only of bw).
-	flushOut func() error
 
 	closeOnce sync.Once
 }
@@ -92,7 +89,6 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 			setRead:     conn.SetReadDeadline,
 			wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
 			release:     conn.Close,
-			flushOut:    func() error { return nil },
 		}, nil
 	}
 
@@ -110,7 +106,7 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	body := r.Body
 	return &wsConn{
 		br:          bufio.NewReaderSize(body, wsReadBuffer),
-		burstWriter: burstWriter{out: w},
+		burstWriter: burstWriter{out: w, rc: rc},
 		maxSize:     maxSize,
 		idle:        idle,
 		textPing:    textPing,
@@ -120,7 +116,6 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 			_ = rc.SetReadDeadline(time.Now())
 			return body.Close()
 		},
-		flushOut: rc.Flush,
 	}, nil
 }
 
@@ -285,15 +280,7 @@ func (c *wsConn) writeControl(f ws.Frame) error {
 	if err := ws.WriteFrame(c.buffer(), f); err != nil {
 		return err
 	}
-	return c.flushLocked()
-}
-
-// flushLocked sends the burst and gives its buffer back.
-func (c *wsConn) flushLocked() error {
-	if err := c.flushBurst(); err != nil {
-		return err
-	}
-	return c.flushOut()
+	return c.flushBurst()
 }
 
 func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
@@ -316,7 +303,7 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 func (c *wsConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return c.flushLocked()
+	return c.flushBurst()
 }
 
 // pingText is the heartbeat as a text frame, for ?ping=text.
