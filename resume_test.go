@@ -552,17 +552,21 @@ func TestResumeAcrossReloads(t *testing.T) {
 // ---------------------------------------------------------------------------
 // 3. A stalled reader among many: it alone is closed (4008, reconnect) and
 // resumes from its buffer; the others get every push without waiting.
+// More clients stall beside it than the write pool has workers (Caddy runs
+// on one CPU: four), so writers blocked on their sockets hold every worker
+// until the pool's watchdog adds more.
 
 func TestResumeStalledReader(t *testing.T) {
 	t.Parallel()
 	const (
 		nReaders = 20
+		nStalled = 8    // besides the one followed below
 		maxPub   = 3000 // bound: the stalled one must overflow well before
 		check    = 4    // publishes between checks for the slow-consumer closure
 	)
 	pad := strings.Repeat("x", 700)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tchannels shared\n\t\t\tsend_queue 16KiB\n\t\t\theartbeat 30s"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("\t\t\tchannels shared\n\t\t\tsend_queue 16KiB\n\t\t\theartbeat 30s"), "Upstream", app.Addr), xconnectEnv, "GOMAXPROCS=1")
 	base := c.url("")
 
 	readers := make([]*rsess, nReaders)
@@ -576,6 +580,11 @@ func TestResumeStalledReader(t *testing.T) {
 	// receive window; it reads its open frame, then nothing.
 	stalled, err := openStalledR(t, "stalled", base, rdials[0], "/live/stall", hdrs("X-User", "stalled"))
 	must(t, err)
+	// Others like it, which stay stalled.
+	for i := range nStalled {
+		_, err := openStalledR(t, fmt.Sprintf("stalled%d", i), base, rdials[0], "/live/stall", hdrs("X-User", fmt.Sprintf("stalled%d", i)))
+		must(t, err)
+	}
 
 	var (
 		fails   errs
@@ -617,7 +626,7 @@ func TestResumeStalledReader(t *testing.T) {
 	// Publish until the stalled connection overflows its send queue.
 	published, overflowed := 0, false
 	for published < maxPub && !stop.stopped() {
-		if err := publishWant(c, map[string]any{"channel": "shared", "data": map[string]any{"n": published + 1, "pad": pad}}, nReaders+1); err != nil {
+		if err := publishWant(c, map[string]any{"channel": "shared", "data": map[string]any{"n": published + 1, "pad": pad}}, nReaders+1+nStalled); err != nil {
 			fail(err)
 			break
 		}
@@ -628,7 +637,7 @@ func TestResumeStalledReader(t *testing.T) {
 				fail(err)
 				break
 			}
-			if v > 0 {
+			if v >= 1+nStalled { // every stalled connection, the one followed below too
 				overflowed = true
 				break
 			}
@@ -680,7 +689,7 @@ func TestResumeStalledReader(t *testing.T) {
 	for n := stalled.last + 1; n <= published; n++ {
 		must(t, stalled.expectPushN(n))
 	}
-	must(t, publishWant(c, map[string]any{"channel": "shared", "data": map[string]any{"n": published + 1}}, nReaders+1))
+	must(t, publishWant(c, map[string]any{"channel": "shared", "data": map[string]any{"n": published + 1}}, nReaders+1+nStalled))
 	must(t, stalled.expectPushN(published+1))
 	for _, s := range readers {
 		must(t, s.expectPushN(published+1))

@@ -20,19 +20,26 @@ import (
 // queue empty ends, so an idle server holds none.
 //
 // A writer may block on its connection (a peer that stops reading, until
-// the write deadline ends it). So that a few blocked writers cannot hold up
-// everyone else's frames, a watchdog runs while writers wait: if no writer
-// finished during a whole stall period, it starts one more worker.
+// the write deadline ends it). So that blocked writers cannot hold up
+// everyone else's frames, a watchdog looks every stall period while
+// writers wait: a worker busy with one writer for that long no longer
+// counts as one of the size, and others are started in its place.
 type writePool struct {
-	size  int           // workers started without waiting for the watchdog
-	stall time.Duration // the watchdog's period
+	size  int           // workers that are not stuck, at most
+	stall time.Duration // how long one writer may take before its worker counts as stuck
 
-	mu       sync.Mutex // guards the fields below
+	mu       sync.Mutex // guards the fields below and the workers' fields
 	queue    []writer   // woken writers waiting for a worker, from head on
 	head     int
-	running  int    // workers running
-	finished uint64 // writers finished, so the watchdog can tell progress
-	watching bool   // the watchdog is armed
+	running  int                      // workers not stuck
+	workers  map[*poolWorker]struct{} // every worker, stuck ones too
+	watching bool                     // the watchdog is armed
+}
+
+// poolWorker is one worker of a writePool.
+type poolWorker struct {
+	since time.Time // when it took its current writer
+	stuck bool      // busy with one writer for a stall period: not counted in running
 }
 
 // writer is a connection's writer: it writes what its connection has
@@ -42,19 +49,19 @@ type writer interface{ writeBurst() }
 // writers is the process's write pool. It holds no goroutine while no
 // frame waits to be written, so it needs no start or stop across config
 // reloads.
-var writers = &writePool{
-	size:  4 * runtime.GOMAXPROCS(0),
-	stall: 5 * time.Millisecond,
+var writers = newWritePool(4*runtime.GOMAXPROCS(0), 5*time.Millisecond)
+
+func newWritePool(size int, stall time.Duration) *writePool {
+	return &writePool{size: size, stall: stall, workers: make(map[*poolWorker]struct{})}
 }
 
-// run has a's writer run by a worker: at once if fewer than size are
-// running, else after the writers woken before it.
+// run has a's writer run by a worker: at once if fewer than size workers
+// are busy (and not stuck), else after the writers woken before it.
 func (p *writePool) run(a writer) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.running < p.size {
-		p.running++
-		p.mu.Unlock()
-		go p.work(a)
+		p.startLocked(a)
 		return
 	}
 	p.queue = append(p.queue, a)
@@ -62,18 +69,33 @@ func (p *writePool) run(a writer) {
 		p.watching = true
 		p.armLocked()
 	}
-	p.mu.Unlock()
 }
 
-// work runs writers until none waits.
-func (p *writePool) work(a writer) {
+// startLocked starts a worker with writer a.
+func (p *writePool) startLocked(a writer) {
+	w := &poolWorker{since: time.Now()}
+	p.workers[w] = struct{}{}
+	p.running++
+	go p.work(w, a)
+}
+
+// work runs writers until none waits. A worker found stuck ends after
+// its writer: others took its place.
+func (p *writePool) work(w *poolWorker, a writer) {
 	for a != nil {
 		a.writeBurst()
 		p.mu.Lock()
-		p.finished++
-		a = p.nextLocked()
+		a = nil
+		if !w.stuck {
+			a = p.nextLocked()
+		}
 		if a == nil {
-			p.running--
+			if !w.stuck {
+				p.running--
+			}
+			delete(p.workers, w)
+		} else {
+			w.since = time.Now()
 		}
 		p.mu.Unlock()
 	}
@@ -99,24 +121,34 @@ func (p *writePool) nextLocked() writer {
 	return a
 }
 
-// armLocked has the watchdog look again after a stall period.
+// armLocked has the watchdog look after a stall period.
 func (p *writePool) armLocked() {
-	mark := p.finished
-	time.AfterFunc(p.stall, func() { p.watch(mark) })
+	time.AfterFunc(p.stall, p.watch)
 }
 
-// watch is the watchdog: while writers wait, a stall period in which none
-// finished (since mark) starts one more worker.
-func (p *writePool) watch(mark uint64) {
+// watch is the watchdog: while writers wait, workers busy with one writer
+// for a stall period stop counting, and workers are started in their
+// place.
+func (p *writePool) watch() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.head == len(p.queue) {
 		p.watching = false
 		return
 	}
-	if p.finished == mark {
-		p.running++
-		go p.work(p.nextLocked())
+	now := time.Now()
+	for w := range p.workers {
+		if !w.stuck && now.Sub(w.since) >= p.stall {
+			w.stuck = true
+			p.running--
+		}
+	}
+	for p.running < p.size {
+		a := p.nextLocked()
+		if a == nil {
+			break
+		}
+		p.startLocked(a)
 	}
 	p.armLocked()
 }

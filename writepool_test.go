@@ -44,13 +44,13 @@ func waitIdle(t *testing.T, p *writePool) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		p.mu.Lock()
-		running, waiting := p.running, len(p.queue)-p.head
+		running, workers, waiting := p.running, len(p.workers), len(p.queue)-p.head
 		p.mu.Unlock()
-		if running == 0 && waiting == 0 {
+		if running == 0 && workers == 0 && waiting == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("pool still has %d workers and %d waiting writers", running, waiting)
+			t.Fatalf("pool still has %d workers (%d counted) and %d waiting writers", workers, running, waiting)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -59,7 +59,7 @@ func waitIdle(t *testing.T, p *writePool) {
 // Every writer runs, in the order woken once the workers are busy, and the
 // workers end when none is left.
 func TestWritePoolRunsAllInOrder(t *testing.T) {
-	p := &writePool{size: 1, stall: time.Hour}
+	p := newWritePool(1, time.Hour)
 	var mu sync.Mutex
 	var order []int
 	first := &task{release: make(chan struct{}), ran: make(chan struct{}), order: &order, mu: &mu, n: 0}
@@ -89,9 +89,10 @@ func TestWritePoolRunsAllInOrder(t *testing.T) {
 }
 
 // Writers blocked on their connections do not hold up the others: the
-// watchdog starts another worker when none finished for a stall period.
+// watchdog counts their workers as stuck after a stall period and starts
+// others in their place.
 func TestWritePoolWatchdog(t *testing.T) {
-	p := &writePool{size: 2, stall: time.Millisecond}
+	p := newWritePool(2, time.Millisecond)
 	var blocked []*task
 	for range 2 {
 		k := &task{release: make(chan struct{}), ran: make(chan struct{})}
