@@ -64,7 +64,7 @@ func newAttachment(s *session, h *Handler, r *http.Request, next caddyhttp.Handl
 // queue adds frames to the outbox whatever their size.
 func (a *attachment) queue(fs ...outFrame) {
 	if a.out.queue(fs...) {
-		writers.run(a)
+		writeWorkers.run(a)
 	}
 }
 
@@ -77,7 +77,7 @@ func (a *attachment) offer(f outFrame) bool {
 		metrics.slowClosures.Inc()
 	}
 	if wake {
-		writers.run(a)
+		writeWorkers.run(a)
 	}
 	return queued
 }
@@ -86,7 +86,7 @@ func (a *attachment) offer(f outFrame) bool {
 // session stays unless it was ended).
 func (a *attachment) close(c closeInfo) {
 	if a.out.close(c) {
-		writers.run(a)
+		writeWorkers.run(a)
 	}
 }
 
@@ -98,7 +98,7 @@ func (a *attachment) drop() {
 }
 
 // writeBurst writes queued frames until the queue is empty (or the close
-// frame is written). It runs on the write pool (writers), counted in the
+// frame is written). It runs on the write pool (writeWorkers), counted in the
 // outbox's writers.
 func (a *attachment) writeBurst() {
 	defer a.out.writers.Done()

@@ -46,10 +46,10 @@ type poolWorker struct {
 // queued and returns (attachment.writeBurst).
 type writer interface{ writeBurst() }
 
-// writers is the process's write pool. It holds no goroutine while no
+// writeWorkers is the process's write pool. It holds no goroutine while no
 // frame waits to be written, so it needs no start or stop across config
 // reloads.
-var writers = newWritePool(4*runtime.GOMAXPROCS(0), 5*time.Millisecond)
+var writeWorkers = newWritePool(4*runtime.GOMAXPROCS(0), 5*time.Millisecond)
 
 func newWritePool(size int, stall time.Duration) *writePool {
 	return &writePool{size: size, stall: stall, workers: make(map[*poolWorker]struct{})}
