@@ -34,10 +34,11 @@ import (
 // lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
 // inbox, transport (wmu) and trims locks, and the hub's count of forwarded
 // POSTs, are never held while another is taken; a handler's attachmentSet
-// lock only before outbox locks (closeAll); the write pool's lock alone,
-// after an outbox's is released (a woken writer is handed to the pool). No
-// code holds two sessions' mu at once; end must be called with no lock
-// held (it unregisters the session and runs the disconnect hook).
+// lock only before outbox locks (closeAll); the write pool's lock last (a
+// woken writer is handed to the pool), never with an outbox's held, and it
+// takes no other. No code holds two sessions' mu at once; end must be
+// called with no lock held (it unregisters the session and runs the
+// disconnect hook).
 type session struct {
 	id, token string
 	user      string

@@ -16,8 +16,8 @@ import (
 // and the first publish to a large channel came out several times slower
 // than the next ones.)
 //
-// Workers run only while writers are waiting: the last one to find the
-// queue empty ends, so an idle server holds none.
+// Workers run only while writers are waiting: each ends when it finds the
+// queue empty, so an idle server holds none.
 //
 // A writer may block on its connection (a peer that stops reading, until
 // the write deadline ends it). So that blocked writers cannot hold up
@@ -25,7 +25,7 @@ import (
 // writers wait: a worker busy with one writer for that long no longer
 // counts as one of the size, and others are started in its place.
 type writePool struct {
-	size  int           // workers that are not stuck, at most
+	size  int           // workers that are not stuck, at most (0: four per CPU, read at first use)
 	stall time.Duration // how long one writer may take before its worker counts as stuck
 
 	mu       sync.Mutex // guards the fields below and the workers' fields
@@ -49,7 +49,7 @@ type writer interface{ writeBurst() }
 // writeWorkers is the process's write pool. It holds no goroutine while no
 // frame waits to be written, so it needs no start or stop across config
 // reloads.
-var writeWorkers = newWritePool(4*runtime.GOMAXPROCS(0), 5*time.Millisecond)
+var writeWorkers = newWritePool(0, 5*time.Millisecond)
 
 func newWritePool(size int, stall time.Duration) *writePool {
 	return &writePool{size: size, stall: stall, workers: make(map[*poolWorker]struct{})}
@@ -60,6 +60,10 @@ func newWritePool(size int, stall time.Duration) *writePool {
 func (p *writePool) run(a writer) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.size == 0 {
+		// After Caddy has set GOMAXPROCS.
+		p.size = 4 * runtime.GOMAXPROCS(0)
+	}
 	if p.running < p.size {
 		p.startLocked(a)
 		return
@@ -109,7 +113,8 @@ func (p *writePool) nextLocked() writer {
 	a := p.queue[p.head]
 	p.queue[p.head] = nil
 	p.head++
-	if p.head == len(p.queue) {
+	switch {
+	case p.head == len(p.queue):
 		// Drained: start over, and give back a large burst's queue.
 		p.head = 0
 		if cap(p.queue) > 1024 {
@@ -117,6 +122,13 @@ func (p *writePool) nextLocked() writer {
 		} else {
 			p.queue = p.queue[:0]
 		}
+	case p.head >= 1024 && 2*p.head >= len(p.queue):
+		// Never drained under steady load: move the waiting writers to
+		// the front, so the queue holds what waits, not what was taken.
+		n := copy(p.queue, p.queue[p.head:])
+		clear(p.queue[n:])
+		p.queue = p.queue[:n]
+		p.head = 0
 	}
 	return a
 }

@@ -122,3 +122,33 @@ func TestWritePoolWatchdog(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// A queue that never drains (writers keep being woken while others wait)
+// holds what waits, not every writer taken since it last drained.
+func TestWritePoolQueueStaysBounded(t *testing.T) {
+	p := newWritePool(1, time.Hour)
+	block := &task{release: make(chan struct{}), ran: make(chan struct{})}
+	p.run(block) // the one worker is busy: the rest queue
+	for range 100 {
+		p.run(&task{ran: make(chan struct{})})
+	}
+	// Take one and add one, 100,000 times, as a worker under steady load.
+	p.mu.Lock()
+	for range 100_000 {
+		if p.nextLocked() == nil {
+			p.mu.Unlock()
+			t.Fatal("the queue ran dry")
+		}
+		p.queue = append(p.queue, &task{ran: make(chan struct{})})
+	}
+	waiting, capacity := len(p.queue)-p.head, cap(p.queue)
+	p.mu.Unlock()
+	if waiting != 100 {
+		t.Fatalf("%d writers wait, want 100", waiting)
+	}
+	if capacity > 4096 {
+		t.Fatalf("the queue's array holds %d slots for 100 waiting writers", capacity)
+	}
+	close(block.release)
+	waitIdle(t, p)
+}
