@@ -60,8 +60,9 @@ type broker interface {
 	// builds no session: a POST only needs to reach the session's node.
 	locate(ctx context.Context, hd *Handler, token string) (rs remoteSession, ok bool, err error)
 	// forward hands the frames of an SSE POST for session rs (from
-	// locate) to the node holding it, and returns that node's answer: 202
-	// once it queued them, 401, 409 or 429 as servePost answers.
+	// locate) to the node holding it (again to the node holding it now,
+	// if it moved meanwhile), and returns that node's answer: 202 once it
+	// queued them, 401, 409 or 429 as servePost answers.
 	forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error)
 	// sessions lists the sessions of a user and/or on a channel (all when
 	// both are empty), on every node, ordered by opening time.

@@ -481,6 +481,13 @@ func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]
 	}
 	payload = append(payload, ']')
 	status, err := r.rb().ForwardTo(ctx, rs.node, rs.id, payload)
+	if (err == nil && status == http.StatusUnauthorized) || errors.Is(err, redisbroker.ErrNodeUnreachable) {
+		// The session may have moved while the POST's body was read (its
+		// client resumed on another node): forward to where it is now.
+		if rec, lerr := r.rb().Lookup(ctx, rs.id); lerr == nil && rec.Node != rs.node && rec.Closed == "" {
+			status, err = r.rb().ForwardTo(ctx, rec.Node, rs.id, payload)
+		}
+	}
 	switch {
 	case errors.Is(err, redisbroker.ErrUnknownSession):
 		return http.StatusUnauthorized, nil

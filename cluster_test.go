@@ -171,8 +171,12 @@ func TestClusterForwardedPostBounds(t *testing.T) {
 			t.Fatalf("POST %d after its body ended: %d, want 202", i, st)
 		}
 	}
+	// Done, they no longer count there.
+	if st, b := sxPost(t, other.url("/live"), s.token(), "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
+		t.Fatalf("a POST on the forwarding node after the four: %d %s, want 202", st, b)
+	}
 	// The node holding the session served them: each gets its reply.
-	want := map[string]bool{"p0": true, "p1": true, "p2": true, "p3": true}
+	want := map[string]bool{"p0": true, "p1": true, "p2": true, "p3": true, "after": true}
 	for len(want) > 0 {
 		f := s.mustNext(t)
 		if want[f.ref()] {
@@ -180,6 +184,37 @@ func TestClusterForwardedPostBounds(t *testing.T) {
 				t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
 			}
 			delete(want, f.ref())
+		}
+	}
+}
+
+// A POST read by a node while its session moves to another one (the
+// client resumed its event stream there) is forwarded to where the
+// session is now: answered 202, and its reply comes on the new stream.
+func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 3, app)
+	first := sxOpenSSE(t, nodes[0].url("/live"), nil)
+	token := first.token()
+	p := startReadPost(t, nodes[1], "/live", token, `{"id":"moved","path":"/live/ok"}`)
+	// The stream resumes on the third node; the first one closes its
+	// stream (4009).
+	moved := sxOpenSSE(t, nodes[2].url("/live"), hdrs("Last-Event-ID", token+":0"))
+	if moved.open["resumed"] != true {
+		t.Fatalf("resume on another node: %v, want resumed:true", moved.open)
+	}
+	if st := p.finish(t); st != http.StatusAccepted {
+		t.Fatalf("the POST read while its session moved: %d, want 202", st)
+	}
+	for {
+		f := moved.mustNext(t)
+		if f.ref() == "moved" {
+			if f.typ() != "reply" || f.status() != http.StatusOK {
+				t.Fatalf("answer: %v, want a 200 reply", f)
+			}
+			break
 		}
 	}
 }
