@@ -179,7 +179,7 @@ func TestTakenOverSSEStalledReader(t *testing.T) {
 	const maxPub = 400 // 6.4 MiB: the stalled connection overflows well before, and all of it fits the resume buffer
 	pad := strings.Repeat("x", 16<<10)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tsend_queue 256KiB\n\t\t\theartbeat 3s"), "Upstream", app.Addr))
+	c := startCaddy(t, sub(resumeSite("\t\t\tsend_queue 256KiB\n\t\t\theartbeat 10s"), "Upstream", app.Addr))
 	sse := rdial{transport: "sse", proto: "h1"}
 	s, err := openStalledR(t, "stalled", c.url(""), sse, "/live", hdrs("X-User", "stalled"))
 	must(t, err)
@@ -235,7 +235,7 @@ func TestTakenOverSSEStalledReader(t *testing.T) {
 func detachReason(t *testing.T, c *caddyProc, id string) string {
 	t.Helper()
 	reason := ""
-	waitUntil(t, "session "+id+" to be detached", 30*time.Second, func() bool {
+	waitUntil(t, "session "+id+" to be detached", time.Minute, func() bool {
 		for _, line := range strings.Split(c.logs(), "\n") {
 			var e struct{ Msg, Session, Reason string }
 			if json.Unmarshal([]byte(line), &e) == nil && e.Msg == "session detached" && e.Session == id {
