@@ -103,7 +103,8 @@ func (a *attachment) drop() {
 func (a *attachment) writeBurst() {
 	defer a.out.writers.Done()
 	t := a.t
-	var frames []outFrame
+	var frameBuf [8]outFrame // most bursts fit: no allocation for them
+	frames := frameBuf[:0]
 	var seqBuf [20]byte
 	for {
 		var closing *closeInfo

@@ -168,10 +168,14 @@ func writeDelivered(w http.ResponseWriter, n int) {
 	b := append(buf[:0], `{"delivered":`...)
 	b = strconv.AppendInt(b, int64(n), 10)
 	b = append(b, "}\n"...)
-	w.Header()["Content-Type"] = []string{"application/json"}
+	w.Header()["Content-Type"] = jsonContentType
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(b)
 }
+
+// jsonContentType is the Content-Type of publish answers, shared so that
+// setting it allocates nothing (nothing modifies a header value in place).
+var jsonContentType = []string{"application/json"}
 
 // readBody reads a publish body of at most maxPublishBody bytes, into a
 // buffer of its announced length when it has one.
