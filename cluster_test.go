@@ -18,75 +18,21 @@ import (
 	"time"
 
 	"github.com/caddy-duplex/duplex/client"
+	"github.com/caddy-duplex/duplex/internal/redistest"
 )
 
-// clusterRedis is a real redis-server for a cluster test.
-type clusterRedis struct {
-	addr string
-	cmd  *exec.Cmd
-}
-
-// startClusterRedis starts redis-server on a free port, without
-// persistence, and stops it when the test ends.
-func startClusterRedis(t *testing.T) *clusterRedis {
+// startClusterRedis starts redis-server on a free port for a cluster
+// test, without persistence, and stops it when the test ends.
+func startClusterRedis(t *testing.T) *redistest.Server {
 	t.Helper()
-	return startRedisOn(t, freePorts(t, 1)[0])
-}
-
-// restart kills Redis and starts an empty one on the same port.
-func (r *clusterRedis) restart(t *testing.T) {
-	t.Helper()
-	_ = r.cmd.Process.Kill()
-	_ = r.cmd.Wait()
-	_, port, _ := net.SplitHostPort(r.addr)
-	n, _ := strconv.Atoi(port)
-	*r = *startRedisOn(t, n)
-}
-
-func startRedisOn(t *testing.T, port int) *clusterRedis {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
-	}
-	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(out)
-		var once sync.Once
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "Ready to accept connections") {
-				once.Do(func() { close(ready) })
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGCONT)
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	select {
-	case <-ready:
-	case <-time.After(30 * time.Second):
-		t.Fatal("redis-server did not start")
-	}
-	return &clusterRedis{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd}
+	return redistest.Start(t, 0)
 }
 
 // startCluster starts n Caddy nodes sharing r, each with the same site:
 // sessions on /live (channel "room"), messages to the test app.
-func startCluster(t *testing.T, r *clusterRedis, n int, app *testApp) []*caddyProc {
+func startCluster(t *testing.T, r *redistest.Server, n int, app *testApp) []*caddyProc {
 	t.Helper()
-	return startClusterWith(t, "broker redis "+r.addr, n, app)
+	return startClusterWith(t, "broker redis "+r.Addr, n, app)
 }
 
 // startClusterWith is startCluster with broker, the `broker redis …`
@@ -415,7 +361,7 @@ func TestClusterRedisUnavailable(t *testing.T) {
 	}
 	defer s.Close()
 
-	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	req, _ := http.NewRequest(http.MethodPost, nodes[0].adminURL("/duplex/publish"), strings.NewReader(`{"channel":"room","data":1}`))
@@ -441,7 +387,7 @@ func TestClusterRedisUnavailable(t *testing.T) {
 		t.Fatalf("a message of an open session with Redis stopped: %v", err)
 	}
 
-	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	// A 503 says the push may not be stored; one sent to a stopped Redis
@@ -482,10 +428,10 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 	t.Parallel()
 	r := startClusterRedis(t)
 	app := newTestApp(t)
-	node := startClusterWith(t, "broker redis {\n\t\t\taddress "+r.addr+"\n\t\t\ttimeout 10m\n\t\t}", 1, app)[0]
+	node := startClusterWith(t, "broker redis {\n\t\t\taddress "+r.Addr+"\n\t\t\ttimeout 10m\n\t\t}", 1, app)[0]
 	// Before the nodes stop (cleanups run last first): a node stopping
 	// while Redis is stopped would wait on it.
-	t.Cleanup(func() { _ = r.cmd.Process.Signal(syscall.SIGCONT) })
+	t.Cleanup(func() { _ = r.Cmd.Process.Signal(syscall.SIGCONT) })
 
 	c := sxOpenWS(t, node.wsURL("/live"), nil)
 	id := c.open.str("session")
@@ -497,7 +443,7 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 	}
 	// The session's log, by redisbroker's key names (keys.go) with the
 	// default prefix; its entries are <seq>-1.
-	_, port, _ := net.SplitHostPort(r.addr)
+	_, port, _ := net.SplitHostPort(r.Addr)
 	firstInLog := func() string {
 		out, err := exec.Command("redis-cli", "-p", port, "XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1").Output()
 		if err != nil {
@@ -510,7 +456,7 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 		t.Fatalf("log starts at %q before the ack; want 1-1", got)
 	}
 
-	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	c.send(t, map[string]any{"type": "ack", "seq": 1})
@@ -519,7 +465,7 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 		t.Fatalf("answer to the message after the ack, Redis stopped: %v", f)
 	}
 
-	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	waitUntil(t, "the log trimmed up to the ack", time.Minute, func() bool { return firstInLog() == "2-1" })
@@ -629,7 +575,7 @@ func TestClusterDeadNodeDisconnectHook(t *testing.T) {
 	t.Parallel()
 	r := startClusterRedis(t)
 	app := newTestApp(t)
-	cf := globalOpts("\tduplex {\n\t\tbroker redis "+r.addr+"\n\t}") + sub(`
+	cf := globalOpts("\tduplex {\n\t\tbroker redis "+r.Addr+"\n\t}") + sub(`
 http://127.0.0.1:{{.HTTP}} {
 	route /live* {
 		duplex {
@@ -774,7 +720,7 @@ func TestClusterRedisFailures(t *testing.T) {
 	}
 
 	// Pub/sub connections killed between publishes: nothing is lost.
-	admin := exec.Command("redis-cli", "-p", strings.TrimPrefix(r.addr, "127.0.0.1:"), "CLIENT", "KILL", "TYPE", "pubsub")
+	admin := exec.Command("redis-cli", "-p", strings.TrimPrefix(r.Addr, "127.0.0.1:"), "CLIENT", "KILL", "TYPE", "pubsub")
 	for i := range 20 {
 		if i%5 == 0 {
 			if out, err := admin.CombinedOutput(); err != nil {
@@ -803,7 +749,7 @@ func TestClusterRedisFailures(t *testing.T) {
 
 	// Redis comes back empty: the session is closed to reconnect, and its
 	// resume starts a new one.
-	r.restart(t)
+	r.Restart(t)
 	select {
 	case c := <-closes:
 		if !c.Reconnect {
@@ -923,32 +869,9 @@ func TestClusterChaos(t *testing.T) {
 // and returns their addresses.
 func startRedisCluster(t *testing.T) []string {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
-	}
-	ports := freePorts(t, 3)
 	var addrs []string
-	for _, port := range ports {
-		dir := t.TempDir()
-		cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-			"--cluster-enabled", "yes", "--cluster-config-file", dir+"/nodes.conf",
-			"--save", "", "--appendonly", "no", "--dir", dir)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			_ = cmd.Process.Kill()
-			_ = cmd.Wait()
-		})
-		addrs = append(addrs, "127.0.0.1:"+strconv.Itoa(port))
-	}
-	for _, a := range addrs {
-		_, port, _ := net.SplitHostPort(a)
-		waitUntil(t, "redis "+a+" to answer", 30*time.Second, func() bool {
-			return exec.Command("redis-cli", "-p", port, "PING").Run() == nil
-		})
+	for range 3 {
+		addrs = append(addrs, redistest.Start(t, 0, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf").Addr)
 	}
 	args := append([]string{"--cluster", "create"}, addrs...)
 	args = append(args, "--cluster-replicas", "0", "--cluster-yes")

@@ -257,14 +257,14 @@ func TestRedisUnavailable(t *testing.T) {
 	r := startRedis(t)
 	a := startNode(t, r, "a", func(c *Config) { c.Timeout = 300 * time.Millisecond })
 	a.open(t, "s", "", 10, "room")
-	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	_, err := a.Publish(bg, Publish{Channel: "room", Payload: []byte("x")})
 	if !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("publish with Redis stopped: %v, want ErrUnavailable", err)
 	}
-	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := r.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)

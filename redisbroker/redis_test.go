@@ -1,77 +1,29 @@
 package redisbroker
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"net"
-	"os/exec"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddy-duplex/duplex/internal/redistest"
 	"github.com/redis/go-redis/v9"
 )
 
 // redisServer is a real redis-server started for one test.
-type redisServer struct {
-	addr string
-	cmd  *exec.Cmd
-}
+type redisServer struct{ *redistest.Server }
 
 // startRedis starts redis-server on a free port, without persistence, and
 // stops it when the test ends.
 func startRedis(t *testing.T) *redisServer {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
-	// If the test process is killed (a timeout), Redis goes with it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(out)
-		once := sync.Once{}
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "Ready to accept connections") {
-				once.Do(func() { close(ready) })
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGCONT)
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	select {
-	case <-ready:
-	case <-time.After(30 * time.Second):
-		t.Fatal("redis-server did not start")
-	}
-	return &redisServer{addr: "127.0.0.1:" + strconv.Itoa(port), cmd: cmd}
+	return &redisServer{redistest.Start(t, 0)}
 }
 
 func (r *redisServer) client(t *testing.T) *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: r.addr})
+	c := redis.NewClient(&redis.Options{Addr: r.Addr})
 	t.Cleanup(func() { c.Close() })
 	return c
 }
@@ -177,7 +129,7 @@ type node struct {
 
 func startNode(t *testing.T, r *redisServer, name string, opts ...func(*Config)) *node {
 	t.Helper()
-	cfg := Config{Addrs: []string{r.addr}, NodeID: name, Prefix: "t", NodeTTL: 600 * time.Millisecond, Timeout: time.Second}
+	cfg := Config{Addrs: []string{r.Addr}, NodeID: name, Prefix: "t", NodeTTL: 600 * time.Millisecond, Timeout: time.Second}
 	for _, o := range opts {
 		o(&cfg)
 	}

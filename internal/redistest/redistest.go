@@ -1,0 +1,89 @@
+// Package redistest starts real redis-server processes for tests: no
+// persistence, bound to 127.0.0.1, killed when the test ends (or with the
+// test process, if it is killed).
+package redistest
+
+import (
+	"bufio"
+	"net"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Server is a running redis-server.
+type Server struct {
+	Addr string // 127.0.0.1:<port>
+	Cmd  *exec.Cmd
+	args []string
+}
+
+// Start starts redis-server on port (0: a free one) with the extra
+// command-line args, waits until it accepts connections and stops it when
+// the test ends. The server's directory (--dir) is a temporary one, so
+// relative file names in args (e.g. a cluster config file) land there.
+func Start(t testing.TB, port int, args ...string) *Server {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
+	}
+	if port == 0 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port = l.Addr().(*net.TCPAddr).Port
+		l.Close()
+	}
+	cmd := exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", t.TempDir()}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		var once sync.Once
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "Ready to accept connections") {
+				once.Do(func() { close(ready) })
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGCONT) // a test may have stopped it
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	select {
+	case <-ready:
+	case <-time.After(30 * time.Second):
+		t.Fatal("redis-server did not start")
+	}
+	return &Server{Addr: "127.0.0.1:" + strconv.Itoa(port), Cmd: cmd, args: args}
+}
+
+// Port is the server's port.
+func (s *Server) Port() int {
+	_, p, _ := net.SplitHostPort(s.Addr)
+	n, _ := strconv.Atoi(p)
+	return n
+}
+
+// Restart kills the server and starts an empty one on the same port.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	_ = s.Cmd.Process.Kill()
+	_ = s.Cmd.Wait()
+	*s = *Start(t, s.Port(), s.args...)
+}
