@@ -543,7 +543,7 @@ func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error
 		}
 		select {
 		case <-fan.done[k]:
-			last = append(last, slices.Max(fan.lat[k]))
+			last = append(last, slices.Max(fan.latencies(k)))
 		case <-time.After(e.cfg.fanoutWait):
 			got := int(min(fan.count[k].Load(), int64(n)))
 			missing += n - got
@@ -557,11 +557,7 @@ func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error
 	}
 	var all durations
 	for k := range fan.lat {
-		for _, x := range fan.lat[k][:min(fan.count[k].Load(), int64(n))] {
-			if x != 0 {
-				all = append(all, x)
-			}
-		}
+		all = append(all, fan.latencies(k)...)
 	}
 	m["p50"] = ms(all.percentile(0.50))
 	m["p99"] = ms(all.percentile(0.99))
@@ -575,26 +571,6 @@ func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error
 		logf("  %s: %d unexpected or duplicate deliveries", sys.name, x)
 	}
 	return m, nil
-}
-
-// record takes a push frame (any protocol) carrying {"i":k,"t":<unix ns>}.
-func (f *fanout) record(frame []byte) {
-	now := time.Now().UnixNano()
-	k, ok1 := intField(frame, "i")
-	t, ok2 := intField(frame, "t")
-	if !ok1 || !ok2 || k < 0 || int(k) >= len(f.lat) {
-		f.extra.Add(1)
-		return
-	}
-	idx := f.count[k].Add(1) - 1
-	if idx >= int64(f.n) {
-		f.extra.Add(1)
-		return
-	}
-	f.lat[k][idx] = time.Duration(now - t)
-	if f.filled[k].Add(1) == int64(f.n) {
-		close(f.done[k])
-	}
 }
 
 // clusterUnicast is (c) with single publishes on a system.

@@ -58,19 +58,19 @@ func (e *env) runSessions() {
 // fanout records the deliveries of each publish.
 type fanout struct {
 	n      int
-	lat    [][]time.Duration // per publish, one slot per delivery
-	count  []atomic.Int64    // slots taken, per publish
-	filled []atomic.Int64    // slots written, per publish
-	done   []chan struct{}   // closed when publish k reached all n
-	extra  atomic.Int64      // deliveries beyond n, or of unknown publishes
+	lat    [][]atomic.Int64 // per publish, one slot per delivery (ns); written by the clients' goroutines
+	count  []atomic.Int64   // slots taken, per publish
+	filled []atomic.Int64   // slots written, per publish
+	done   []chan struct{}  // closed when publish k reached all n
+	extra  atomic.Int64     // deliveries beyond n, or of unknown publishes
 }
 
 func newFanout(n, publishes int) *fanout {
-	f := &fanout{n: n, lat: make([][]time.Duration, publishes),
+	f := &fanout{n: n, lat: make([][]atomic.Int64, publishes),
 		count: make([]atomic.Int64, publishes), filled: make([]atomic.Int64, publishes),
 		done: make([]chan struct{}, publishes)}
 	for k := range publishes {
-		f.lat[k] = make([]time.Duration, n)
+		f.lat[k] = make([]atomic.Int64, n)
 		f.done[k] = make(chan struct{})
 	}
 	return f
@@ -78,11 +78,17 @@ func newFanout(n, publishes int) *fanout {
 
 var pushPrefix = []byte(`{"type":"push"`)
 
-// onFrame takes a push carrying {"i":k,"t":<unix ns published>}.
+// onFrame takes a caddy-duplex frame: a push carrying {"i":k,"t":<unix
+// ns published>}.
 func (f *fanout) onFrame(frame []byte) {
-	if !bytes.HasPrefix(frame, pushPrefix) {
-		return
+	if bytes.HasPrefix(frame, pushPrefix) {
+		f.record(frame)
 	}
+}
+
+// record takes a push frame of any protocol carrying {"i":k,"t":<unix ns
+// published>}.
+func (f *fanout) record(frame []byte) {
 	now := time.Now().UnixNano()
 	k, ok1 := intField(frame, "i")
 	t, ok2 := intField(frame, "t")
@@ -95,10 +101,23 @@ func (f *fanout) onFrame(frame []byte) {
 		f.extra.Add(1)
 		return
 	}
-	f.lat[k][idx] = time.Duration(now - t)
+	f.lat[k][idx].Store(now - t)
 	if f.filled[k].Add(1) == int64(f.n) {
 		close(f.done[k])
 	}
+}
+
+// latencies are publish k's deliveries recorded so far. A slot taken but
+// not yet written (a publish that timed out) is still 0 and left out.
+func (f *fanout) latencies(k int) durations {
+	slots := f.lat[k][:min(f.count[k].Load(), int64(f.n))]
+	d := make(durations, 0, len(slots))
+	for i := range slots {
+		if v := slots[i].Load(); v != 0 {
+			d = append(d, time.Duration(v))
+		}
+	}
+	return d
 }
 
 func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
@@ -166,7 +185,7 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 		}
 		select {
 		case <-fan.done[k]:
-			last = append(last, slices.Max(fan.lat[k]))
+			last = append(last, slices.Max(fan.latencies(k)))
 		case <-time.After(e.cfg.fanoutWait):
 			got := int(min(fan.count[k].Load(), int64(n)))
 			missing += n - got
@@ -188,19 +207,14 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 	var delivered int64
 	firstLast := math.NaN()
 	for k := range fan.lat {
-		// A publish that timed out may have slots taken but not yet
-		// written: those are still zero and left out.
-		for _, d := range fan.lat[k][:min(fan.count[k].Load(), int64(n))] {
-			if d != 0 {
-				all = append(all, d)
-				if k > 0 || len(fan.lat) == 1 {
-					steady = append(steady, d)
-				}
-				delivered++
-			}
+		lat := fan.latencies(k)
+		all = append(all, lat...)
+		if k > 0 || len(fan.lat) == 1 {
+			steady = append(steady, lat...)
 		}
+		delivered += int64(len(lat))
 		if k == 0 && fan.filled[0].Load() == int64(n) {
-			firstLast = ms(slices.Max(fan.lat[0]))
+			firstLast = ms(slices.Max(lat))
 		}
 	}
 	m["p50"] = ms(steady.percentile(0.50))
