@@ -247,3 +247,23 @@ func TestHeldAnswersConfirmedByAck(t *testing.T) {
 		t.Fatalf("ack of a push queued after the answer left %d held", len(s.held))
 	}
 }
+
+// Session ids never start with '-', so command lines take them as
+// arguments (caddy duplex sessions delete <id>); ids and tokens stay
+// distinct, unguessable and URL-safe.
+func TestNewIDs(t *testing.T) {
+	seen := make(map[string]bool)
+	for range 20000 {
+		id, token := newIDs()
+		if strings.HasPrefix(id, "-") {
+			t.Fatalf("session id %q starts with '-'", id)
+		}
+		if len(id) != 22 || len(token) != 32 || seen[id] || seen[token] {
+			t.Fatalf("id %q, token %q: want 22 and 32 characters, never seen before", id, token)
+		}
+		if strings.ContainsAny(id+token, "+/=") {
+			t.Fatalf("id %q, token %q: not base64url", id, token)
+		}
+		seen[id], seen[token] = true, true
+	}
+}

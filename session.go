@@ -155,6 +155,14 @@ func newIDs() (id, token string) {
 	if _, err := rand.Read(b[:]); err != nil {
 		panic("duplex: crypto/rand: " + err.Error()) // never fails on supported platforms
 	}
+	// An id never starts with '-' (base64url's 62nd digit), so a command
+	// line takes it as an argument, not a flag (caddy duplex sessions
+	// delete <id>): the first 6 bits are drawn again until they are not 62.
+	for b[0]>>2 == 62 {
+		if _, err := rand.Read(b[:1]); err != nil {
+			panic("duplex: crypto/rand: " + err.Error())
+		}
+	}
 	return base64.RawURLEncoding.EncodeToString(b[:16]), base64.RawURLEncoding.EncodeToString(b[16:])
 }
 
