@@ -247,21 +247,14 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 	id := rs.id
 	if s != nil {
 		id = s.id
-		if s.posts.Add(1) > maxPostsInFlight {
-			s.posts.Add(-1)
-			reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
-			return
-		}
-		defer s.posts.Add(-1)
-	} else {
-		// Counted here too: the node holding the session sees only what
-		// this one forwards.
-		if !h.hub.forwarding.enter(id) {
-			reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
-			return
-		}
-		defer h.hub.forwarding.leave(id)
 	}
+	// Counted on the node reading them, whether it holds the session or
+	// forwards them (the holder sees only what is forwarded).
+	if !h.hub.posts.enter(id) {
+		reject(http.StatusTooManyRequests, "too many POSTs in flight for this session; retry later")
+		return
+	}
+	defer h.hub.posts.leave(id)
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(time.Now().Add(postReadTimeout))
 	frames, perr := readPostFrames(r.Body, ndjson, h.MaxMessageSize, inboxSize)
@@ -291,8 +284,8 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 	w.WriteHeader(http.StatusAccepted)
 }
 
-// postsInFlight counts the SSE POSTs being read per session id, for
-// sessions this node does not hold (a session it holds counts its own).
+// postsInFlight counts the SSE POSTs this node is reading, per session id
+// (of a session it holds, or one it forwards them to).
 type postsInFlight struct {
 	mu sync.Mutex     // guards n
 	n  map[string]int // by session id; no entry at 0

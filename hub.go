@@ -66,9 +66,8 @@ type hub struct {
 	// app is the duplex app of the running config, if it has one; it
 	// holds the global options.
 	app atomic.Pointer[App]
-	// forwarding counts the SSE POSTs this node is reading for sessions
-	// held by other nodes of a cluster.
-	forwarding postsInFlight
+	// posts counts the SSE POSTs this node is reading, per session.
+	posts postsInFlight
 }
 
 // globalHub is the process-wide hub.
@@ -85,7 +84,7 @@ func newHub() *hub {
 		perIP:         make(map[string]int),
 		detached:      make(map[string]*list.List),
 		idem:          newIdempotency(),
-		forwarding:    postsInFlight{n: make(map[string]int)},
+		posts:         postsInFlight{n: make(map[string]int)},
 	}
 	h.memory = &MemoryBroker{hub: h}
 	return h

@@ -32,13 +32,13 @@ import (
 // Lock order: hub.mu or a connect stream's hookWriter.mu, then a session's
 // mu, then one of the locks that take no other: the hub's detached-list
 // lock (hub.dmu), the attachment's outbox lock, the rate gate's lock. The
-// inbox, transport (wmu) and trims locks, and the hub's count of forwarded
-// POSTs, are never held while another is taken; a handler's attachmentSet
-// lock only before outbox locks (closeAll); the write pool's lock last (a
-// woken writer is handed to the pool), never with an outbox's held, and it
-// takes no other. No code holds two sessions' mu at once; end must be
-// called with no lock held (it unregisters the session and runs the
-// disconnect hook).
+// inbox, transport (wmu) and trims locks, and the hub's count of POSTs
+// being read, are never held while another is taken; a handler's
+// attachmentSet lock only before outbox locks (closeAll); the write pool's
+// lock last (a woken writer is handed to the pool), never with an outbox's
+// held, and it takes no other. No code holds two sessions' mu at once; end
+// must be called with no lock held (it unregisters the session and runs
+// the disconnect hook).
 type session struct {
 	id, token string
 	user      string
@@ -53,8 +53,6 @@ type session struct {
 	// attachments, so a resumed session keeps its inbound ordering.
 	sem chan struct{}
 	in  *inbox
-	// posts counts the SSE POSTs being read for this session.
-	posts atomic.Int32
 	// detached is the session's element in the hub's detached list while
 	// it waits for a resume; guarded by hub.dmu.
 	detached *list.Element
