@@ -239,12 +239,9 @@ func (r *RedisBroker) register(ctx context.Context, s *session, channels []strin
 }
 
 func (r *RedisBroker) find(ctx context.Context, hd *Handler, c protocol.Cursor) (*session, error) {
-	rec, err := r.rb().ByToken(ctx, tokenHash(c.Token))
-	if errors.Is(err, redisbroker.ErrUnknownSession) || (err == nil && (rec.Scope != hd.key || rec.Closed != "")) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, unavailable(err)
+	rec, ok, err := r.byToken(ctx, hd, c.Token)
+	if !ok || err != nil {
+		return nil, err
 	}
 	s := newSession(hd, rec.User)
 	s.id, s.token = rec.ID, c.Token
@@ -253,14 +250,24 @@ func (r *RedisBroker) find(ctx context.Context, hd *Handler, c protocol.Cursor) 
 }
 
 func (r *RedisBroker) locate(ctx context.Context, hd *Handler, token string) (remoteSession, bool, error) {
-	rec, err := r.rb().ByToken(ctx, tokenHash(token))
-	if errors.Is(err, redisbroker.ErrUnknownSession) || (err == nil && (rec.Scope != hd.key || rec.Closed != "")) {
-		return remoteSession{}, false, nil
-	}
-	if err != nil {
-		return remoteSession{}, false, unavailable(err)
+	rec, ok, err := r.byToken(ctx, hd, token)
+	if !ok || err != nil {
+		return remoteSession{}, false, err
 	}
 	return remoteSession{id: rec.ID, node: rec.Node}, true, nil
+}
+
+// byToken is the record of the open session token names, if a handler in
+// hd's place opened it (ok false otherwise).
+func (r *RedisBroker) byToken(ctx context.Context, hd *Handler, token string) (rec redisbroker.Session, ok bool, err error) {
+	rec, err = r.rb().ByToken(ctx, tokenHash(token))
+	switch {
+	case errors.Is(err, redisbroker.ErrUnknownSession):
+		return rec, false, nil
+	case err != nil:
+		return rec, false, unavailable(err)
+	}
+	return rec, rec.Scope == hd.key && rec.Closed == "", nil
 }
 
 func (r *RedisBroker) claim(ctx context.Context, s *session, lastSeq uint64, transport, remote string) ([]string, error) {
