@@ -77,6 +77,7 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 	}
 	return &sseConn{
 		reqDone:     r.Context().Done(),
+		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
 		burstWriter: burstWriter{out: w, rc: rc},
 		gone:        make(chan struct{}),
 	}, nil

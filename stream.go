@@ -81,6 +81,7 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 		body:        r.Body,
 		maxSize:     maxSize,
 		reqDone:     r.Context().Done(),
+		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
 		burstWriter: burstWriter{out: w, rc: rc},
 		gone:        make(chan struct{}),
 	}, nil

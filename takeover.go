@@ -66,32 +66,6 @@ func responseHead(h http.Header) []byte {
 // the session may take over.
 func canTakeOver(r *http.Request) bool { return r.ProtoMajor == 1 }
 
-// writeDeadline keeps a write deadline of about idle ahead on a connection
-// a session writes to directly: a peer that stops reading blocks a write
-// for at most that long. It is pushed forward only once a quarter of it
-// has passed, not for every frame. That must keep it ahead of the next
-// heartbeat (one every idle/2) with room to spare: over HTTP/2 a write
-// deadline that passes resets the stream even when no write is pending,
-// so one refreshed only at half-time could expire between two pings that
-// are a little late. Its owner's write lock guards it.
-type writeDeadline struct {
-	set  func(time.Time) error
-	idle time.Duration
-	at   time.Time
-}
-
-func (d *writeDeadline) refresh() {
-	if d.set == nil {
-		return
-	}
-	now := time.Now()
-	if d.at.Sub(now) > d.idle*3/4 {
-		return
-	}
-	d.at = now.Add(d.idle)
-	_ = d.set(d.at)
-}
-
 // earlyReader reads what the server had buffered, then the connection.
 func earlyReader(conn net.Conn, early []byte) io.Reader {
 	if len(early) == 0 {

@@ -176,11 +176,26 @@ http://127.0.0.1:{{.HTTP}} {
 // connection, and resumes from there with every later push exactly once.
 func TestTakenOverSSEStalledReader(t *testing.T) {
 	t.Parallel()
+	testSSEStalledReader(t, rdial{transport: "sse", proto: "h1"}, "")
+}
+
+// Over HTTP/2 the session stays inside its request, and the session's own
+// write deadline ends the blocked write the same way (the stream is
+// reset), also with Caddy's write idle timeout turned off. The client's
+// HTTP/2 receive window (4 MiB) fills first.
+func TestSSEStalledReaderOverHTTP2(t *testing.T) {
+	t.Parallel()
+	testSSEStalledReader(t, rdial{transport: "sse", proto: "h2c", via: "header"}, "timeouts {\n\t\t\twrite_idle -1s\n\t\t}")
+}
+
+// testSSEStalledReader is the stalled reader test over sse, with extra
+// server options.
+func testSSEStalledReader(t *testing.T, sse rdial, serverOpts string) {
 	const maxPub = 400 // 6.4 MiB: the stalled connection overflows well before, and all of it fits the resume buffer
 	pad := strings.Repeat("x", 16<<10)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tsend_queue 256KiB\n\t\t\theartbeat 10s"), "Upstream", app.Addr))
-	sse := rdial{transport: "sse", proto: "h1"}
+	site := strings.Replace(resumeSite("\t\t\tsend_queue 256KiB\n\t\t\theartbeat 10s"), "protocols h1 h2 h2c", "protocols h1 h2 h2c\n\t\t"+serverOpts, 1)
+	c := startCaddy(t, sub(site, "Upstream", app.Addr))
 	s, err := openStalledR(t, "stalled", c.url(""), sse, "/live", hdrs("X-User", "stalled"))
 	must(t, err)
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"time"
 )
 
 // Transport names, as used in the `transports` option and the
@@ -99,4 +100,29 @@ func (b *burstWriter) flushBurst() error {
 		return nil
 	}
 	return b.rc.Flush()
+}
+
+// writeDeadline keeps a write deadline of about idle ahead on a session's
+// connection, or on its response inside a request: a peer that stops
+// reading blocks a write for at most that long, whatever Caddy's own
+// write idle timeout is (a server may turn it off). It is pushed forward
+// only once a quarter of it has passed, not for every frame. That must
+// keep it ahead of the next heartbeat (one every idle/2) with room to
+// spare: over HTTP/2 a write deadline that passes resets the stream even
+// when no write is pending, so one refreshed only at half-time could
+// expire between two pings that are a little late. Its owner's write lock
+// guards it.
+type writeDeadline struct {
+	set  func(time.Time) error
+	idle time.Duration
+	at   time.Time
+}
+
+func (d *writeDeadline) refresh() {
+	now := time.Now()
+	if d.at.Sub(now) > d.idle*3/4 {
+		return
+	}
+	d.at = now.Add(d.idle)
+	_ = d.set(d.at)
 }
