@@ -256,6 +256,9 @@ func run(cfg config) int {
 	e := &env{cfg: cfg, bins: bins, upstreamPort: upPort, upstream: up,
 		hc: newHTTPClient(2 * cfg.publishers), rep: &report{}}
 	logf("machine: %d CPUs, %s, open-file limit %d", runtime.NumCPU(), runtime.Version(), limit)
+	if err := e.warmUp(); err != nil {
+		return fail(err)
+	}
 	if cfg.scenarios["idle"] || cfg.scenarios["fanout"] {
 		e.runSessions()
 	}
