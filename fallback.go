@@ -40,9 +40,7 @@ type sseConn struct {
 	conn    net.Conn
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex // guards the burst writer, token and write deadline
-	wd  writeDeadline
-	burstWriter
+	responseOut // its wmu guards token too
 
 	endOnce sync.Once
 	gone    chan struct{} // closed by end
@@ -59,10 +57,12 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 	if canTakeOver(r) {
 		if conn, _, ok := takeOver(w); ok {
 			c := &sseConn{
-				conn:        conn,
-				wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
-				burstWriter: burstWriter{out: conn},
-				gone:        make(chan struct{}),
+				conn: conn,
+				responseOut: responseOut{
+					wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
+					burstWriter: burstWriter{out: conn},
+				},
+				gone: make(chan struct{}),
 			}
 			bw := c.buffer()
 			_, _ = bw.Write(responseHead(h))
@@ -76,10 +76,12 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 		return nil, fmt.Errorf("duplex: sse: %w", err)
 	}
 	return &sseConn{
-		reqDone:     r.Context().Done(),
-		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
-		burstWriter: burstWriter{out: w, rc: rc},
-		gone:        make(chan struct{}),
+		reqDone: r.Context().Done(),
+		responseOut: responseOut{
+			wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
+			burstWriter: burstWriter{out: w, rc: rc},
+		},
+		gone: make(chan struct{}),
 	}, nil
 }
 
@@ -146,21 +148,7 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	return nil
 }
 
-func (c *sseConn) flush() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.flushBurst()
-}
-
-func (c *sseConn) ping() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.wd.refresh()
-	if _, err := c.buffer().Write(ssePing); err != nil {
-		return err
-	}
-	return c.flushBurst()
-}
+func (c *sseConn) ping() error { return c.pingWith(ssePing) }
 
 // close ends the response: the close event was the last one, and there is
 // no close handshake to wait for.

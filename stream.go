@@ -25,9 +25,7 @@ type streamConn struct {
 	maxSize int64
 	reqDone <-chan struct{}
 
-	wmu sync.Mutex // guards the burst writer and write deadline
-	wd  writeDeadline
-	burstWriter
+	responseOut
 
 	gone     chan struct{} // closed by end
 	goneOnce sync.Once
@@ -56,12 +54,14 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 			if conn, early, ok := takeOver(w); ok {
 				raw := bufio.NewReaderSize(earlyReader(conn, early), streamReadBuffer)
 				c := &streamConn{
-					br:          bufio.NewReaderSize(body(raw), streamReadBuffer),
-					conn:        conn,
-					maxSize:     maxSize,
-					wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
-					burstWriter: burstWriter{out: conn},
-					gone:        make(chan struct{}),
+					br:      bufio.NewReaderSize(body(raw), streamReadBuffer),
+					conn:    conn,
+					maxSize: maxSize,
+					responseOut: responseOut{
+						wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
+						burstWriter: burstWriter{out: conn},
+					},
+					gone: make(chan struct{}),
 				}
 				_, _ = c.buffer().Write(responseHead(h))
 				return c, nil
@@ -77,13 +77,15 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 	}
 	w.WriteHeader(http.StatusOK)
 	return &streamConn{
-		br:          bufio.NewReader(r.Body),
-		body:        r.Body,
-		maxSize:     maxSize,
-		reqDone:     r.Context().Done(),
-		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
-		burstWriter: burstWriter{out: w, rc: rc},
-		gone:        make(chan struct{}),
+		br:      bufio.NewReader(r.Body),
+		body:    r.Body,
+		maxSize: maxSize,
+		reqDone: r.Context().Done(),
+		responseOut: responseOut{
+			wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
+			burstWriter: burstWriter{out: w, rc: rc},
+		},
+		gone: make(chan struct{}),
 	}, nil
 }
 
@@ -174,21 +176,7 @@ func (c *streamConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 
 var newline = []byte{'\n'}
 
-func (c *streamConn) flush() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.flushBurst()
-}
-
-func (c *streamConn) ping() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.wd.refresh()
-	if _, err := c.buffer().Write(pingLine); err != nil {
-		return err
-	}
-	return c.flushBurst()
-}
+func (c *streamConn) ping() error { return c.pingWith(pingLine) }
 
 // close ends the response: the close frame was the last line, and there is
 // no close handshake to wait for.

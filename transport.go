@@ -59,6 +59,32 @@ type transport interface {
 	end() error
 }
 
+// responseOut is the writing side SSE and stream share: their frames go
+// to the connection taken over, or to the response inside the request, in
+// bursts, under one lock with the session's write deadline.
+type responseOut struct {
+	wmu sync.Mutex // guards the burst writer and the write deadline
+	wd  writeDeadline
+	burstWriter
+}
+
+func (o *responseOut) flush() error {
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	return o.flushBurst()
+}
+
+// pingWith writes the transport's ping line and flushes it.
+func (o *responseOut) pingWith(line []byte) error {
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	o.wd.refresh()
+	if _, err := o.buffer().Write(line); err != nil {
+		return err
+	}
+	return o.flushBurst()
+}
+
 // burstWriter buffers the frames of one burst of writes in a pooled buffer
 // and hands them to the connection in one write, so an idle connection
 // holds no buffer and a burst costs one write (and one deadline update in
