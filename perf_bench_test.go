@@ -147,6 +147,47 @@ func BenchmarkDecodePublish(b *testing.B) {
 	}
 }
 
+// BenchmarkServePublish is the publish handler serving one single publish
+// to a channel of one session: body read, decode, delivery into the
+// session's resume buffer and outbox, answer. The request and response
+// are reused, so what is counted is the handler's own.
+func BenchmarkServePublish(b *testing.B) {
+	h := newHub()
+	s := testSession(h, "s", "", 1<<40)
+	h.add(s, []string{"c17"}, nil)
+	body := []byte(`{"channel":"c17","data":{"n":1,"t":1700000000000}}`)
+	var rb rewoundBody
+	r := httptest.NewRequest(http.MethodPost, "/duplex/publish", nil)
+	r.Body, r.ContentLength = &rb, int64(len(body))
+	w := &discardResponse{h: http.Header{}}
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if i%256 == 0 {
+			s.cur.out.frames, s.cur.out.bytes = s.cur.out.frames[:0], 0
+		}
+		rb.Reset(body)
+		h.servePublish(w, r)
+		if w.code != http.StatusOK {
+			b.Fatalf("status %d", w.code)
+		}
+	}
+}
+
+// rewoundBody is a request body read again from its start after Reset.
+type rewoundBody struct{ bytes.Reader }
+
+func (*rewoundBody) Close() error { return nil }
+
+// discardResponse is a ResponseWriter that keeps the status only.
+type discardResponse struct {
+	h    http.Header
+	code int
+}
+
+func (d *discardResponse) Header() http.Header         { return d.h }
+func (d *discardResponse) WriteHeader(code int)        { d.code = code }
+func (d *discardResponse) Write(p []byte) (int, error) { return len(p), nil }
+
 // BenchmarkReadFrame is reading one short masked client frame; reads/op
 // counts the reads from the connection (each one a read(2) on a socket).
 func BenchmarkReadFrame(b *testing.B) {
