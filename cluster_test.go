@@ -1,11 +1,9 @@
 package duplex_test
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os/exec"
@@ -167,55 +165,25 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 
 // readPost is an SSE POST the server has started to read: sent with
 // Expect: 100-continue, it got its 100 Continue (the server's handler reads
-// the body) and all of its body but the last byte.
+// the body) and all of its body but the last byte, which finish sends.
 type readPost struct {
-	conn net.Conn
-	br   *bufio.Reader
+	*rawPost
 	last []byte
 }
 
 func startReadPost(t *testing.T, c *caddyProc, path, token, body string) *readPost {
 	t.Helper()
-	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP))
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	_ = conn.SetDeadline(time.Now().Add(sxWait))
-	head := "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + strconv.Itoa(c.HTTP) +
-		"\r\nContent-Type: application/json\r\nDuplex-Token: " + token +
-		"\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\nExpect: 100-continue\r\n\r\n"
-	if _, err := conn.Write([]byte(head)); err != nil {
-		t.Fatalf("write request head: %v", err)
-	}
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatalf("POST %s: %v", body, err)
-	}
-	if resp.StatusCode != http.StatusContinue {
-		b, _ := io.ReadAll(resp.Body)
-		t.Fatalf("POST %s: %d %s, want 100 Continue", body, resp.StatusCode, b)
-	}
-	if _, err := conn.Write([]byte(body[:len(body)-1])); err != nil {
+	p := startRawPost(t, c, path, token, "application/json", true, "Content-Length: "+strconv.Itoa(len(body)))
+	if err := p.write([]byte(body[:len(body)-1])); err != nil {
 		t.Fatalf("write body: %v", err)
 	}
-	return &readPost{conn: conn, br: br, last: []byte(body[len(body)-1:])}
+	return &readPost{rawPost: p, last: []byte(body[len(body)-1:])}
 }
 
 // finish sends the last byte and returns the answer's status.
 func (p *readPost) finish(t *testing.T) int {
 	t.Helper()
-	_ = p.conn.SetDeadline(time.Now().Add(sxWait))
-	if _, err := p.conn.Write(p.last); err != nil {
-		t.Fatalf("write body: %v", err)
-	}
-	resp, err := http.ReadResponse(p.br, nil)
-	if err != nil {
-		t.Fatalf("reading the answer: %v", err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode
+	return p.rawPost.finish(t, p.last)
 }
 
 // A publish on any node reaches the sessions on every node, once and in
