@@ -152,14 +152,8 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 	if st := p.finish(t); st != http.StatusAccepted {
 		t.Fatalf("the POST read while its session moved: %d, want 202", st)
 	}
-	for {
-		f := moved.mustNext(t)
-		if f.ref() == "moved" {
-			if f.typ() != "reply" || f.status() != http.StatusOK {
-				t.Fatalf("answer: %v, want a 200 reply", f)
-			}
-			break
-		}
+	if f := sxNextRef(t, moved.next, "moved"); f.typ() != "reply" || f.status() != http.StatusOK {
+		t.Fatalf("answer: %v, want a 200 reply", f)
 	}
 }
 
@@ -211,17 +205,7 @@ func TestClusterPublishReachesEveryNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, body, len(sessions))
 	}
 	for si, s := range sessions {
-		for i := range pushes {
-			select {
-			case p := <-s.Pushes():
-				var n int
-				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-					t.Fatalf("session %d (%s): push %d is seq %d data %s", si, s.Transport(), i, p.Seq, p.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d (%s): push %d: %v", si, s.Transport(), i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, s, pushes, fmt.Sprintf("session %d (%s)", si, s.Transport()))
 	}
 	// A session target and a user-less session's info on the other node.
 	st, _ := doJSON(t, http.MethodPost, nodes[1].adminURL("/duplex/publish"),
@@ -229,13 +213,8 @@ func TestClusterPublishReachesEveryNode(t *testing.T) {
 	if st != http.StatusOK {
 		t.Fatalf("publish to a session held by the other node: %d", st)
 	}
-	select {
-	case p := <-sessions[0].Pushes():
-		if string(p.Data) != `"only you"` {
-			t.Fatalf("session push: %s", p.Data)
-		}
-	case <-ctx.Done():
-		t.Fatal(ctx.Err())
+	if p := nextPush(ctx, t, sessions[0], "session push"); string(p.Data) != `"only you"` {
+		t.Fatalf("session push: %s", p.Data)
 	}
 }
 
@@ -289,17 +268,7 @@ func TestClusterResumeOnAnotherNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
 	}
 	for _, p := range peers {
-		for i := range pushes {
-			select {
-			case got := <-p.s.Pushes():
-				var n int
-				if err := json.Unmarshal(got.Data, &n); err != nil || n != i || got.Seq != uint64(i+1) {
-					t.Fatalf("%s: push %d is seq %d data %s", p.s.Transport(), i, got.Seq, got.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("%s: push %d: %v", p.s.Transport(), i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, p.s, pushes, p.s.Transport())
 		if p.opens.Load() < 2 {
 			t.Errorf("%s: %d openings: the cuts did not make it reconnect", p.s.Transport(), p.opens.Load())
 		}
@@ -367,19 +336,13 @@ func TestClusterRedisUnavailable(t *testing.T) {
 		return st == http.StatusOK
 	})
 	for {
-		select {
-		case p := <-s.Pushes():
-			switch string(p.Data) {
-			case "1": // the publish answered 503, applied when Redis continued
-				continue
-			case "2":
-			default:
-				t.Fatalf("push after Redis continued: %s", p.Data)
-			}
-		case <-ctx.Done():
-			t.Fatal(ctx.Err())
+		p := nextPush(ctx, t, s, "the retried push")
+		if string(p.Data) == "2" {
+			break
 		}
-		break
+		if string(p.Data) != "1" { // 1: the publish answered 503, applied when Redis continued
+			t.Fatalf("push after Redis continued: %s", p.Data)
+		}
 	}
 	select {
 	case p := <-s.Pushes():
@@ -520,17 +483,7 @@ func TestClusterNodeKilled(t *testing.T) {
 	for i := 1; i < 10; i++ {
 		nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": i}, 1)
 	}
-	for i := range 10 {
-		select {
-		case p := <-s.Pushes():
-			var n int
-			if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-				t.Fatalf("push %d is seq %d data %s", i, p.Seq, p.Data)
-			}
-		case <-ctx.Done():
-			t.Fatalf("push %d: %v", i, ctx.Err())
-		}
-	}
+	expectCountedPushes(ctx, t, s, 10, "the resumed session")
 	if resumed.Load() != 1 {
 		t.Fatalf("%d resumes on the survivor, want 1", resumed.Load())
 	}
@@ -625,13 +578,8 @@ func TestClusterSessionsAPI(t *testing.T) {
 	}
 	other.mustPublish(t, map[string]any{"channel": "room", "data": "old"}, 0)
 	other.mustPublish(t, map[string]any{"channel": "news", "data": "new"}, 1)
-	select {
-	case p := <-s.Pushes():
-		if string(p.Data) != `"new"` || p.Channel != "news" {
-			t.Fatalf("push after the change: %s on %q", p.Data, p.Channel)
-		}
-	case <-ctx.Done():
-		t.Fatal(ctx.Err())
+	if p := nextPush(ctx, t, s, "push after the change"); string(p.Data) != `"new"` || p.Channel != "news" {
+		t.Fatalf("push after the change: %s on %q", p.Data, p.Channel)
 	}
 	if st, _ := doJSON(t, http.MethodDelete, other.adminURL("/duplex/sessions/"+s.ID()), nil); st != http.StatusNoContent {
 		t.Fatalf("delete on the other node: %d", st)
@@ -677,13 +625,8 @@ func TestClusterRedisFailures(t *testing.T) {
 	<-opens
 	next := func(want string) {
 		t.Helper()
-		select {
-		case p := <-s.Pushes():
-			if string(p.Data) != want {
-				t.Fatalf("push %s, want %s", p.Data, want)
-			}
-		case <-ctx.Done():
-			t.Fatalf("push %s: %v", want, ctx.Err())
+		if p := nextPush(ctx, t, s, "push "+want); string(p.Data) != want {
+			t.Fatalf("push %s, want %s", p.Data, want)
 		}
 	}
 
@@ -907,17 +850,7 @@ http://127.0.0.1:{{.HTTP}} {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
 	}
 	for si, s := range peers {
-		for i := range pushes {
-			select {
-			case p := <-s.Pushes():
-				var n int
-				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-					t.Fatalf("session %d: push %d is seq %d data %s", si, i, p.Seq, p.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d: push %d: %v", si, i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, s, pushes, fmt.Sprintf("session %d", si))
 	}
 	st, body := doJSON(t, http.MethodGet, nodes[1].adminURL("/duplex/sessions"), nil)
 	var list []map[string]any
@@ -984,16 +917,7 @@ func TestClusterReloadOneNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, 2)
 	}
 	for pi, p := range peers {
-		for i := 0; i <= 5; i++ {
-			select {
-			case got := <-p.s.Pushes():
-				if string(got.Data) != strconv.Itoa(i) || got.Seq != uint64(i+1) {
-					t.Fatalf("session %d: push %d is seq %d data %s", pi, i, got.Seq, got.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d: push %d: %v", pi, i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, p.s, 6, fmt.Sprintf("session %d", pi))
 	}
 	if peers[0].closes.Load() != 1 {
 		t.Errorf("node 0's session got %d closes, want the reload's one", peers[0].closes.Load())
