@@ -128,14 +128,8 @@ func TestPostBoundsStalledFlood(t *testing.T) {
 	if st, b := sxPost(t, c.url("/live"), s.token(), "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
 		t.Fatalf("POST after the flood: %d %s", st, b)
 	}
-	for {
-		f := s.mustNext(t)
-		if f.ref() == "after" {
-			if f.typ() != "reply" {
-				t.Fatalf("answer after the flood: %v", f)
-			}
-			break
-		}
+	if f := sxNextRef(t, s.next, "after"); f.typ() != "reply" {
+		t.Fatalf("answer after the flood: %v", f)
 	}
 }
 

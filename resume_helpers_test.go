@@ -309,6 +309,25 @@ func (s *rsess) expectPushN(n int) error {
 	return nil
 }
 
+// readStalledPushes reads what a stalled client finds on the wire once it
+// reads again: pushes, each the session's next with data.n equal to its
+// seq, until the event for which end is true, which it returns.
+func (s *rsess) readStalledPushes(t *testing.T, end func(dxEvent) bool) dxEvent {
+	t.Helper()
+	for {
+		e, err := s.nextEvent(frameWait)
+		must(t, err)
+		if end(e) {
+			return e
+		}
+		_, err = s.checkPush(e)
+		must(t, err)
+		if dataN(e.frame) != s.last {
+			t.Fatalf("stalled: push %d carries %s", s.last, e.raw)
+		}
+	}
+}
+
 // dataN is data.n of a push (-1 if absent).
 func dataN(f map[string]any) int {
 	d, _ := f["data"].(map[string]any)

@@ -663,20 +663,9 @@ func TestResumeStalledReader(t *testing.T) {
 
 	// Now the stalled client reads: the pushes that fit, then close 4008.
 	stalled.conn.duplexConn.(*wsDuplex).unstall()
-	for {
-		f, e, err := stalled.nextFrame()
-		must(t, err)
-		if f["type"] == "close" {
-			if f["code"] != float64(4008) || f["reconnect"] != true {
-				t.Fatalf("stalled: close %s, want code 4008 reconnect true", e.raw)
-			}
-			break
-		}
-		_, err = stalled.checkPush(e)
-		must(t, err)
-		if dataN(f) != stalled.last {
-			t.Fatalf("stalled: push %d carries %s", stalled.last, e.raw)
-		}
+	e := stalled.readStalledPushes(t, func(e dxEvent) bool { return e.frame["type"] == "close" })
+	if e.frame["code"] != float64(4008) || e.frame["reconnect"] != true {
+		t.Fatalf("stalled: close %s, want code 4008 reconnect true", e.raw)
 	}
 	must(t, stalled.expectEndR(4008))
 	if stalled.last >= published {

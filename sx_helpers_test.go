@@ -228,6 +228,21 @@ func (c *sxWS) answerTo(t testing.TB, ref string) sxFrame {
 	}
 }
 
+// sxNextRef reads frames with next (a raw WebSocket's or SSE stream's)
+// until the answer to ref.
+func sxNextRef(t testing.TB, next func() (sxFrame, bool), ref string) sxFrame {
+	t.Helper()
+	for {
+		f, ok := next()
+		if !ok {
+			t.Fatalf("no answer to %s", ref)
+		}
+		if f.ref() == ref {
+			return f
+		}
+	}
+}
+
 func (c *sxWS) endedErr() error {
 	select {
 	case <-c.ended:

@@ -220,18 +220,7 @@ func testSSEStalledReader(t *testing.T, sse rdial, serverOpts string) {
 
 	// Now the client reads: the pushes on the wire, then the end.
 	s.conn.duplexConn.(*sseDuplex).unstall()
-	for {
-		e, err := s.nextEvent(frameWait)
-		must(t, err)
-		if e.end != nil {
-			break
-		}
-		_, err = s.checkPush(e)
-		must(t, err)
-		if dataN(e.frame) != s.last {
-			t.Fatalf("stalled: push %d carries %s", s.last, e.raw)
-		}
-	}
+	s.readStalledPushes(t, func(e dxEvent) bool { return e.end != nil })
 	if s.last >= published {
 		t.Fatalf("stalled: got all %d pushes before the connection ended: it never stalled", published)
 	}
