@@ -23,23 +23,10 @@ import (
 	"time"
 )
 
-// resumeSite is a Caddyfile serving /live* with a duplex handler whose
-// options are opts (user is always the X-User header), on HTTP/1.1 and h2c.
-func resumeSite(opts string) string {
-	return globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}") + `
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-` + opts + `
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`
+// resumeSite is a Caddyfile serving liveRoute with the duplex options
+// opts, on HTTP/1.1 and h2c.
+func resumeSite(opts ...string) string {
+	return globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}") + liveSite(opts...)
 }
 
 // rdial says how a connection is opened: transport, protocol (h1 or h2c)

@@ -22,19 +22,7 @@ import (
 )
 
 // scenarioRoutes: /live* opens sessions whose messages go to the test app.
-const scenarioRoutes = `
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			channels lobby
-			heartbeat 5s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`
+var scenarioRoutes = liveRoute("channels lobby", "heartbeat 5s")
 
 // protos are the ways a client reaches Caddy.
 var protos = []string{"h1", "h2", "h2c"}
@@ -151,17 +139,7 @@ func runScenario(t *testing.T, e *duplexEnv, app *testApp, transport string, tg 
 func TestStreamTransport(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_message_size 1KiB
-		}
-		reverse_proxy {{.Upstream}}
-	}
+	e := startDuplexEnv(t, sub(liveRoute("max_message_size 1KiB")+`
 	route /wsonly* {
 		duplex {
 			messages {
@@ -310,19 +288,7 @@ func TestStreamTransport(t *testing.T) {
 func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			heartbeat 2s
-			resume_window 1s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), `
+	e := startDuplexEnv(t, sub(liveRoute("heartbeat 2s", "resume_window 1s"), "Upstream", app.Addr), `
 		timeouts {
 			read_body_idle 5s
 			write_idle 5s
@@ -423,19 +389,7 @@ func TestEncodeInFront(t *testing.T) {
 	app := newTestApp(t)
 	// heartbeat 30s: longer than frameWait, so no ping can push held-back
 	// bytes out and hide buffering.
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		encode gzip zstd
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			heartbeat 30s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRouteBehind("encode gzip zstd", "heartbeat 30s"), "Upstream", app.Addr), "")
 	c := e.c
 
 	type variant struct {
@@ -568,19 +522,7 @@ func TestCurlClients(t *testing.T) {
 		t.Skip("curl is not on PATH (.ci/run installs it); skipping the curl client test")
 	}
 	app := newTestApp(t)
-	c := startCaddy(t, sub(globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr))
+	c := startCaddy(t, sub(globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}")+liveSite(), "Upstream", app.Addr))
 
 	t.Run("sse", func(t *testing.T) {
 		t.Parallel()
