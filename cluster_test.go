@@ -806,21 +806,7 @@ func TestClusterOnRedisCluster(t *testing.T) {
 	t.Parallel()
 	addrs := startRedisCluster(t)
 	app := newTestApp(t)
-	cf := globalOpts("\tduplex {\n\t\tbroker redis "+strings.Join(addrs, " ")+"\n\t}") + sub(`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			channels room
-			resume_window 30s
-			messages {
-				path *
-			}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr)
-	nodes := []*caddyProc{startCaddy(t, cf), startCaddy(t, cf)}
+	nodes := startClusterWith(t, "broker redis "+strings.Join(addrs, " "), 2, app)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var peers []*client.Session
