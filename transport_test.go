@@ -19,6 +19,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 )
 
 // scenarioRoutes: /live* opens sessions whose messages go to the test app.
@@ -440,7 +442,7 @@ type curlProc struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  chan string
-	stderr *syncBuffer
+	stderr *caddytest.SyncBuffer
 	exited chan struct{}
 	err    error
 }
@@ -456,7 +458,7 @@ func startCurl(t *testing.T, withStdin bool, args ...string) *curlProc {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.WaitDelay = 5 * time.Second
-	p := &curlProc{cmd: cmd, lines: make(chan string, 1024), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &curlProc{cmd: cmd, lines: make(chan string, 1024), stderr: &caddytest.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	if withStdin {
 		p.stdin, err = cmd.StdinPipe()
