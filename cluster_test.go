@@ -1,11 +1,9 @@
 package duplex_test
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os/exec"
@@ -154,68 +152,32 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 	if st := p.finish(t); st != http.StatusAccepted {
 		t.Fatalf("the POST read while its session moved: %d, want 202", st)
 	}
-	for {
-		f := moved.mustNext(t)
-		if f.ref() == "moved" {
-			if f.typ() != "reply" || f.status() != http.StatusOK {
-				t.Fatalf("answer: %v, want a 200 reply", f)
-			}
-			break
-		}
+	if f := sxNextRef(t, moved.next, "moved"); f.typ() != "reply" || f.status() != http.StatusOK {
+		t.Fatalf("answer: %v, want a 200 reply", f)
 	}
 }
 
 // readPost is an SSE POST the server has started to read: sent with
 // Expect: 100-continue, it got its 100 Continue (the server's handler reads
-// the body) and all of its body but the last byte.
+// the body) and all of its body but the last byte, which finish sends.
 type readPost struct {
-	conn net.Conn
-	br   *bufio.Reader
+	*rawPost
 	last []byte
 }
 
 func startReadPost(t *testing.T, c *caddyProc, path, token, body string) *readPost {
 	t.Helper()
-	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP))
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	_ = conn.SetDeadline(time.Now().Add(sxWait))
-	head := "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + strconv.Itoa(c.HTTP) +
-		"\r\nContent-Type: application/json\r\nDuplex-Token: " + token +
-		"\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\nExpect: 100-continue\r\n\r\n"
-	if _, err := conn.Write([]byte(head)); err != nil {
-		t.Fatalf("write request head: %v", err)
-	}
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatalf("POST %s: %v", body, err)
-	}
-	if resp.StatusCode != http.StatusContinue {
-		b, _ := io.ReadAll(resp.Body)
-		t.Fatalf("POST %s: %d %s, want 100 Continue", body, resp.StatusCode, b)
-	}
-	if _, err := conn.Write([]byte(body[:len(body)-1])); err != nil {
+	p := startRawPost(t, c, path, token, "application/json", true, "Content-Length: "+strconv.Itoa(len(body)))
+	if err := p.write([]byte(body[:len(body)-1])); err != nil {
 		t.Fatalf("write body: %v", err)
 	}
-	return &readPost{conn: conn, br: br, last: []byte(body[len(body)-1:])}
+	return &readPost{rawPost: p, last: []byte(body[len(body)-1:])}
 }
 
 // finish sends the last byte and returns the answer's status.
 func (p *readPost) finish(t *testing.T) int {
 	t.Helper()
-	_ = p.conn.SetDeadline(time.Now().Add(sxWait))
-	if _, err := p.conn.Write(p.last); err != nil {
-		t.Fatalf("write body: %v", err)
-	}
-	resp, err := http.ReadResponse(p.br, nil)
-	if err != nil {
-		t.Fatalf("reading the answer: %v", err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode
+	return p.rawPost.finish(t, p.last)
 }
 
 // A publish on any node reaches the sessions on every node, once and in
@@ -243,17 +205,7 @@ func TestClusterPublishReachesEveryNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, body, len(sessions))
 	}
 	for si, s := range sessions {
-		for i := range pushes {
-			select {
-			case p := <-s.Pushes():
-				var n int
-				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-					t.Fatalf("session %d (%s): push %d is seq %d data %s", si, s.Transport(), i, p.Seq, p.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d (%s): push %d: %v", si, s.Transport(), i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, s, pushes, fmt.Sprintf("session %d (%s)", si, s.Transport()))
 	}
 	// A session target and a user-less session's info on the other node.
 	st, _ := doJSON(t, http.MethodPost, nodes[1].adminURL("/duplex/publish"),
@@ -261,13 +213,8 @@ func TestClusterPublishReachesEveryNode(t *testing.T) {
 	if st != http.StatusOK {
 		t.Fatalf("publish to a session held by the other node: %d", st)
 	}
-	select {
-	case p := <-sessions[0].Pushes():
-		if string(p.Data) != `"only you"` {
-			t.Fatalf("session push: %s", p.Data)
-		}
-	case <-ctx.Done():
-		t.Fatal(ctx.Err())
+	if p := nextPush(ctx, t, sessions[0], "session push"); string(p.Data) != `"only you"` {
+		t.Fatalf("session push: %s", p.Data)
 	}
 }
 
@@ -321,17 +268,7 @@ func TestClusterResumeOnAnotherNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
 	}
 	for _, p := range peers {
-		for i := range pushes {
-			select {
-			case got := <-p.s.Pushes():
-				var n int
-				if err := json.Unmarshal(got.Data, &n); err != nil || n != i || got.Seq != uint64(i+1) {
-					t.Fatalf("%s: push %d is seq %d data %s", p.s.Transport(), i, got.Seq, got.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("%s: push %d: %v", p.s.Transport(), i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, p.s, pushes, p.s.Transport())
 		if p.opens.Load() < 2 {
 			t.Errorf("%s: %d openings: the cuts did not make it reconnect", p.s.Transport(), p.opens.Load())
 		}
@@ -399,19 +336,13 @@ func TestClusterRedisUnavailable(t *testing.T) {
 		return st == http.StatusOK
 	})
 	for {
-		select {
-		case p := <-s.Pushes():
-			switch string(p.Data) {
-			case "1": // the publish answered 503, applied when Redis continued
-				continue
-			case "2":
-			default:
-				t.Fatalf("push after Redis continued: %s", p.Data)
-			}
-		case <-ctx.Done():
-			t.Fatal(ctx.Err())
+		p := nextPush(ctx, t, s, "the retried push")
+		if string(p.Data) == "2" {
+			break
 		}
-		break
+		if string(p.Data) != "1" { // 1: the publish answered 503, applied when Redis continued
+			t.Fatalf("push after Redis continued: %s", p.Data)
+		}
 	}
 	select {
 	case p := <-s.Pushes():
@@ -552,17 +483,7 @@ func TestClusterNodeKilled(t *testing.T) {
 	for i := 1; i < 10; i++ {
 		nodes[1].mustPublish(t, map[string]any{"channel": "room", "data": i}, 1)
 	}
-	for i := range 10 {
-		select {
-		case p := <-s.Pushes():
-			var n int
-			if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-				t.Fatalf("push %d is seq %d data %s", i, p.Seq, p.Data)
-			}
-		case <-ctx.Done():
-			t.Fatalf("push %d: %v", i, ctx.Err())
-		}
-	}
+	expectCountedPushes(ctx, t, s, 10, "the resumed session")
 	if resumed.Load() != 1 {
 		t.Fatalf("%d resumes on the survivor, want 1", resumed.Load())
 	}
@@ -657,13 +578,8 @@ func TestClusterSessionsAPI(t *testing.T) {
 	}
 	other.mustPublish(t, map[string]any{"channel": "room", "data": "old"}, 0)
 	other.mustPublish(t, map[string]any{"channel": "news", "data": "new"}, 1)
-	select {
-	case p := <-s.Pushes():
-		if string(p.Data) != `"new"` || p.Channel != "news" {
-			t.Fatalf("push after the change: %s on %q", p.Data, p.Channel)
-		}
-	case <-ctx.Done():
-		t.Fatal(ctx.Err())
+	if p := nextPush(ctx, t, s, "push after the change"); string(p.Data) != `"new"` || p.Channel != "news" {
+		t.Fatalf("push after the change: %s on %q", p.Data, p.Channel)
 	}
 	if st, _ := doJSON(t, http.MethodDelete, other.adminURL("/duplex/sessions/"+s.ID()), nil); st != http.StatusNoContent {
 		t.Fatalf("delete on the other node: %d", st)
@@ -709,13 +625,8 @@ func TestClusterRedisFailures(t *testing.T) {
 	<-opens
 	next := func(want string) {
 		t.Helper()
-		select {
-		case p := <-s.Pushes():
-			if string(p.Data) != want {
-				t.Fatalf("push %s, want %s", p.Data, want)
-			}
-		case <-ctx.Done():
-			t.Fatalf("push %s: %v", want, ctx.Err())
+		if p := nextPush(ctx, t, s, "push "+want); string(p.Data) != want {
+			t.Fatalf("push %s, want %s", p.Data, want)
 		}
 	}
 
@@ -895,21 +806,7 @@ func TestClusterOnRedisCluster(t *testing.T) {
 	t.Parallel()
 	addrs := startRedisCluster(t)
 	app := newTestApp(t)
-	cf := globalOpts("\tduplex {\n\t\tbroker redis "+strings.Join(addrs, " ")+"\n\t}") + sub(`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			channels room
-			resume_window 30s
-			messages {
-				path *
-			}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr)
-	nodes := []*caddyProc{startCaddy(t, cf), startCaddy(t, cf)}
+	nodes := startClusterWith(t, "broker redis "+strings.Join(addrs, " "), 2, app)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var peers []*client.Session
@@ -939,17 +836,7 @@ http://127.0.0.1:{{.HTTP}} {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, len(peers))
 	}
 	for si, s := range peers {
-		for i := range pushes {
-			select {
-			case p := <-s.Pushes():
-				var n int
-				if err := json.Unmarshal(p.Data, &n); err != nil || n != i || p.Seq != uint64(i+1) {
-					t.Fatalf("session %d: push %d is seq %d data %s", si, i, p.Seq, p.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d: push %d: %v", si, i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, s, pushes, fmt.Sprintf("session %d", si))
 	}
 	st, body := doJSON(t, http.MethodGet, nodes[1].adminURL("/duplex/sessions"), nil)
 	var list []map[string]any
@@ -1016,16 +903,7 @@ func TestClusterReloadOneNode(t *testing.T) {
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, 2)
 	}
 	for pi, p := range peers {
-		for i := 0; i <= 5; i++ {
-			select {
-			case got := <-p.s.Pushes():
-				if string(got.Data) != strconv.Itoa(i) || got.Seq != uint64(i+1) {
-					t.Fatalf("session %d: push %d is seq %d data %s", pi, i, got.Seq, got.Data)
-				}
-			case <-ctx.Done():
-				t.Fatalf("session %d: push %d: %v", pi, i, ctx.Err())
-			}
-		}
+		expectCountedPushes(ctx, t, p.s, 6, fmt.Sprintf("session %d", pi))
 	}
 	if peers[0].closes.Load() != 1 {
 		t.Errorf("node 0's session got %d closes, want the reload's one", peers[0].closes.Load())

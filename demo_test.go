@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 )
 
 var (
@@ -42,7 +44,7 @@ func buildDemo(t *testing.T) string {
 func startDemoApp(t *testing.T, addr, publishURL string) {
 	t.Helper()
 	bin := buildDemo(t)
-	out := &syncBuffer{}
+	out := &caddytest.SyncBuffer{}
 	cmd := exec.Command(bin, "-listen", addr, "-publish", publishURL)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = append(os.Environ(), "DEMO_APP_LISTEN=", "DEMO_PUBLISH_URL=")

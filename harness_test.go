@@ -24,6 +24,7 @@ import (
 	"text/template"
 	"time"
 
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 	"go.uber.org/goleak"
 )
 
@@ -53,9 +54,7 @@ func caddyBinary(t testing.TB) string {
 	t.Helper()
 	caddyOnce.Do(func() {
 		start := time.Now()
-		out, err := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy").CombinedOutput()
-		if err != nil {
-			caddyErr = fmt.Errorf("go build -race ./cmd/caddy: %v\n%s", err, out)
+		if caddyErr = caddytest.BuildRace(".", caddyBin); caddyErr != nil {
 			return
 		}
 		fmt.Fprintf(os.Stderr, "built caddy (-race) in %s\n", time.Since(start).Round(time.Millisecond))
@@ -93,30 +92,13 @@ func TestMain(m *testing.M) {
 // ---------------------------------------------------------------------------
 // Caddy process
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 type caddyProc struct {
 	HTTP  int
 	Admin int
 	Dir   string
 
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *caddytest.SyncBuffer
 	done   chan struct{}
 	waitEr error
 }
@@ -207,7 +189,7 @@ func startCaddyAttempt(t *testing.T, n int, binary func(testing.TB) string, cadd
 	t.Helper()
 	dir := t.TempDir()
 	ports := freePorts(t, 2)
-	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
+	c := &caddyProc{HTTP: ports[0], Admin: ports[1], Dir: dir, out: &caddytest.SyncBuffer{}, done: make(chan struct{})}
 
 	tpl, err := template.New("Caddyfile").Option("missingkey=error").Parse(caddyfile)
 	if err != nil {

@@ -1309,21 +1309,7 @@ func hkStalledSession(t *testing.T, c *caddyProc, path, user string) string {
 func TestDisconnectNeverBlocksTeardown(t *testing.T) {
 	t.Parallel()
 	app := newHookApp(t, "h1")
-	c := startCaddy(t, sub(globalOpts("")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			disconnect /gone
-			message_timeout 20s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr))
+	c := startCaddy(t, sub(globalOpts("")+liveSite("disconnect /gone", "message_timeout 20s"), "Upstream", app.Addr))
 	fast := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Proxy: nil}}
 	t.Cleanup(fast.CloseIdleConnections)
 	quick := func(method, url string, body string) int {

@@ -200,19 +200,7 @@ func TestLimitRate(t *testing.T) {
 func TestLimitSessionsPerUser(t *testing.T) {
 	t.Parallel()
 	app := newHookApp(t, "h1")
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_sessions_per_user 2
-			disconnect /gone
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRoute("max_sessions_per_user 2", "disconnect /gone"), "Upstream", app.Addr), "")
 	c := e.c
 	tg := e.target("h1")
 	a1 := openDX(t, "websocket", tg, "/live", hdrs("X-User", "alice"))
@@ -257,18 +245,7 @@ func TestLimitSessionsPerUser(t *testing.T) {
 func TestLimitMaxSessions(t *testing.T) {
 	t.Parallel()
 	app := newHookApp(t, "h1")
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_sessions 2
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRoute("max_sessions 2"), "Upstream", app.Addr), "")
 	c := e.c
 	tg := e.target("h1")
 	s1 := openDX(t, "websocket", tg, "/live", hdrs("X-User", "one"))
@@ -427,20 +404,7 @@ http://127.0.0.1:{{.HTTP}} {
 func TestPublishIdempotencyExceptClose(t *testing.T) {
 	t.Parallel()
 	app := newHookApp(t, "h1")
-	c := startCaddy(t, sub(globalOpts("")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			channels lobby room:{http.request.header.X-Room}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr))
+	c := startCaddy(t, sub(globalOpts("")+siteLive, "Upstream", app.Addr))
 	open := func(user, room string) *dxSession {
 		w := openClient(t, c.wsURL("/live"), hdrs("X-User", user, "X-Room", room))
 		w.name = user + "@" + room

@@ -7,10 +7,7 @@ package duplex_test
 // server's memory or hold a request open.
 
 import (
-	"bufio"
-	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -18,64 +15,6 @@ import (
 	"testing"
 	"time"
 )
-
-// sxRawPost is an SSE POST written by hand on its own connection: its
-// headers, then its body as the test feeds it. status is its answer (0:
-// the connection ended without one).
-type sxRawPost struct {
-	conn   net.Conn
-	done   chan struct{} // closed once the answer (or the end) is read
-	status int
-	err    error
-}
-
-// sxStartPost sends the request head of a POST for token; head lines (e.g.
-// "Content-Length: 5000000" or "Transfer-Encoding: chunked") are added.
-func sxStartPost(t *testing.T, c *caddyProc, path, token, contentType string, head ...string) *sxRawPost {
-	t.Helper()
-	conn, err := sxSource(0)(context.Background(), "tcp", "127.0.0.1:"+strconv.Itoa(c.HTTP))
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	p := &sxRawPost{conn: conn, done: make(chan struct{})}
-	t.Cleanup(func() { conn.Close(); <-p.done })
-	req := "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + strconv.Itoa(c.HTTP) +
-		"\r\nContent-Type: " + contentType + "\r\nDuplex-Token: " + token + "\r\n" +
-		strings.Join(head, "\r\n") + "\r\n\r\n"
-	if _, err := conn.Write([]byte(req)); err != nil {
-		t.Fatalf("write request head: %v", err)
-	}
-	go func() {
-		defer close(p.done)
-		// The give-up limit: far beyond the server's 10 s body deadline.
-		_ = conn.SetReadDeadline(time.Now().Add(90 * time.Second))
-		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-		if err != nil {
-			p.err = err
-			return
-		}
-		resp.Body.Close()
-		p.status = resp.StatusCode
-	}()
-	return p
-}
-
-// write sends body bytes; errors (the server closed the connection after
-// answering) are returned, not fatal.
-func (p *sxRawPost) write(b []byte) error {
-	_ = p.conn.SetWriteDeadline(time.Now().Add(sxWait))
-	_, err := p.conn.Write(b)
-	return err
-}
-
-func (p *sxRawPost) answered() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
 
 const sxPostSite = `
 http://127.0.0.1:{{.HTTP}} {
@@ -109,9 +48,9 @@ func TestPostBoundsStalledFlood(t *testing.T) {
 	const declared = 5 << 20
 	chunk := []byte(`{"data":"` + strings.Repeat("x", 64<<10) + `"}`)
 	var wg sync.WaitGroup
-	big := make([]*sxRawPost, n)
+	big := make([]*rawPost, n)
 	for i := range big {
-		big[i] = sxStartPost(t, c, "/live", s.token(), "application/json", "Content-Length: "+strconv.Itoa(declared))
+		big[i] = startRawPost(t, c, "/live", s.token(), "application/json", false, "Content-Length: "+strconv.Itoa(declared))
 	}
 	for _, p := range big {
 		wg.Add(1)
@@ -138,9 +77,9 @@ func TestPostBoundsStalledFlood(t *testing.T) {
 	// limits), then a stall.
 	frame := `{"data":"` + strings.Repeat("y", 60<<10) + `"}` + "\n"
 	body := fmt.Sprintf("%x\r\n%s\r\n", len(frame), frame)
-	small := make([]*sxRawPost, n)
+	small := make([]*rawPost, n)
 	for i := range small {
-		small[i] = sxStartPost(t, c, "/live", s.token(), "application/x-ndjson", "Transfer-Encoding: chunked")
+		small[i] = startRawPost(t, c, "/live", s.token(), "application/x-ndjson", false, "Transfer-Encoding: chunked")
 	}
 	for _, p := range small {
 		wg.Add(1)
@@ -189,14 +128,8 @@ func TestPostBoundsStalledFlood(t *testing.T) {
 	if st, b := sxPost(t, c.url("/live"), s.token(), "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
 		t.Fatalf("POST after the flood: %d %s", st, b)
 	}
-	for {
-		f := s.mustNext(t)
-		if f.ref() == "after" {
-			if f.typ() != "reply" {
-				t.Fatalf("answer after the flood: %v", f)
-			}
-			break
-		}
+	if f := sxNextRef(t, s.next, "after"); f.typ() != "reply" {
+		t.Fatalf("answer after the flood: %v", f)
 	}
 }
 
@@ -209,7 +142,7 @@ func TestPostBoundsTrickle(t *testing.T) {
 	c := startCaddy(t, sub(globalOpts("")+sxPostSite, "Upstream", app.Addr))
 	s := sxOpenSSE(t, c.url("/live"), nil)
 	body := []byte(`{"id":"slow","path":"/live/x","data":"` + strings.Repeat("z", 40) + `"}`)
-	p := sxStartPost(t, c, "/live", s.token(), "application/json", "Content-Length: "+strconv.Itoa(len(body)))
+	p := startRawPost(t, c, "/live", s.token(), "application/json", false, "Content-Length: "+strconv.Itoa(len(body)))
 	// One byte every 3 s: the whole body would take over 3 minutes.
 	sent := 0
 	tick := time.NewTicker(3 * time.Second)

@@ -343,23 +343,11 @@ func TestSessionsAPI(t *testing.T) {
 	})
 }
 
-const sitePublishRoute = `
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			channels lobby room:{http.request.header.X-Room}
-		}
-		reverse_proxy {{.Upstream}}
-	}
+var sitePublishRoute = siteOf(liveRoute("channels lobby room:{http.request.header.X-Room}") + `
 	handle /internal/publish {
 		duplex_publish
 	}
-}
-`
+`)
 
 func TestDuplexPublishHandler(t *testing.T) {
 	t.Parallel()

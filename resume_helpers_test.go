@@ -23,23 +23,10 @@ import (
 	"time"
 )
 
-// resumeSite is a Caddyfile serving /live* with a duplex handler whose
-// options are opts (user is always the X-User header), on HTTP/1.1 and h2c.
-func resumeSite(opts string) string {
-	return globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}") + `
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-` + opts + `
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`
+// resumeSite is a Caddyfile serving liveRoute with the duplex options
+// opts, on HTTP/1.1 and h2c.
+func resumeSite(opts ...string) string {
+	return globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}") + liveSite(opts...)
 }
 
 // rdial says how a connection is opened: transport, protocol (h1 or h2c)
@@ -307,6 +294,25 @@ func (s *rsess) expectPushN(n int) error {
 		return fmt.Errorf("%s: push %d carries n=%d, want %d: %s", s.name, s.last, got, n, e.raw)
 	}
 	return nil
+}
+
+// readStalledPushes reads what a stalled client finds on the wire once it
+// reads again: pushes, each the session's next with data.n equal to its
+// seq, until the event for which end is true, which it returns.
+func (s *rsess) readStalledPushes(t *testing.T, end func(dxEvent) bool) dxEvent {
+	t.Helper()
+	for {
+		e, err := s.nextEvent(frameWait)
+		must(t, err)
+		if end(e) {
+			return e
+		}
+		_, err = s.checkPush(e)
+		must(t, err)
+		if dataN(e.frame) != s.last {
+			t.Fatalf("stalled: push %d carries %s", s.last, e.raw)
+		}
+	}
 }
 
 // dataN is data.n of a push (-1 if absent).

@@ -85,7 +85,7 @@ func TestChaosResume(t *testing.T) {
 	seed := chaosSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tchannels {http.request.header.X-Chan}"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("channels {http.request.header.X-Chan}"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	// The plan: which channel each publish goes to, and where each
@@ -326,7 +326,7 @@ func TestResumeAcrossReloads(t *testing.T) {
 	)
 	heartbeat := func(gen int) float64 { return float64(20 + gen%2) } // 20s, 21s, 20s, ...
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tchannels all\n\t\t\theartbeat 20s"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("channels all", "heartbeat 20s"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 	cfPath := filepath.Join(c.Dir, "Caddyfile")
 	// A client without keep-alive: the admin endpoint is replaced on every
@@ -566,7 +566,7 @@ func TestResumeStalledReader(t *testing.T) {
 	)
 	pad := strings.Repeat("x", 700)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tchannels shared\n\t\t\tsend_queue 16KiB\n\t\t\theartbeat 30s"), "Upstream", app.Addr), xconnectEnv, "GOMAXPROCS=1")
+	c := startCaddy(t, sub(resumeSite("channels shared", "send_queue 16KiB", "heartbeat 30s"), "Upstream", app.Addr), xconnectEnv, "GOMAXPROCS=1")
 	base := c.url("")
 
 	readers := make([]*rsess, nReaders)
@@ -663,20 +663,9 @@ func TestResumeStalledReader(t *testing.T) {
 
 	// Now the stalled client reads: the pushes that fit, then close 4008.
 	stalled.conn.duplexConn.(*wsDuplex).unstall()
-	for {
-		f, e, err := stalled.nextFrame()
-		must(t, err)
-		if f["type"] == "close" {
-			if f["code"] != float64(4008) || f["reconnect"] != true {
-				t.Fatalf("stalled: close %s, want code 4008 reconnect true", e.raw)
-			}
-			break
-		}
-		_, err = stalled.checkPush(e)
-		must(t, err)
-		if dataN(f) != stalled.last {
-			t.Fatalf("stalled: push %d carries %s", stalled.last, e.raw)
-		}
+	e := stalled.readStalledPushes(t, func(e dxEvent) bool { return e.frame["type"] == "close" })
+	if e.frame["code"] != float64(4008) || e.frame["reconnect"] != true {
+		t.Fatalf("stalled: close %s, want code 4008 reconnect true", e.raw)
 	}
 	must(t, stalled.expectEndR(4008))
 	if stalled.last >= published {
@@ -707,7 +696,7 @@ func TestResumeRace(t *testing.T) {
 	)
 	seed := chaosSeed(t)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tresume_buffer 5000"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("resume_buffer 5000"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	var (
@@ -778,7 +767,7 @@ func TestResumeRace(t *testing.T) {
 func TestResumeWrongToken(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tchannels lobby"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("channels lobby"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	alice, err := openR(t, "alice", base, rdials[0], "/live/tok", hdrs("X-User", "alice"))
@@ -867,7 +856,7 @@ func randomToken() string {
 func TestResumeWindowExpires(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tresume_window 1s"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("resume_window 1s"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	for _, d := range []rdial{rdials[0], rdials[1], rdials[2]} {
@@ -933,7 +922,7 @@ func TestResumeWindowExpires(t *testing.T) {
 func TestResumeTakeover(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite(""), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite(), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	for _, pair := range [][2]rdial{{rdials[0], rdials[1]}, {rdials[1], rdials[2]}, {rdials[2], rdials[3]}, {rdials[5], rdials[6]}} {
@@ -974,7 +963,7 @@ func TestResumeTakeover(t *testing.T) {
 func TestResumeBufferAndAck(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite("\t\t\tresume_buffer 5"), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite("resume_buffer 5"), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	for _, d := range []rdial{rdials[0], rdials[1], rdials[2]} {
@@ -1074,7 +1063,7 @@ func TestResumeCursorAtBufferEdge(t *testing.T) {
 		buffer = 10
 	)
 	app := newTestApp(t)
-	c := startCaddy(t, sub(resumeSite(fmt.Sprintf("\t\t\tresume_buffer %d", buffer)), "Upstream", app.Addr), xconnectEnv)
+	c := startCaddy(t, sub(resumeSite(fmt.Sprintf("resume_buffer %d", buffer)), "Upstream", app.Addr), xconnectEnv)
 	base := c.url("")
 
 	outcomes := map[string]int{}

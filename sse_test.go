@@ -137,18 +137,7 @@ func TestSSEParser(t *testing.T) {
 func TestSSEEventStream(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			heartbeat 1s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRoute("heartbeat 1s"), "Upstream", app.Addr), "")
 	c := e.c
 	// Opened together, so the heartbeat waits overlap.
 	opened := map[string]*dxSession{}
@@ -201,18 +190,7 @@ func TestSSEEventStream(t *testing.T) {
 func TestSSEPostAnswers(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_message_size 1KiB
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRoute("max_message_size 1KiB"), "Upstream", app.Addr), "")
 	for _, proto := range protos {
 		t.Run(proto, func(t *testing.T) {
 			t.Parallel()

@@ -7,7 +7,6 @@ package duplex_test
 // those tests use the project's Go client.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -189,13 +188,18 @@ func (c *sxWS) send(t testing.TB, v any) {
 
 // next returns the next server frame; ok is false when the connection
 // ended (or nothing came within sxWait).
-func (c *sxWS) next() (sxFrame, bool) {
+func (c *sxWS) next() (sxFrame, bool) { return sxNextOf(c.frames, c.ended) }
+
+// sxNextOf returns the next frame a reader passed on frames; ok is false
+// once the reader ended (ended closed) with none left, or when none came
+// within sxWait.
+func sxNextOf(frames <-chan sxFrame, ended <-chan struct{}) (sxFrame, bool) {
 	select {
-	case f := <-c.frames:
+	case f := <-frames:
 		return f, true
-	case <-c.ended:
+	case <-ended:
 		select {
-		case f := <-c.frames:
+		case f := <-frames:
 			return f, true
 		default:
 		}
@@ -224,6 +228,21 @@ func (c *sxWS) answerTo(t testing.TB, ref string) sxFrame {
 			return f
 		case f.typ() == "close":
 			t.Fatalf("session closed before the answer to %s: %v", ref, f)
+		}
+	}
+}
+
+// sxNextRef reads frames with next (a raw WebSocket's or SSE stream's)
+// until the answer to ref.
+func sxNextRef(t testing.TB, next func() (sxFrame, bool), ref string) sxFrame {
+	t.Helper()
+	for {
+		f, ok := next()
+		if !ok {
+			t.Fatalf("no answer to %s", ref)
+		}
+		if f.ref() == ref {
+			return f
 		}
 	}
 }
@@ -277,8 +296,6 @@ type sxSSE struct {
 	frames chan sxFrame
 	ended  chan struct{}
 	open   sxFrame
-	lastID string // the id of the last event with one (a resume cursor)
-	idMu   sync.Mutex
 	quit   chan struct{}
 	once   sync.Once
 }
@@ -331,57 +348,35 @@ func sxOpenSSE(t testing.TB, url string, hdr http.Header) *sxSSE {
 	return s
 }
 
+// readLoop parses the stream with the tests' event stream parser and
+// passes on each event's frame, but for heartbeats (and data that is not
+// JSON).
 func (s *sxSSE) readLoop() {
 	defer close(s.ended)
-	br := bufio.NewReader(s.resp.Body)
-	var id, data string
+	p := newSSEParser()
+	buf := make([]byte, 32<<10)
 	for {
-		line, err := br.ReadString('\n')
+		n, err := s.resp.Body.Read(buf)
+		for _, ev := range p.Feed(buf[:n]) {
+			var f sxFrame
+			if json.Unmarshal([]byte(ev.Data), &f) != nil || f.typ() == "ping" {
+				continue
+			}
+			select {
+			case s.frames <- f:
+			case <-s.quit:
+				return
+			}
+		}
 		if err != nil {
 			return
-		}
-		line = strings.TrimRight(line, "\r\n")
-		switch {
-		case line == "":
-			if data != "" {
-				var f sxFrame
-				if json.Unmarshal([]byte(data), &f) == nil && f.typ() != "ping" {
-					select {
-					case s.frames <- f:
-					case <-s.quit:
-						return
-					}
-				}
-			}
-			if id != "" {
-				s.idMu.Lock()
-				s.lastID = id
-				s.idMu.Unlock()
-			}
-			id, data = "", ""
-		case strings.HasPrefix(line, "id: "):
-			id = strings.TrimPrefix(line, "id: ")
-		case strings.HasPrefix(line, "data: "):
-			data += strings.TrimPrefix(line, "data: ")
 		}
 	}
 }
 
-func (s *sxSSE) next() (sxFrame, bool) {
-	select {
-	case f := <-s.frames:
-		return f, true
-	case <-s.ended:
-		select {
-		case f := <-s.frames:
-			return f, true
-		default:
-		}
-		return nil, false
-	case <-time.After(sxWait):
-		return nil, false
-	}
-}
+// next returns the next frame of the stream; ok is false when it ended
+// (or nothing came within sxWait).
+func (s *sxSSE) next() (sxFrame, bool) { return sxNextOf(s.frames, s.ended) }
 
 func (s *sxSSE) mustNext(t testing.TB) sxFrame {
 	t.Helper()

@@ -19,18 +19,7 @@ import (
 func TestTakenOverResponseHead(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		header Access-Control-Allow-Origin "https://app.example"
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(corsLiveRoute(), "Upstream", app.Addr), "")
 	for _, v := range []struct{ transport, contentType string }{
 		{"sse", "text/event-stream"},
 		{"stream", "application/x-ndjson"},
@@ -63,6 +52,13 @@ func TestTakenOverResponseHead(t *testing.T) {
 	}
 }
 
+// corsLiveRoute is liveRoute behind a handler that sets a CORS header,
+// which the response head of a session that took its connection over
+// must carry.
+func corsLiveRoute(opts ...string) string {
+	return liveRouteBehind(`header Access-Control-Allow-Origin "https://app.example"`, opts...)
+}
+
 func checkTakenOverHead(t *testing.T, h map[string][]string, closes bool, te []string, length int64, contentType string) {
 	t.Helper()
 	if got := first(h["Content-Type"]); got != contentType {
@@ -93,21 +89,7 @@ func first(v []string) string {
 func TestTakenOverStreamSizedBody(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	c := startCaddy(t, sub(globalOpts("")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		header Access-Control-Allow-Origin "https://app.example"
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_message_size 1KiB
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr))
+	c := startCaddy(t, sub(globalOpts("")+siteOf(corsLiveRoute("max_message_size 1KiB")), "Upstream", app.Addr))
 	message := func(id string) string { return `{"id":"` + id + `","path":"/reply","data":"` + id + `"}` + "\n" }
 	msg1, msg2 := message("sized-1"), message("sized-2")
 	// After the body: a line over max_message_size, which the session
@@ -194,7 +176,7 @@ func testSSEStalledReader(t *testing.T, sse rdial, serverOpts string) {
 	const maxPub = 400 // 6.4 MiB: the stalled connection overflows well before, and all of it fits the resume buffer
 	pad := strings.Repeat("x", 16<<10)
 	app := newTestApp(t)
-	site := strings.Replace(resumeSite("\t\t\tsend_queue 256KiB\n\t\t\theartbeat 10s"), "protocols h1 h2 h2c", "protocols h1 h2 h2c\n\t\t"+serverOpts, 1)
+	site := strings.Replace(resumeSite("send_queue 256KiB", "heartbeat 10s"), "protocols h1 h2 h2c", "protocols h1 h2 h2c\n\t\t"+serverOpts, 1)
 	c := startCaddy(t, sub(site, "Upstream", app.Addr))
 	s, err := openStalledR(t, "stalled", c.url(""), sse, "/live", hdrs("X-User", "stalled"))
 	must(t, err)
@@ -220,18 +202,7 @@ func testSSEStalledReader(t *testing.T, sse rdial, serverOpts string) {
 
 	// Now the client reads: the pushes on the wire, then the end.
 	s.conn.duplexConn.(*sseDuplex).unstall()
-	for {
-		e, err := s.nextEvent(frameWait)
-		must(t, err)
-		if e.end != nil {
-			break
-		}
-		_, err = s.checkPush(e)
-		must(t, err)
-		if dataN(e.frame) != s.last {
-			t.Fatalf("stalled: push %d carries %s", s.last, e.raw)
-		}
-	}
+	s.readStalledPushes(t, func(e dxEvent) bool { return e.end != nil })
 	if s.last >= published {
 		t.Fatalf("stalled: got all %d pushes before the connection ended: it never stalled", published)
 	}

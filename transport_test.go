@@ -19,22 +19,12 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 )
 
 // scenarioRoutes: /live* opens sessions whose messages go to the test app.
-const scenarioRoutes = `
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			channels lobby
-			heartbeat 5s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`
+var scenarioRoutes = liveRoute("channels lobby", "heartbeat 5s")
 
 // protos are the ways a client reaches Caddy.
 var protos = []string{"h1", "h2", "h2c"}
@@ -151,17 +141,7 @@ func runScenario(t *testing.T, e *duplexEnv, app *testApp, transport string, tg 
 func TestStreamTransport(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			max_message_size 1KiB
-		}
-		reverse_proxy {{.Upstream}}
-	}
+	e := startDuplexEnv(t, sub(liveRoute("max_message_size 1KiB")+`
 	route /wsonly* {
 		duplex {
 			messages {
@@ -310,19 +290,7 @@ func TestStreamTransport(t *testing.T) {
 func TestHeartbeatsAndIdleTimeouts(t *testing.T) {
 	t.Parallel()
 	app := newTestApp(t)
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			heartbeat 2s
-			resume_window 1s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), `
+	e := startDuplexEnv(t, sub(liveRoute("heartbeat 2s", "resume_window 1s"), "Upstream", app.Addr), `
 		timeouts {
 			read_body_idle 5s
 			write_idle 5s
@@ -423,19 +391,7 @@ func TestEncodeInFront(t *testing.T) {
 	app := newTestApp(t)
 	// heartbeat 30s: longer than frameWait, so no ping can push held-back
 	// bytes out and hide buffering.
-	e := startDuplexEnv(t, sub(`
-	route /live* {
-		encode gzip zstd
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			heartbeat 30s
-		}
-		reverse_proxy {{.Upstream}}
-	}
-`, "Upstream", app.Addr), "")
+	e := startDuplexEnv(t, sub(liveRouteBehind("encode gzip zstd", "heartbeat 30s"), "Upstream", app.Addr), "")
 	c := e.c
 
 	type variant struct {
@@ -486,7 +442,7 @@ type curlProc struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  chan string
-	stderr *syncBuffer
+	stderr *caddytest.SyncBuffer
 	exited chan struct{}
 	err    error
 }
@@ -502,7 +458,7 @@ func startCurl(t *testing.T, withStdin bool, args ...string) *curlProc {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.WaitDelay = 5 * time.Second
-	p := &curlProc{cmd: cmd, lines: make(chan string, 1024), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &curlProc{cmd: cmd, lines: make(chan string, 1024), stderr: &caddytest.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	if withStdin {
 		p.stdin, err = cmd.StdinPipe()
@@ -568,19 +524,7 @@ func TestCurlClients(t *testing.T) {
 		t.Skip("curl is not on PATH (.ci/run installs it); skipping the curl client test")
 	}
 	app := newTestApp(t)
-	c := startCaddy(t, sub(globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}")+`
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`, "Upstream", app.Addr))
+	c := startCaddy(t, sub(globalOpts("\tservers {\n\t\tprotocols h1 h2 h2c\n\t}")+liveSite(), "Upstream", app.Addr))
 
 	t.Run("sse", func(t *testing.T) {
 		t.Parallel()

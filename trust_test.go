@@ -175,20 +175,6 @@ http://127.0.0.1:{{.Other}} {
 	}
 }
 
-// sxNextRef reads frames until the answer to ref.
-func sxNextRef(t *testing.T, next func() (sxFrame, bool), ref string) sxFrame {
-	t.Helper()
-	for {
-		f, ok := next()
-		if !ok {
-			t.Fatalf("no answer to %s", ref)
-		}
-		if f.ref() == ref {
-			return f
-		}
-	}
-}
-
 // TestTrustOriginScheme: on an http:// site, an Origin with the same host
 // and port but another scheme, or with user info before the host, is
 // refused (403) for WebSocket and SSE openings and for SSE POSTs; the

@@ -16,23 +16,6 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// siteLive is the usual site: /live* opens sessions whose messages go to the
-// upstream app; user and channels come from request headers.
-const siteLive = `
-http://127.0.0.1:{{.HTTP}} {
-	route /live* {
-		duplex {
-			messages {
-				path *
-			}
-			user {http.request.header.X-User}
-			channels lobby room:{http.request.header.X-Room}
-		}
-		reverse_proxy {{.Upstream}}
-	}
-}
-`
-
 // --- auth -------------------------------------------------------------------
 
 func TestAuthMatchers(t *testing.T) {

@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 	"go.uber.org/goleak"
 )
 
@@ -44,10 +45,8 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	caddyBin = filepath.Join(dir, "caddy")
-	build := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy")
-	build.Dir = ".."
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "go build -race ./cmd/caddy: %v\n%s", err, out)
+	if err := caddytest.BuildRace("..", caddyBin); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)
 		os.Exit(2)
 	}
@@ -71,41 +70,6 @@ type env struct {
 	app                *app
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-func freePorts(t *testing.T, n int) []int {
-	t.Helper()
-	var ports []int
-	var ls []net.Listener
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	for _, l := range ls {
-		l.Close()
-	}
-	return ports
-}
-
 // startEnv starts the upstream app and Caddy serving route /live* with
 // duplex (heartbeat 1s plus duplexOpts) on a plain HTTP site (HTTP/1.1 and
 // h2c) and a `tls internal` HTTPS site; RFC 8441 is on.
@@ -120,7 +84,7 @@ func startEnv(t *testing.T, duplexOpts string) *env {
 func startEnvAttempt(t *testing.T, n int, duplexOpts string) *env {
 	t.Helper()
 	a := newApp(t)
-	ports := freePorts(t, 3)
+	ports := caddytest.FreePorts(t, 3)
 	e := &env{HTTP: ports[0], HTTPS: ports[1], Admin: ports[2], app: a}
 	dir := t.TempDir()
 	cf := fmt.Sprintf(`{
@@ -161,7 +125,7 @@ https://127.0.0.1:%d {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir+"/data", "XDG_CONFIG_HOME="+dir+"/config",
 		"GODEBUG=http2xconnect=1")
-	out := &syncBuffer{}
+	out := &caddytest.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

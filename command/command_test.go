@@ -18,12 +18,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddy-duplex/duplex/client"
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 	"go.uber.org/goleak"
 )
 
@@ -39,10 +39,8 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	caddyBin = filepath.Join(dir, "caddy")
-	build := exec.Command("go", "build", "-race", "-o", caddyBin, "./cmd/caddy")
-	build.Dir = ".."
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "go build -race ./cmd/caddy: %v\n%s", err, out)
+	if err := caddytest.BuildRace("..", caddyBin); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)
 		os.Exit(2)
 	}
@@ -55,23 +53,6 @@ func TestMain(m *testing.M) {
 	}
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 type env struct {
@@ -98,7 +79,7 @@ func startEnv(t *testing.T) *env {
 		w.WriteHeader(http.StatusNoContent)
 	}))
 	t.Cleanup(app.Close)
-	ports := freePorts(t, 2)
+	ports := caddytest.FreePorts(t, 2)
 	e := &env{HTTP: ports[0], Admin: ports[1]}
 	dir := t.TempDir()
 	cf := fmt.Sprintf(`{
@@ -126,7 +107,7 @@ http://127.0.0.1:%d {
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir+"/data", "XDG_CONFIG_HOME="+dir+"/config")
-	out := &syncBuffer{}
+	out := &caddytest.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -168,20 +149,6 @@ http://127.0.0.1:%d {
 }
 
 var adminClient = &http.Client{Timeout: wait, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
-
-func freePorts(t *testing.T, n int) []int {
-	t.Helper()
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports
-}
 
 // run runs `caddy args…` with stdin and returns its standard output,
 // standard error and exit error.
@@ -301,7 +268,7 @@ func TestConnect(t *testing.T) {
 			cmd := exec.CommandContext(ctx, caddyBin, args...)
 			stdin, _ := cmd.StdinPipe()
 			stdout, _ := cmd.StdoutPipe()
-			var stderr syncBuffer
+			var stderr caddytest.SyncBuffer
 			cmd.Stderr = &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -362,7 +329,7 @@ func TestConnectEndsWithTheSession(t *testing.T) {
 	stdin, _ := cmd.StdinPipe()
 	defer stdin.Close()
 	stdout, _ := cmd.StdoutPipe()
-	var stderr syncBuffer
+	var stderr caddytest.SyncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
