@@ -45,7 +45,8 @@ type config struct {
 	sizes      []int         // (a)/(b) session counts
 	openConc   int           // sessions opened in parallel
 	settle     time.Duration // wait before reading idle RSS
-	publishes  int           // (b) publishes per size
+	publishes  int           // (b) publishes per size, at least
+	deliveries int           // (b) deliveries per size, at least (more publishes at small sizes)
 	publishGap time.Duration // (b) pause between publishes
 	fanoutWait time.Duration // (b) longest wait for one publish
 
@@ -86,7 +87,8 @@ func parseFlags() (config, error) {
 	flag.StringVar(&szs, "sizes", "1000,10000", "(a)/(b) session counts")
 	flag.IntVar(&cfg.openConc, "open-concurrency", 32, "sessions opened in parallel")
 	flag.DurationVar(&cfg.settle, "settle", 2*time.Second, "(a) wait after opening before reading RSS")
-	flag.IntVar(&cfg.publishes, "publishes", 50, "(b) publishes per fan-out run")
+	flag.IntVar(&cfg.publishes, "publishes", 50, "(b) publishes per fan-out run, at least")
+	flag.IntVar(&cfg.deliveries, "deliveries", 200_000, "(b) deliveries per fan-out run, at least: more publishes at small N (0: -publishes only)")
 	flag.DurationVar(&cfg.publishGap, "publish-gap", 20*time.Millisecond, "(b) pause after each publish has reached every subscriber")
 	flag.DurationVar(&cfg.fanoutWait, "fanout-wait", 10*time.Second, "(b) longest wait for one publish to reach every subscriber")
 	flag.IntVar(&cfg.unicastSessions, "unicast-sessions", 1000, "(c) sessions, each on its own channel")
@@ -110,6 +112,7 @@ func parseFlags() (config, error) {
 		szs = "1000"
 		clusterSizes = "1,100,1000"
 		cfg.publishes = 20
+		cfg.deliveries = 0
 		cfg.duration = 3 * time.Second
 		cfg.rtDuration = 3 * time.Second
 		cfg.settle = time.Second
