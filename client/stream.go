@@ -9,7 +9,6 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"strings"
 	"sync"
 )
 
@@ -30,53 +29,24 @@ type streamConn struct {
 func (c *streamConn) transport() string { return Stream }
 
 func (d *dialer) dialStream(ctx context.Context, cursor string) (conn, error) {
-	// The request body is a pipe: it must end when the connection does,
-	// or a failed round trip waits for it forever.
-	pr, pw := io.Pipe()
-	t := &tracker{dial: d.opts.DialContext, lost: func() { pw.CloseWithError(errConnLost) }}
-	rt := d.roundTripper(t)
-	life, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, func() {
-		cancel()
-		pw.CloseWithError(ctx.Err())
-	})
-	fail := func(err error) (conn, error) {
-		stop()
-		pw.Close()
-		cancel()
-		t.closeAll()
+	header := d.header(cursor)
+	header.Set("Content-Type", "application/x-ndjson")
+	header.Set("Accept", "application/x-ndjson")
+	c, err := d.pipeRoundTrip(ctx, http.MethodPost, Stream, header)
+	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(life, http.MethodPost, d.u.String(), pr)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: stream: %w", err))
+	if mt, _, _ := mime.ParseMediaType(c.resp.Header.Get("Content-Type")); c.resp.StatusCode != http.StatusOK || mt != "application/x-ndjson" {
+		return nil, c.refuse(Stream)
 	}
-	req.Header = d.header(cursor)
-	req.Header.Set("Content-Type", "application/x-ndjson")
-	req.Header.Set("Accept", "application/x-ndjson")
-	resp, err := rt.RoundTrip(req)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: stream: %w", err))
-	}
-	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); resp.StatusCode != http.StatusOK || mt != "application/x-ndjson" {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		resp.Body.Close()
-		return fail(&statusError{transport: Stream, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
-	}
-	if !stop() {
-		resp.Body.Close()
-		return fail(fmt.Errorf("duplex client: stream: %w", ctx.Err()))
+	if err := c.settle(ctx, Stream); err != nil {
+		return nil, err
 	}
 	return &streamConn{
-		br:  bufio.NewReader(resp.Body),
-		max: d.opts.MaxFrameSize,
-		pw:  pw,
-		release: func() {
-			pw.Close()
-			resp.Body.Close()
-			cancel()
-			t.closeAll()
-		},
+		br:      bufio.NewReader(c.resp.Body),
+		max:     d.opts.MaxFrameSize,
+		pw:      c.pw,
+		release: c.release,
 	}, nil
 }
 

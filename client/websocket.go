@@ -65,52 +65,21 @@ func (d *dialer) dialWebSocket(ctx context.Context, cursor string) (conn, error)
 
 // dialWebSocketH2 opens a WebSocket with an HTTP/2 extended CONNECT.
 func (d *dialer) dialWebSocketH2(ctx context.Context, cursor string) (conn, error) {
-	// The request body is a pipe: it must end when the connection does,
-	// or a failed round trip waits for it forever.
-	pr, pw := io.Pipe()
-	t := &tracker{dial: d.opts.DialContext, lost: func() { pw.CloseWithError(errConnLost) }}
-	rt := d.roundTripper(t)
-	life, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, func() {
-		cancel()
-		pw.CloseWithError(ctx.Err())
-	})
-	fail := func(err error) (conn, error) {
-		stop()
-		pw.Close()
-		cancel()
-		t.closeAll()
+	const name = "websocket over HTTP/2"
+	header := d.header(cursor)
+	header.Set(":protocol", "websocket")
+	header.Set("Sec-WebSocket-Version", "13")
+	c, err := d.pipeRoundTrip(ctx, http.MethodConnect, name, header)
+	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(life, http.MethodConnect, d.u.String(), pr)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: websocket: %w", err))
+	if c.resp.StatusCode != http.StatusOK {
+		return nil, c.refuse(WebSocket)
 	}
-	req.Header = d.header(cursor)
-	req.Header.Set(":protocol", "websocket")
-	req.Header.Set("Sec-WebSocket-Version", "13")
-	resp, err := rt.RoundTrip(req)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: websocket over HTTP/2: %w", err))
+	if err := c.settle(ctx, name); err != nil {
+		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		resp.Body.Close()
-		return fail(&statusError{transport: WebSocket, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
-	}
-	if !stop() {
-		resp.Body.Close()
-		return fail(fmt.Errorf("duplex client: websocket: %w", ctx.Err()))
-	}
-	return &wsConn{
-		r: resp.Body, w: pw, max: d.opts.MaxFrameSize,
-		release: func() {
-			pw.Close()
-			resp.Body.Close()
-			cancel()
-			t.closeAll()
-		},
-	}, nil
+	return &wsConn{r: c.resp.Body, w: c.pw, max: d.opts.MaxFrameSize, release: c.release}, nil
 }
 
 func (c *wsConn) read() ([]byte, error) {
