@@ -101,10 +101,19 @@ func intField(frame []byte, key string) (int64, bool) {
 	return n, err == nil
 }
 
+// handle is an open client session of any server: the Go client's
+// (clientSession) or Centrifugo's.
+type handle interface {
+	close()
+	finished() <-chan struct{} // closed once its reader has returned
+}
+
+func (cs *clientSession) finished() <-chan struct{} { return cs.done }
+
 // openMany opens n sessions, conc at a time; open(i) opens the i-th. On
 // the first error it stops, closes what it opened and returns the error.
-func openMany(n, conc int, open func(i int) (*clientSession, error)) ([]*clientSession, error) {
-	out := make([]*clientSession, n)
+func openMany[H handle](n, conc int, open func(i int) (H, error)) ([]H, error) {
+	out := make([]H, n)
 	var (
 		mu       sync.Mutex
 		firstErr error
@@ -122,7 +131,7 @@ func openMany(n, conc int, open func(i int) (*clientSession, error)) ([]*clientS
 				if i >= n || stop {
 					return
 				}
-				cs, err := open(i)
+				h, err := open(i)
 				if err != nil {
 					mu.Lock()
 					if firstErr == nil {
@@ -131,7 +140,7 @@ func openMany(n, conc int, open func(i int) (*clientSession, error)) ([]*clientS
 					mu.Unlock()
 					return
 				}
-				out[i] = cs
+				out[i] = h
 			}
 		})
 	}
@@ -143,20 +152,23 @@ func openMany(n, conc int, open func(i int) (*clientSession, error)) ([]*clientS
 	return out, nil
 }
 
-// closeAll closes every session and waits (bounded) for their readers.
-func closeAll(sessions []*clientSession) {
-	for _, cs := range sessions {
-		if cs != nil {
-			cs.close()
+// closeAll closes every session (slots never opened are skipped) and
+// waits (bounded) for their readers.
+func closeAll[H handle](hs []H) {
+	var none H
+	open := make([]H, 0, len(hs))
+	for _, h := range hs {
+		if any(h) != any(none) {
+			open = append(open, h)
 		}
 	}
+	for _, h := range open {
+		h.close()
+	}
 	deadline := time.After(10 * time.Second)
-	for _, cs := range sessions {
-		if cs == nil {
-			continue
-		}
+	for _, h := range open {
 		select {
-		case <-cs.done:
+		case <-h.finished():
 		case <-deadline:
 			return
 		}

@@ -76,34 +76,6 @@ const (
 	sysCentrifugo = "Centrifugo v6, 3 nodes on Redis"
 )
 
-// handle is an open client session of any system.
-type handle interface {
-	close()
-	finished() <-chan struct{}
-}
-
-func (cs *clientSession) finished() <-chan struct{} { return cs.done }
-
-// closeHandles closes every session and waits (bounded) for their readers.
-func closeHandles(hs []handle) {
-	for _, h := range hs {
-		if h != nil {
-			h.close()
-		}
-	}
-	deadline := time.After(10 * time.Second)
-	for _, h := range hs {
-		if h == nil {
-			continue
-		}
-		select {
-		case <-h.finished():
-		case <-deadline:
-			return
-		}
-	}
-}
-
 // system is a running set of nodes: sessions open round-robin on them,
 // publishes go to the first.
 type system struct {
@@ -520,13 +492,13 @@ func (d *redisDelta) end(m metrics, ops int64) (time.Duration, error) {
 func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error) {
 	fan := newFanout(n, e.cfg.publishes)
 	start := time.Now()
-	hs, err := openHandles(n, e.cfg.openConc, func(i int) (handle, error) {
+	hs, err := openMany(n, e.cfg.openConc, func(i int) (handle, error) {
 		return sys.open(i, "fan", fan.record)
 	})
 	if err != nil {
 		return nil, err
 	}
-	defer closeHandles(hs)
+	defer closeAll(hs)
 	logf("  %s: %d sessions opened in %s", sys.name, n, time.Since(start).Round(time.Millisecond))
 	time.Sleep(e.cfg.settle)
 	m := metrics{}
@@ -581,7 +553,7 @@ func (e *env) clusterUnicast(sys *system, rs *redisServer) (metrics, error) {
 	for i := range recv {
 		recv[i] = &receiver{lat: make([]time.Duration, 0, 256)}
 	}
-	hs, err := openHandles(n, e.cfg.openConc, func(i int) (handle, error) {
+	hs, err := openMany(n, e.cfg.openConc, func(i int) (handle, error) {
 		rc := recv[i]
 		return sys.open(i, "u"+strconv.Itoa(i), func(frame []byte) {
 			now := time.Now().UnixNano()
@@ -595,7 +567,7 @@ func (e *env) clusterUnicast(sys *system, rs *redisServer) (metrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer closeHandles(hs)
+	defer closeAll(hs)
 	time.Sleep(e.cfg.settle)
 	m := metrics{}
 	d, err := startRedisDelta(rs, sys)
@@ -639,7 +611,7 @@ func (e *env) clusterUnicast(sys *system, rs *redisServer) (metrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	closeHandles(hs) // readers end: their samples can be read
+	closeAll(hs) // readers end: their samples can be read
 	var all durations
 	for _, rc := range recv {
 		all = append(all, rc.lat...)
@@ -684,13 +656,13 @@ func (e *env) clusterDetached(rs *redisServer, n int) (metrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	hs, err := openHandles(n, e.cfg.openConc, func(i int) (handle, error) {
+	hs, err := openMany(n, e.cfg.openConc, func(i int) (handle, error) {
 		return sys.open(i, "d"+strconv.Itoa(i), func([]byte) {})
 	})
 	if err != nil {
 		return nil, err
 	}
-	defer closeHandles(hs)
+	defer closeAll(hs)
 	time.Sleep(e.cfg.settle)
 	attached, err := rs.stats()
 	if err != nil {
@@ -778,45 +750,4 @@ func (r *redisServer) expiringKeys() (int64, error) {
 		}
 	}
 	return 0, nil
-}
-
-// openHandles opens n sessions, conc at a time (openMany for handles).
-func openHandles(n, conc int, open func(i int) (handle, error)) ([]handle, error) {
-	out := make([]handle, n)
-	var (
-		mu       sync.Mutex
-		firstErr error
-		next     int
-		wg       sync.WaitGroup
-	)
-	for range min(conc, n) {
-		wg.Go(func() {
-			for {
-				mu.Lock()
-				i := next
-				next++
-				stop := firstErr != nil
-				mu.Unlock()
-				if i >= n || stop {
-					return
-				}
-				h, err := open(i)
-				if err != nil {
-					mu.Lock()
-					if firstErr == nil {
-						firstErr = fmt.Errorf("opening session %d of %d: %w", i+1, n, err)
-					}
-					mu.Unlock()
-					return
-				}
-				out[i] = h
-			}
-		})
-	}
-	wg.Wait()
-	if firstErr != nil {
-		closeHandles(out)
-		return nil, firstErr
-	}
-	return out, nil
 }
