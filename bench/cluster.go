@@ -506,22 +506,11 @@ func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error
 	if err != nil {
 		return nil, err
 	}
-	var last durations
-	missing := 0
-	for k := range e.cfg.publishes {
-		data := `{"i":` + strconv.Itoa(k) + `,"t":` + strconv.FormatInt(time.Now().UnixNano(), 10) + `}`
-		if err := sys.publish("fan", []byte(data)); err != nil {
-			return nil, err
-		}
-		select {
-		case <-fan.done[k]:
-			last = append(last, slices.Max(fan.latencies(k)))
-		case <-time.After(e.cfg.fanoutWait):
-			got := int(min(fan.count[k].Load(), int64(n)))
-			missing += n - got
-			logf("  %s: publish %d reached %d of %d subscribers within %s", sys.name, k, got, n, e.cfg.fanoutWait)
-		}
-		time.Sleep(e.cfg.publishGap)
+	last, missing, err := fan.publishAll(sys.name, func(data []byte) error {
+		return sys.publish("fan", data)
+	}, e.cfg.fanoutWait, e.cfg.publishGap)
+	if err != nil {
+		return nil, err
 	}
 	nodeCPU, err := d.end(m, int64(e.cfg.publishes))
 	if err != nil {

@@ -202,6 +202,30 @@ func (f *fanout) record(frame []byte) {
 	}
 }
 
+// publishAll publishes one message per publish of f, one at a time, each
+// carrying its index and publish time ({"i":k,"t":ns}); the next goes gap
+// after the previous reached all n subscribers, or after wait. It returns
+// how long the last subscriber took for each publish that reached all,
+// and how many deliveries are missing. name labels the log.
+func (f *fanout) publishAll(name string, publish func(data []byte) error, wait, gap time.Duration) (last durations, missing int, err error) {
+	for k := range len(f.lat) {
+		data := `{"i":` + strconv.Itoa(k) + `,"t":` + strconv.FormatInt(time.Now().UnixNano(), 10) + `}`
+		if err := publish([]byte(data)); err != nil {
+			return nil, 0, err
+		}
+		select {
+		case <-f.done[k]:
+			last = append(last, slices.Max(f.latencies(k)))
+		case <-time.After(wait):
+			got := int(min(f.count[k].Load(), int64(f.n)))
+			missing += f.n - got
+			logf("  %s: publish %d reached %d of %d subscribers within %s", name, k, got, f.n, wait)
+		}
+		time.Sleep(gap)
+	}
+	return last, missing, nil
+}
+
 // latencies are publish k's deliveries recorded so far. A slot taken but
 // not yet written (a publish that timed out) is still 0 and left out.
 func (f *fanout) latencies(k int) durations {
@@ -262,22 +286,11 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	var last durations
-	missing := 0
-	for k := range len(fan.lat) {
-		body := `{"channel":"fan","data":{"i":` + strconv.Itoa(k) + `,"t":` + strconv.FormatInt(time.Now().UnixNano(), 10) + `}}`
-		if err := e.publish(srv, []byte(body)); err != nil {
-			return nil, err
-		}
-		select {
-		case <-fan.done[k]:
-			last = append(last, slices.Max(fan.latencies(k)))
-		case <-time.After(e.cfg.fanoutWait):
-			got := int(min(fan.count[k].Load(), int64(n)))
-			missing += n - got
-			logf("  %s: publish %d reached %d of %d subscribers within %s", srv.name, k, got, n, e.cfg.fanoutWait)
-		}
-		time.Sleep(e.cfg.publishGap)
+	last, missing, err := fan.publishAll(srv.name, func(data []byte) error {
+		return e.publish(srv, append(append([]byte(`{"channel":"fan","data":`), data...), '}'))
+	}, e.cfg.fanoutWait, e.cfg.publishGap)
+	if err != nil {
+		return nil, err
 	}
 	cpuUsed, err := cpu.since()
 	if err != nil {
