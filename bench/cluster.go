@@ -88,7 +88,9 @@ type system struct {
 	publish func(channel string, data []byte) error
 	// publishURL is caddy-duplex's first node's publish API.
 	publishURL string
-	stop       func()
+	// nodes are caddy-duplex's nodes (their admin endpoints serve pprof).
+	nodes []*server
+	stop  func()
 }
 
 // crashed reports a node that has exited.
@@ -242,6 +244,9 @@ func commandMix(a, b redisStats, ops int64) string {
 	return strings.Join(parts, ", ")
 }
 
+// profileName makes a system's name part of a file name.
+var profileName = strings.NewReplacer(" ", "-", ",", "")
+
 // startDuplexSystem starts n Caddy nodes: on redis with `broker redis`,
 // or (redis nil) on the memory broker.
 func (e *env) startDuplexSystem(name string, n int, rs *redisServer, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*system, error) {
@@ -266,7 +271,7 @@ func (e *env) startDuplexSystem(name string, n int, rs *redisServer, dial func(c
 		}
 		nodes = append(nodes, s)
 	}
-	sys := &system{name: name, stop: stop, publishURL: nodes[0].publishURL}
+	sys := &system{name: name, stop: stop, publishURL: nodes[0].publishURL, nodes: nodes}
 	for _, s := range nodes {
 		sys.procs = append(sys.procs, s.proc)
 	}
@@ -569,6 +574,14 @@ func (e *env) clusterUnicast(sys *system, rs *redisServer) (metrics, error) {
 		pubErr    atomic.Value
 		wg        sync.WaitGroup
 	)
+	if e.cfg.pprofDir != "" {
+		// The first node publishes (and holds a third of the sessions);
+		// the second only holds sessions.
+		for i, node := range sys.nodes[:min(2, len(sys.nodes))] {
+			name := fmt.Sprintf("cpu-cluster-unicast-%s-node%d", profileName.Replace(sys.name), i)
+			defer e.startCPUProfile(node, name, e.cfg.duration-time.Second)()
+		}
+	}
 	start := time.Now()
 	deadline := start.Add(e.cfg.duration)
 	for range e.cfg.publishers {
