@@ -378,3 +378,64 @@ func TestDeadNodeSessionsAdoptedOnce(t *testing.T) {
 	}
 	a.run() // for the cleanup's stop
 }
+
+// On one Redis server a channel publish reads the channel's members in its
+// script; with more members than a script batch, it applies them in
+// batches instead. Either way every member but the except gets the push
+// once, with its own seq.
+func TestPublishToChannelSizes(t *testing.T) {
+	r := startRedis(t)
+	a, b := startNode(t, r, "a"), startNode(t, r, "b")
+	for _, size := range []int{3, scriptBatch, scriptBatch + 44} {
+		channel := "room" + strconv.Itoa(size)
+		for i := range size {
+			n := a
+			if i%2 == 1 {
+				n = b
+			}
+			n.open(t, channel+"-"+strconv.Itoa(i), "", 100, channel)
+		}
+		except := channel + "-0"
+		for k := 1; k <= 2; k++ {
+			if got := a.publish(t, Publish{Channel: channel, Except: except, Payload: []byte(strconv.Itoa(k))}); got != size-1 {
+				t.Fatalf("publish %d to %d members but one reached %d", k, size, got)
+			}
+		}
+		for i := range size {
+			id, n := channel+"-"+strconv.Itoa(i), a
+			if i%2 == 1 {
+				n = b
+			}
+			want := "1:1 2:2"
+			if id == except {
+				want = ""
+			}
+			n.rec.waitFor(t, id+"'s pushes", func() bool { return n.rec.seqs(id) == want })
+		}
+	}
+}
+
+// A member whose session is gone from Redis (its keys expired) is not
+// counted and is dropped from the channel's set, on the one-round-trip
+// path as on the batched one.
+func TestPublishForgetsGoneMembers(t *testing.T) {
+	r := startRedis(t)
+	a := startNode(t, r, "a")
+	admin := r.client(t)
+	for _, size := range []int{2, scriptBatch + 1} {
+		channel := "gone" + strconv.Itoa(size)
+		for i := range size {
+			a.open(t, channel+"-"+strconv.Itoa(i), "", 100, channel)
+		}
+		gone := channel + "-1"
+		if err := admin.Del(bg, a.k.session(gone)).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if got := a.publish(t, Publish{Channel: channel, Payload: []byte("x")}); got != size-1 {
+			t.Fatalf("publish to %d members, one gone, reached %d", size, got)
+		}
+		if member, err := admin.SIsMember(bg, a.k.channel(channel), gone).Result(); err != nil || member {
+			t.Fatalf("the gone session is still a member of %s (%v)", channel, err)
+		}
+	}
+}

@@ -34,13 +34,20 @@
 // A publish resolves its targets (one SMEMBERS for a channel or user),
 // groups them by Redis Cluster slot, in batches of 256 sessions, and runs
 // the publish script once per batch, all batches of a publish in one
-// pipeline (one round trip; a single batch on standalone Redis up to 256
-// targets): for each session one HMGET (node, closed, resume_buffer), one
+// pipeline: for each session one HMGET (node, closed, resume_buffer), one
 // HINCRBY of its seq and one XADD to its log, atomic per session; then one
 // PUBLISH per node holding some of them, naming the sessions and their seqs
 // with the payload once. Cost per publish: 3 commands per target session
 // plus one PUBLISH per node and batch, plus one SMEMBERS for channel and
 // user targets.
+//
+// Round trips: on Redis Cluster two for a channel or user (the members,
+// then the pipeline), one for a session. On standalone Redis and Sentinel,
+// where every key is on one server, a channel or user publish is one round
+// trip: a script reads the members and applies the publish to them in
+// place of the first; with more than 256 members it applies nothing and
+// returns them, and the batches follow in a second round trip as on Redis
+// Cluster.
 //
 // # Gaps
 //

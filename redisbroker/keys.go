@@ -4,9 +4,9 @@ package redisbroker
 // layout in the package documentation).
 type keys struct{ prefix string }
 
-func (k keys) session(id string) string  { return k.prefix + ":s:{" + id + "}" }
-func (k keys) log(id string) string      { return k.prefix + ":s:{" + id + "}:log" }
-func (k keys) channels(id string) string { return k.prefix + ":s:{" + id + "}:ch" }
+func (k keys) session(id string) string  { return k.sessionHead() + id + "}" }
+func (k keys) log(id string) string      { return k.sessionHead() + id + "}:log" }
+func (k keys) channels(id string) string { return k.sessionHead() + id + "}:ch" }
 func (k keys) channel(c string) string   { return k.prefix + ":c:{" + c + "}" }
 func (k keys) user(u string) string      { return k.prefix + ":u:{" + u + "}" }
 func (k keys) token(t string) string     { return k.prefix + ":t:{" + t + "}" }
@@ -22,3 +22,7 @@ func (k keys) nodeSessions(name string) string { return k.prefix + ":ns:{" + nam
 
 // reaping is the lock of the node that ends a dead node's sessions.
 func (k keys) reaping(name string) string { return k.prefix + ":reap:{" + name + "}" }
+
+// sessionHead is what a session's keys start with, before its id
+// (membersPublishScript builds them from it).
+func (k keys) sessionHead() string { return k.prefix + ":s:{" }

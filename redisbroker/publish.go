@@ -3,6 +3,7 @@ package redisbroker
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"time"
 
@@ -20,16 +21,15 @@ type Publish struct {
 	Close   bool
 }
 
-// publishScript applies one publish to the sessions whose keys are KEYS
-// (meta and log of each, in turn; ids in ARGV[4..]): each gets the push
-// with its next seq in its log, or the close (ARGV[2] "1"). Each node
-// holding some of them gets one message on its channel (ARGV[3] is the
-// channel prefix) naming them with their seqs. It returns how many it
-// reached and the ids of those that are gone.
-var publishScript = redis.NewScript(`
+// publishApply is the part both publish scripts share: apply(meta, log,
+// id) gives one session the push (ARGV[1]) with its next seq in its log,
+// or the close (ARGV[2] "1"); notify sends each node holding some of the
+// sessions one message on its channel (ARGV[3] is the channel prefix)
+// naming them with their seqs. n counts the sessions reached; gone lists
+// the ids of those that are gone.
+const publishApply = `
 local n, gone, byNode = 0, {}, {}
-for i = 1, #KEYS / 2 do
-  local meta, log, id = KEYS[2*i-1], KEYS[2*i], ARGV[3+i]
+local function apply(meta, log, id)
   local m = redis.call('HMGET', meta, 'node', 'closed', 'maxlen')
   local node = m[1]
   if not node then
@@ -50,11 +50,43 @@ for i = 1, #KEYS / 2 do
     n = n + 1
   end
 end
-local kind = 'm '
-if ARGV[2] == '1' then kind = 'x ' end
-for node, list in pairs(byNode) do
-  redis.call('PUBLISH', ARGV[3] .. node, kind .. #ARGV[1] .. ' ' .. ARGV[1] .. ' ' .. table.concat(list, ' '))
+local function notify()
+  local kind = 'm '
+  if ARGV[2] == '1' then kind = 'x ' end
+  for node, list in pairs(byNode) do
+    redis.call('PUBLISH', ARGV[3] .. node, kind .. #ARGV[1] .. ' ' .. ARGV[1] .. ' ' .. table.concat(list, ' '))
+  end
 end
+`
+
+// publishScript applies one publish to the sessions whose keys are KEYS
+// (meta and log of each, in turn; ids in ARGV[4..]). It returns how many
+// it reached and the ids of those that are gone.
+var publishScript = redis.NewScript(publishApply + `
+for i = 1, #KEYS / 2 do
+  apply(KEYS[2*i-1], KEYS[2*i], ARGV[3+i])
+end
+notify()
+return {n, gone}
+`)
+
+// membersPublishScript applies one publish to the members of the set
+// KEYS[1] (a channel's or user's sessions) but ARGV[5], when they are at
+// most ARGV[6]: the members are read and the publish applied in one round
+// trip. It returns as publishScript does, or, with more members, {-1,
+// members} without applying anything. A session's keys are ARGV[4] .. id
+// .. "}" and .. "}:log" (keys.sessionHead). It names keys it was not
+// given, so it only runs where every key is on one server (not on Redis
+// Cluster).
+var membersPublishScript = redis.NewScript(publishApply + `
+local ids = redis.call('SMEMBERS', KEYS[1])
+if #ids > tonumber(ARGV[6]) then return {-1, ids} end
+for _, id in ipairs(ids) do
+  if id ~= ARGV[5] then
+    apply(ARGV[4] .. id .. '}', ARGV[4] .. id .. '}:log', id)
+  end
+end
+notify()
 return {n, gone}
 `)
 
@@ -70,6 +102,18 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	switch {
 	case p.Session != "":
 		ids = []string{p.Session}
+	case !b.clustered():
+		// All keys on one server: one round trip reads the members and
+		// applies the publish, unless there are more than a batch of them.
+		n, gone, members, err := b.publishMembers(ctx, p)
+		if err != nil || members == nil {
+			if len(gone) > 0 {
+				b.forget(ctx, p.User, p.Channel, gone)
+			}
+			return n, err
+		}
+		slices.Sort(members)
+		ids = members
 	default:
 		var err error
 		ids, err = b.Members(ctx, p.User, p.Channel)
@@ -145,6 +189,34 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	return n, nil
 }
 
+// publishMembers runs membersPublishScript for p's user or channel. With
+// more members than a script batch, nothing is applied and members lists
+// them (sorted by the caller); else it returns the count reached and the
+// ids found gone.
+func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone, members []string, err error) {
+	key := b.k.user(p.User)
+	if p.User == "" {
+		key = b.k.channel(p.Channel)
+	}
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	res, err := membersPublishScript.Run(cctx, b.rdb, []string{key},
+		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch).Slice()
+	if err != nil {
+		return 0, nil, nil, unavailable("publishing", err)
+	}
+	reached, _ := res[0].(int64)
+	list, _ := res[1].([]any)
+	ids := make([]string, 0, len(list))
+	for _, g := range list {
+		ids = append(ids, g.(string))
+	}
+	if reached < 0 {
+		return 0, nil, ids, nil
+	}
+	return int(reached), ids, nil, nil
+}
+
 // forget drops expired sessions from a user's or channel's set.
 func (b *Broker) forget(ctx context.Context, user, channel string, ids []string) {
 	key := b.k.user(user)
@@ -156,10 +228,16 @@ func (b *Broker) forget(ctx context.Context, user, channel string, ids []string)
 	_ = b.rdb.SRem(cctx, key, anys(ids)...).Err()
 }
 
+// clustered reports Redis Cluster, where keys live on several servers.
+func (b *Broker) clustered() bool {
+	_, cluster := b.rdb.(*redis.ClusterClient)
+	return cluster
+}
+
 // groups splits session ids by Redis Cluster slot (one group on other
 // Redis), since one script may only touch keys of one slot.
 func (b *Broker) groups(ids []string) [][]string {
-	if _, cluster := b.rdb.(*redis.ClusterClient); !cluster {
+	if !b.clustered() {
 		return [][]string{ids}
 	}
 	by := make(map[uint16][]string)
