@@ -521,12 +521,9 @@ func (e *env) clusterFanout(sys *system, rs *redisServer, n int) (metrics, error
 	if err != nil {
 		return nil, err
 	}
-	var all durations
-	for k := range fan.lat {
-		all = append(all, fan.latencies(k)...)
-	}
-	m["p50"] = ms(all.percentile(0.50))
-	m["p99"] = ms(all.percentile(0.99))
+	steady, all := fan.split()
+	m["p50"] = ms(steady.percentile(0.50))
+	m["p99"] = ms(steady.percentile(0.99))
 	m["lastMedian"] = math.NaN()
 	if len(last) > 0 {
 		m["lastMedian"] = ms(last.percentile(0.5))

@@ -202,6 +202,22 @@ func (f *fanout) record(frame []byte) {
 	}
 }
 
+// split returns the latencies of the publishes after the first (the
+// steady state), and of all. The first publish after an idle phase is cold
+// for the server and for the harness's own client goroutines alike, and
+// with 50 publishes its deliveries alone (2 %) would be the p99: the
+// latency rows are over steady, and the first publish has rows of its own.
+func (f *fanout) split() (steady, all durations) {
+	for k := range f.lat {
+		lat := f.latencies(k)
+		all = append(all, lat...)
+		if k > 0 || len(f.lat) == 1 {
+			steady = append(steady, lat...)
+		}
+	}
+	return steady, all
+}
+
 // publishAll publishes one message per publish of f, one at a time, each
 // carrying its index and publish time ({"i":k,"t":ns}); the next goes gap
 // after the previous reached all n subscribers, or after wait. It returns
@@ -297,24 +313,10 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 		return nil, err
 	}
 	stopProfile()
-	// The latencies are of the publishes after the first (the steady
-	// state); the first publish after the idle phase is cold for the
-	// server and for the harness's own client goroutines alike, and at
-	// 50 publishes its deliveries alone (2 %) would be the p99: it has
-	// rows of its own.
-	var steady, all durations
-	var delivered int64
+	steady, all := fan.split()
 	firstLast := math.NaN()
-	for k := range fan.lat {
-		lat := fan.latencies(k)
-		all = append(all, lat...)
-		if k > 0 || len(fan.lat) == 1 {
-			steady = append(steady, lat...)
-		}
-		delivered += int64(len(lat))
-		if k == 0 && fan.filled[0].Load() == int64(n) {
-			firstLast = ms(slices.Max(lat))
-		}
+	if fan.filled[0].Load() == int64(n) {
+		firstLast = ms(slices.Max(fan.latencies(0)))
 	}
 	m["p50"] = ms(steady.percentile(0.50))
 	m["p99"] = ms(steady.percentile(0.99))
@@ -326,7 +328,7 @@ func (e *env) sessions(srv *server, transport string, n int) (metrics, error) {
 		m["lastMedian"] = ms(last.percentile(0.5))
 		m["lastMax"] = ms(last.percentile(1))
 	}
-	m["cpuDelivery"] = microsPer(cpuUsed, delivered)
+	m["cpuDelivery"] = microsPer(cpuUsed, int64(len(all)))
 	m["missing"] = float64(missing)
 	if x := fan.extra.Load(); x > 0 {
 		logf("  %s: %d unexpected or duplicate deliveries", srv.name, x)
