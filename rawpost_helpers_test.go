@@ -64,10 +64,11 @@ func startRawPost(t *testing.T, c *caddyProc, path, token, contentType string, w
 		}
 	}
 	t.Cleanup(func() { conn.Close(); <-p.done })
+	// The give-up limit: far beyond the server's 10 s body deadline. Set
+	// before the reader starts, so that finish's shorter one is not undone.
+	_ = conn.SetReadDeadline(time.Now().Add(90 * time.Second))
 	go func() {
 		defer close(p.done)
-		// The give-up limit: far beyond the server's 10 s body deadline.
-		_ = conn.SetReadDeadline(time.Now().Add(90 * time.Second))
 		resp, err := http.ReadResponse(br, nil)
 		if err != nil {
 			p.err = err

@@ -405,8 +405,8 @@ func (e *env) runCluster() {
 // reference column holds.
 var (
 	clusterFanoutSpecs = []metricSpec{
-		{key: "p50", label: "delivery latency p50 (ms)", format: "%.1f"},
-		{key: "p99", label: "delivery latency p99 (ms)", format: "%.1f"},
+		{key: "p50", label: "delivery latency p50, first publish left out (ms)", format: "%.1f"},
+		{key: "p99", label: "delivery latency p99, first publish left out (ms)", format: "%.1f"},
 		{key: "lastMedian", label: "last subscriber has it, median (ms)", format: "%.1f"},
 		{key: "cpuDelivery", label: "nodes' CPU per delivery, all nodes (µs)", format: "%.2f"},
 		{key: "redisCmds", label: "Redis commands per publish", format: "%.1f"},

@@ -12,12 +12,12 @@ const warmUpSessions = 1000
 // warmUp opens and closes sessions of every transport on a throwaway
 // reference server before anything is measured, so that the harness's
 // own cold start (its heap growing, its first client goroutines and
-// connections) is not charged to whichever server is measured first.
-// Without it, the first measurement of a run (caddy-duplex's opens at
-// N=1,000, as eachServer measures caddy-duplex first) came out 0.7× the
-// reference's; with the two servers measured the other way round, the
-// same build came out 1.1–2.2×. The measured servers stay cold: each
-// scenario starts its own.
+// connections) is not charged to whichever server is measured first: the
+// first measurement of a run (caddy-duplex's opens at N=1,000, as
+// eachServer measures caddy-duplex first) came out 0.51–1.20× the
+// reference's over six runs, and 1.10–2.23× with the two servers measured
+// the other way round. The measured servers stay cold: each scenario
+// starts its own.
 func (e *env) warmUp() error {
 	if !slices.Contains(e.cfg.servers, nameReference) {
 		return nil

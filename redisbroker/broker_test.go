@@ -380,13 +380,15 @@ func TestDeadNodeSessionsAdoptedOnce(t *testing.T) {
 }
 
 // On one Redis server a channel publish reads the channel's members in its
-// script; with more members than a script batch, it applies them in
-// batches instead. Either way every member but the except gets the push
-// once, with its own seq.
+// script, in one round trip; with more members than a script batch, it
+// applies them in batches instead, after reading them. Either way every
+// member but the except gets the push once, with its own seq.
 func TestPublishToChannelSizes(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	for _, size := range []int{3, scriptBatch, scriptBatch + 44} {
+	var calls atomic.Int64 // Redis round trips of node a
+	a := startNode(t, r, "a", func(c *Config) { c.Observe = func(time.Duration, error) { calls.Add(1) } })
+	b := startNode(t, r, "b")
+	for _, size := range []int{3, scriptBatch, scriptBatch + 1, scriptBatch + 44} {
 		channel := "room" + strconv.Itoa(size)
 		for i := range size {
 			n := a
@@ -396,17 +398,30 @@ func TestPublishToChannelSizes(t *testing.T) {
 			n.open(t, channel+"-"+strconv.Itoa(i), "", 100, channel)
 		}
 		except := channel + "-0"
-		for k := 1; k <= 2; k++ {
+		// The fewest round trips a publish took: the node's background
+		// calls (heartbeats) can only add to one publish's count.
+		fewest := int64(1 << 62)
+		for k := 1; k <= 5; k++ {
+			before := calls.Load()
 			if got := a.publish(t, Publish{Channel: channel, Except: except, Payload: []byte(strconv.Itoa(k))}); got != size-1 {
 				t.Fatalf("publish %d to %d members but one reached %d", k, size, got)
 			}
+			if k > 1 { // the first loads the scripts
+				fewest = min(fewest, calls.Load()-before)
+			}
+		}
+		if size <= scriptBatch && fewest != 1 {
+			t.Errorf("a publish to %d members took %d round trips, want 1", size, fewest)
+		}
+		if size > scriptBatch && fewest < 2 {
+			t.Errorf("a publish to %d members took %d round trip, want the batched path's", size, fewest)
 		}
 		for i := range size {
 			id, n := channel+"-"+strconv.Itoa(i), a
 			if i%2 == 1 {
 				n = b
 			}
-			want := "1:1 2:2"
+			want := "1:1 2:2 3:3 4:4 5:5"
 			if id == except {
 				want = ""
 			}

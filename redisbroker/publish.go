@@ -3,7 +3,6 @@ package redisbroker
 import (
 	"context"
 	"errors"
-	"slices"
 	"strconv"
 	"time"
 
@@ -73,14 +72,14 @@ return {n, gone}
 // membersPublishScript applies one publish to the members of the set
 // KEYS[1] (a channel's or user's sessions) but ARGV[5], when they are at
 // most ARGV[6]: the members are read and the publish applied in one round
-// trip. It returns as publishScript does, or, with more members, {-1,
-// members} without applying anything. A session's keys are ARGV[4] .. id
-// .. "}" and .. "}:log" (keys.sessionHead). It names keys it was not
+// trip. It returns as publishScript does, or, with more members, {-1, {}}
+// without reading them or applying anything. A session's keys are ARGV[4]
+// .. id .. "}" and .. "}:log" (keys.sessionHead). It names keys it was not
 // given, so it only runs where every key is on one server (not on Redis
 // Cluster).
 var membersPublishScript = redis.NewScript(publishApply + `
+if redis.call('SCARD', KEYS[1]) > tonumber(ARGV[6]) then return {-1, {}} end
 local ids = redis.call('SMEMBERS', KEYS[1])
-if #ids > tonumber(ARGV[6]) then return {-1, ids} end
 for _, id in ipairs(ids) do
   if id ~= ARGV[5] then
     apply(ARGV[4] .. id .. '}', ARGV[4] .. id .. '}:log', id)
@@ -102,19 +101,19 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	switch {
 	case p.Session != "":
 		ids = []string{p.Session}
-	case !b.clustered():
-		// All keys on one server: one round trip reads the members and
-		// applies the publish, unless there are more than a batch of them.
-		n, gone, members, err := b.publishMembers(ctx, p)
-		if err != nil || members == nil {
-			if len(gone) > 0 {
-				b.forget(ctx, p.User, p.Channel, gone)
-			}
-			return n, err
-		}
-		slices.Sort(members)
-		ids = members
 	default:
+		if !b.clustered() {
+			// All keys on one server: one round trip reads the members
+			// and applies the publish, unless there are more than a batch
+			// of them.
+			n, gone, applied, err := b.publishMembers(ctx, p)
+			if err != nil || applied {
+				if len(gone) > 0 {
+					b.forget(ctx, p.User, p.Channel, gone)
+				}
+				return n, err
+			}
+		}
 		var err error
 		ids, err = b.Members(ctx, p.User, p.Channel)
 		if err != nil {
@@ -189,11 +188,10 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	return n, nil
 }
 
-// publishMembers runs membersPublishScript for p's user or channel. With
-// more members than a script batch, nothing is applied and members lists
-// them (sorted by the caller); else it returns the count reached and the
-// ids found gone.
-func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone, members []string, err error) {
+// publishMembers runs membersPublishScript for p's user or channel. It
+// returns the count reached and the ids found gone, or, with more members
+// than a script batch, applied false: nothing was done.
+func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone []string, applied bool, err error) {
 	key := b.k.user(p.User)
 	if p.User == "" {
 		key = b.k.channel(p.Channel)
@@ -203,18 +201,17 @@ func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone, me
 	res, err := membersPublishScript.Run(cctx, b.rdb, []string{key},
 		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch).Slice()
 	if err != nil {
-		return 0, nil, nil, unavailable("publishing", err)
+		return 0, nil, false, unavailable("publishing", err)
 	}
 	reached, _ := res[0].(int64)
-	list, _ := res[1].([]any)
-	ids := make([]string, 0, len(list))
-	for _, g := range list {
-		ids = append(ids, g.(string))
-	}
 	if reached < 0 {
-		return 0, nil, ids, nil
+		return 0, nil, false, nil
 	}
-	return int(reached), ids, nil, nil
+	list, _ := res[1].([]any)
+	for _, g := range list {
+		gone = append(gone, g.(string))
+	}
+	return int(reached), gone, true, nil
 }
 
 // forget drops expired sessions from a user's or channel's set.
