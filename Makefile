@@ -56,7 +56,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	$(GO) run ./bench
 
-## bench-quick: the harness only, with small sizes and 3 s phases (~2 minutes)
+## bench-quick: the harness only, with small sizes and 3 s phases (~3 minutes)
 .PHONY: bench-quick
 bench-quick:
 	$(GO) run ./bench -quick
