@@ -19,7 +19,8 @@ import (
 	"github.com/caddy-duplex/duplex/internal/redistest"
 )
 
-// startClusterRedis starts redis-server on a free port for a cluster
+// startClusterRedis starts redis-server on a free port (never handed out
+// to another test of this process) for a cluster
 // test, without persistence, and stops it when the test ends.
 func startClusterRedis(t *testing.T) *redistest.Server {
 	t.Helper()

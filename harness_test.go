@@ -122,45 +122,9 @@ func sub(cf string, kv ...string) string {
 	return cf
 }
 
-// handedOut remembers every port freePorts gave, so that parallel tests
-// never get the same one: the kernel may give a just-closed port to the
-// next listen on port 0, before the test it was meant for binds it.
-var handedOut = struct {
-	sync.Mutex
-	ports map[int]bool
-}{ports: map[int]bool{}}
-
-// freePorts returns n distinct free TCP ports on 127.0.0.1, none of them
-// handed out before in this test process.
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	handedOut.Lock()
-	defer handedOut.Unlock()
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var ports []int
-	for tries := 0; len(ports) < n; tries++ {
-		if tries > 1000 {
-			t.Fatalf("no free port found")
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatalf("listen: %v", err)
-		}
-		ls = append(ls, l) // held until all are picked, so none repeats
-		port := l.Addr().(*net.TCPAddr).Port
-		if handedOut.ports[port] {
-			continue
-		}
-		handedOut.ports[port] = true
-		ports = append(ports, port)
-	}
-	return ports
-}
+// freePorts returns n distinct free TCP ports on 127.0.0.1, none handed
+// out before in this test process (caddytest.FreePorts).
+func freePorts(t testing.TB, n int) []int { return caddytest.FreePorts(t, n) }
 
 // deadAddr returns 127.0.0.1:<port> where nothing listens.
 func deadAddr(t testing.TB) string {

@@ -1,6 +1,7 @@
 // Package caddytest holds what the test harnesses of the plugin's packages
 // (the plugin's own, client, command) share to run the real Caddy: a build of Caddy with the
-// plugin and the race detector, free ports for it, and a buffer for its
+// plugin and the race detector, free ports for it (and for redis-server,
+// see internal/redistest), and a buffer for its
 // output that the test and Caddy's writers may use at once.
 package caddytest
 
@@ -24,26 +25,43 @@ func BuildRace(moduleDir, out string) error {
 	return nil
 }
 
-// FreePorts returns n distinct free TCP ports on 127.0.0.1: each listener
-// is held until all are picked, so none repeats. (The plugin's harness,
-// whose tests run in parallel, has its own, which also never hands out a
-// port twice in one test process.)
+// handedOut remembers every port FreePorts gave, so that tests running in
+// parallel never get the same one: the kernel may give a just-closed port
+// to the next listen on port 0, before the test it was meant for binds it.
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: map[int]bool{}}
+
+// FreePorts returns n distinct free TCP ports on 127.0.0.1, none of them
+// handed out before in this test process. Each listener is held until all
+// are picked, so none repeats within one call either.
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
-	var ports []int
+	handedOut.Lock()
+	defer handedOut.Unlock()
 	var ls []net.Listener
 	defer func() {
 		for _, l := range ls {
 			l.Close()
 		}
 	}()
-	for range n {
+	var ports []int
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 1000 {
+			t.Fatalf("no free port found")
+		}
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("listen: %v", err)
 		}
 		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		port := l.Addr().(*net.TCPAddr).Port
+		if handedOut.ports[port] {
+			continue
+		}
+		handedOut.ports[port] = true
+		ports = append(ports, port)
 	}
 	return ports
 }

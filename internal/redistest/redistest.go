@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-duplex/duplex/internal/caddytest"
 )
 
 // Server is a running redis-server.
@@ -33,12 +35,7 @@ func Start(t testing.TB, port int, args ...string) *Server {
 		t.Fatalf("redis-server is not installed (apt-get install redis-server): %v", err)
 	}
 	if port == 0 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+		port = caddytest.FreePorts(t, 1)[0]
 	}
 	cmd := exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", t.TempDir()}, args...)...)
