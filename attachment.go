@@ -35,6 +35,11 @@ type attachment struct {
 	out        outbox
 	readerDone chan struct{} // closed when the reader has returned
 	pinger     *time.Timer   // set by start under out.mu
+	// seqBuf is where the writer formats a push's seq: a field, not a
+	// local, since a local passed to the transport's writeFrame would be
+	// moved to the heap on every burst. Only the writer uses it (one at a
+	// time, see outbox.writing).
+	seqBuf [20]byte
 
 	ctx    context.Context // ends with the connection
 	cancel context.CancelFunc
@@ -105,7 +110,6 @@ func (a *attachment) writeBurst() {
 	t := a.t
 	var frameBuf [8]outFrame // most bursts fit: no allocation for them
 	frames := frameBuf[:0]
-	var seqBuf [20]byte
 	for {
 		var closing *closeInfo
 		var done bool
@@ -116,7 +120,7 @@ func (a *attachment) writeBurst() {
 		for _, f := range frames {
 			var err error
 			if f.push != nil {
-				err = t.writeFrame(protocol.TypePush, f.seq, pushPrefix, strconv.AppendUint(seqBuf[:0], f.seq, 10), f.push.suffix)
+				err = t.writeFrame(protocol.TypePush, f.seq, pushPrefix, strconv.AppendUint(a.seqBuf[:0], f.seq, 10), f.push.suffix)
 			} else {
 				err = t.writeFrame(f.typ, f.seq, f.b, nil, nil)
 			}

@@ -267,3 +267,34 @@ func TestNewIDs(t *testing.T) {
 		seen[id], seen[token] = true, true
 	}
 }
+
+// A publish to a channel allocates what its push needs, once, whatever the
+// number of subscribers: queueing it on each session and its writer
+// taking it from the queue allocate nothing per subscriber, also after
+// the queue drained.
+func TestDeliverAllocatesNothingPerSubscriber(t *testing.T) {
+	h := newHub()
+	var sessions []*session
+	for i := range 100 {
+		s := testSession(h, strconv.Itoa(i), "", 1<<40)
+		h.add(s, []string{"room"}, nil)
+		sessions = append(sessions, s)
+	}
+	msg := &publishMsg{Channel: "room", Data: json.RawMessage(`{"text":"hello"}`)}
+	var buf []outFrame
+	publish := func() {
+		if _, err := h.deliver(msg); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range sessions { // each writer's burst, until it finds the queue empty
+			buf, _, _ = s.cur.out.take(buf)
+			buf, _, _ = s.cur.out.take(buf)
+		}
+	}
+	for range 2 * defaultResumeBuffer { // resume buffers full: trimming from now on
+		publish()
+	}
+	if n := testing.AllocsPerRun(100, publish); n > 10 {
+		t.Fatalf("a publish to 100 sessions made %.0f allocations, want a few for the push alone", n)
+	}
+}

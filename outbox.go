@@ -141,6 +141,11 @@ func (o *outbox) wakeLocked() bool {
 	return true
 }
 
+// keptFrames is the queue capacity an outbox keeps once drained: enough
+// for the push or two of steady traffic, so that queueing it allocates
+// nothing per subscriber, and little for an idle session to hold.
+const keptFrames = 2
+
 // take hands the queued frames (in buf) to the writer, with the close
 // frame to write after them, if the connection is closing. With nothing to
 // write it reports done, and the writer ends.
@@ -149,7 +154,9 @@ func (o *outbox) take(buf []outFrame) (frames []outFrame, closing *closeInfo, do
 	defer o.mu.Unlock()
 	if len(o.frames) == 0 && (o.closing == nil || o.closed) {
 		o.writing = false
-		o.frames = nil
+		if cap(o.frames) > keptFrames {
+			o.frames = nil // a burst's queue is given back
+		}
 		return buf, nil, true
 	}
 	buf = append(buf[:0], o.frames...)
