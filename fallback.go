@@ -40,7 +40,7 @@ type sseConn struct {
 	conn    net.Conn
 	reqDone <-chan struct{}
 
-	responseOut // its wmu guards token too
+	frameWriter // its wmu guards token too
 
 	endOnce sync.Once
 	gone    chan struct{} // closed by end
@@ -58,7 +58,7 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 		if conn, _, ok := takeOver(w); ok {
 			c := &sseConn{
 				conn: conn,
-				responseOut: responseOut{
+				frameWriter: frameWriter{
 					wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
 					burstWriter: burstWriter{out: conn},
 				},
@@ -77,7 +77,7 @@ func acceptSSE(w http.ResponseWriter, r *http.Request, idle time.Duration) (*sse
 	}
 	return &sseConn{
 		reqDone: r.Context().Done(),
-		responseOut: responseOut{
+		frameWriter: frameWriter{
 			wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
 			burstWriter: burstWriter{out: w, rc: rc},
 		},

@@ -25,7 +25,7 @@ type streamConn struct {
 	maxSize int64
 	reqDone <-chan struct{}
 
-	responseOut
+	frameWriter
 
 	gone     chan struct{} // closed by end
 	goneOnce sync.Once
@@ -57,7 +57,7 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 					br:      bufio.NewReaderSize(body(raw), streamReadBuffer),
 					conn:    conn,
 					maxSize: maxSize,
-					responseOut: responseOut{
+					frameWriter: frameWriter{
 						wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
 						burstWriter: burstWriter{out: conn},
 					},
@@ -81,7 +81,7 @@ func acceptStream(w http.ResponseWriter, r *http.Request, maxSize int64, idle ti
 		body:    r.Body,
 		maxSize: maxSize,
 		reqDone: r.Context().Done(),
-		responseOut: responseOut{
+		frameWriter: frameWriter{
 			wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
 			burstWriter: burstWriter{out: w, rc: rc},
 		},

@@ -59,23 +59,24 @@ type transport interface {
 	end() error
 }
 
-// responseOut is the writing side SSE and stream share: their frames go
-// to the connection taken over, or to the response inside the request, in
-// bursts, under one lock with the session's write deadline.
-type responseOut struct {
+// frameWriter is the writing side every transport shares: frames go to
+// the connection taken over, or to the response inside the request (rc
+// set), in bursts, under one lock with the session's write deadline.
+type frameWriter struct {
 	wmu sync.Mutex // guards the burst writer and the write deadline
 	wd  writeDeadline
 	burstWriter
 }
 
-func (o *responseOut) flush() error {
+func (o *frameWriter) flush() error {
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
 	return o.flushBurst()
 }
 
-// pingWith writes the transport's ping line and flushes it.
-func (o *responseOut) pingWith(line []byte) error {
+// pingWith writes the transport's ping (SSE and stream: a line; a
+// WebSocket sends its own control frame) and flushes it.
+func (o *frameWriter) pingWith(line []byte) error {
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
 	o.wd.refresh()

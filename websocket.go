@@ -58,9 +58,7 @@ type wsConn struct {
 	setRead  func(time.Time) error
 	release  func() error // closes the connection or stream
 
-	wmu sync.Mutex // guards the burst writer and the write deadline
-	wd  writeDeadline
-	burstWriter
+	frameWriter
 
 	closeOnce sync.Once
 }
@@ -80,15 +78,17 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 		// Frames the client sent right behind its handshake may be in the
 		// server's read buffer; read those first, then the connection.
 		return &wsConn{
-			br:          bufio.NewReaderSize(earlyReader(conn, early), wsReadBuffer),
-			hijacked:    true,
-			textPing:    textPing,
-			burstWriter: burstWriter{out: conn},
-			maxSize:     maxSize,
-			idle:        idle,
-			setRead:     conn.SetReadDeadline,
-			wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
-			release:     conn.Close,
+			br:       bufio.NewReaderSize(earlyReader(conn, early), wsReadBuffer),
+			hijacked: true,
+			textPing: textPing,
+			frameWriter: frameWriter{
+				wd:          writeDeadline{set: conn.SetWriteDeadline, idle: idle},
+				burstWriter: burstWriter{out: conn},
+			},
+			maxSize: maxSize,
+			idle:    idle,
+			setRead: conn.SetReadDeadline,
+			release: conn.Close,
 		}, nil
 	}
 
@@ -105,13 +105,15 @@ func acceptWebSocket(w http.ResponseWriter, r *http.Request, maxSize int64, idle
 	}
 	body := r.Body
 	return &wsConn{
-		br:          bufio.NewReaderSize(body, wsReadBuffer),
-		burstWriter: burstWriter{out: w, rc: rc},
-		maxSize:     maxSize,
-		idle:        idle,
-		textPing:    textPing,
-		setRead:     rc.SetReadDeadline,
-		wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
+		br: bufio.NewReaderSize(body, wsReadBuffer),
+		frameWriter: frameWriter{
+			wd:          writeDeadline{set: rc.SetWriteDeadline, idle: idle},
+			burstWriter: burstWriter{out: w, rc: rc},
+		},
+		maxSize:  maxSize,
+		idle:     idle,
+		textPing: textPing,
+		setRead:  rc.SetReadDeadline,
 		release: func() error {
 			_ = rc.SetReadDeadline(time.Now())
 			return body.Close()
@@ -298,12 +300,6 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 		}
 	}
 	return nil
-}
-
-func (c *wsConn) flush() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.flushBurst()
 }
 
 // pingText is the heartbeat as a text frame, for ?ping=text.
