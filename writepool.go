@@ -6,8 +6,9 @@ import (
 	"time"
 )
 
-// writePool runs the connections' writers (attachment.writeBurst): at most
-// size of them at once, the others waiting their turn in the order they
+// writePool runs the connections' writers (attachment.writeBurst): size of
+// them at once (more while peers stall, see below), the others waiting
+// their turn in the order they
 // were woken. A publish to a channel of 10,000 sessions thus wakes 10,000
 // writers without starting 10,000 goroutines: a few workers take them one
 // after the other, and each keeps its grown stack from one connection to
@@ -23,7 +24,13 @@ import (
 // the write deadline ends it). So that blocked writers cannot hold up
 // everyone else's frames, a watchdog looks every stall period while
 // writers wait: a worker busy with one writer for that long no longer
-// counts as one of the size, and others are started in its place.
+// counts as one of the size, and others are started in its place. While
+// every look finds more stuck workers (many peers stalled, the queue full
+// of their writers), the watchdog lets twice as many run beyond size each
+// time (surge), so that writers queued behind n stalled ones wait about
+// log2(n/size) stall periods, not n/size. Workers are thus at most size
+// while no peer stalls, and never more than the connections with frames
+// to write.
 type writePool struct {
 	size  int           // workers that are not stuck, at most (0: four per CPU, read at first use)
 	stall time.Duration // how long one writer may take before its worker counts as stuck
@@ -34,6 +41,7 @@ type writePool struct {
 	running  int                      // workers not stuck
 	workers  map[*poolWorker]struct{} // every worker, stuck ones too
 	watching bool                     // the watchdog is armed
+	surge    int                      // workers the watchdog lets run beyond size (see above); 0 once the queue drains
 }
 
 // poolWorker is one worker of a writePool.
@@ -115,8 +123,9 @@ func (p *writePool) nextLocked() writer {
 	p.head++
 	switch {
 	case p.head == len(p.queue):
-		// Drained: start over, and give back a large burst's queue.
-		p.head = 0
+		// Drained: start over, give back a large burst's queue, and end
+		// the surge (no one waits behind stalled peers any more).
+		p.head, p.surge = 0, 0
 		if cap(p.queue) > 1024 {
 			p.queue = nil
 		} else {
@@ -140,22 +149,29 @@ func (p *writePool) armLocked() {
 
 // watch is the watchdog: while writers wait, workers busy with one writer
 // for a stall period stop counting, and workers are started in their
-// place.
+// place, size of them and the surge beyond.
 func (p *writePool) watch() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.head == len(p.queue) {
-		p.watching = false
+		p.watching, p.surge = false, 0
 		return
 	}
 	now := time.Now()
+	stuck := 0
 	for w := range p.workers {
 		if !w.stuck && now.Sub(w.since) >= p.stall {
 			w.stuck = true
 			p.running--
+			stuck++
 		}
 	}
-	for p.running < p.size {
+	if stuck > 0 {
+		p.surge = max(p.size, 2*p.surge)
+	} else {
+		p.surge = 0
+	}
+	for p.running < p.size+p.surge {
 		a := p.nextLocked()
 		if a == nil {
 			break

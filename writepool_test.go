@@ -152,3 +152,48 @@ func TestWritePoolQueueStaysBounded(t *testing.T) {
 	close(block.release)
 	waitIdle(t, p)
 }
+
+// Writers queued behind many stalled ones get a worker within a few
+// watchdog looks: each look that finds stuck workers lets twice as many
+// run as the last, so 200 stalled writers ahead of a healthy one are
+// passed in about log2(200/2) looks, not 200/2.
+func TestWritePoolSurgesPastStalledPeers(t *testing.T) {
+	p := newWritePool(2, time.Hour) // the looks are made by the test
+	release := make(chan struct{})
+	for range 200 {
+		p.run(&task{release: release, ran: make(chan struct{})})
+	}
+	fast := &task{ran: make(chan struct{})}
+	p.run(fast)
+	queued := func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, w := range p.queue[p.head:] {
+			if w == writer(fast) {
+				return true
+			}
+		}
+		return false
+	}
+	looks := 0
+	for queued() {
+		if looks++; looks > 10 {
+			t.Fatalf("the healthy writer still waits after %d looks of the watchdog", looks-1)
+		}
+		p.mu.Lock()
+		for w := range p.workers { // every worker so far has been busy for a stall period
+			w.since = time.Now().Add(-2 * time.Hour)
+		}
+		p.mu.Unlock()
+		p.watch()
+	}
+	waitRan(t, fast, "the healthy writer")
+	close(release)
+	waitIdle(t, p)
+	p.mu.Lock()
+	surge := p.surge
+	p.mu.Unlock()
+	if surge != 0 {
+		t.Fatalf("surge %d left once the queue drained", surge)
+	}
+}
