@@ -488,9 +488,12 @@ func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]
 	}
 	payload = append(payload, ']')
 	status, err := r.rb().ForwardTo(ctx, rs.node, rs.id, payload)
-	if (err == nil && status == http.StatusUnauthorized) || errors.Is(err, redisbroker.ErrNodeUnreachable) {
+	if (err == nil && status == http.StatusUnauthorized) || errors.Is(err, redisbroker.ErrNodeNotListening) {
 		// The session may have moved while the POST's body was read (its
 		// client resumed on another node): forward to where it is now.
+		// Only when the frames surely went nowhere: a node that did not
+		// answer in time may still take them, and a second forward would
+		// serve them twice.
 		if rec, lerr := r.rb().Lookup(ctx, rs.id); lerr == nil && rec.Node != rs.node && rec.Closed == "" {
 			status, err = r.rb().ForwardTo(ctx, rec.Node, rs.id, payload)
 		}

@@ -150,6 +150,20 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 	if moved.open["resumed"] != true {
 		t.Fatalf("resume on another node: %v, want resumed:true", moved.open)
 	}
+	// The first node has let the session go before the POST's last byte:
+	// its forward there is refused (401) and must follow the session.
+	for {
+		f, ok := first.next()
+		if !ok {
+			t.Fatal("the first node's stream ended without a close frame")
+		}
+		if f.typ() == "close" {
+			if code, _ := f["code"].(float64); code != 4009 {
+				t.Fatalf("the first stream closed with %v, want 4009 (taken over)", f)
+			}
+			break
+		}
+	}
 	if st := p.finish(t); st != http.StatusAccepted {
 		t.Fatalf("the POST read while its session moved: %d, want 202", st)
 	}

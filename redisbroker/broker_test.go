@@ -295,7 +295,7 @@ func TestForward(t *testing.T) {
 	for {
 		// a's subscription may not be active yet: nobody hears the first.
 		var err error
-		status, err = b.Forward(bg, "s", []byte(`[{"id":1}]`))
+		status, err = b.ForwardTo(bg, "a", "s", []byte(`[{"id":1}]`))
 		if err == nil {
 			break
 		}
@@ -309,8 +309,8 @@ func TestForward(t *testing.T) {
 	}
 	a.rec.waitFor(t, "the forward on a", func() bool { return len(a.rec.commands) == 1 && a.rec.commands[0] == `s forwarded [{"id":1}]` })
 	a.stop()
-	if _, err := b.Forward(bg, "s", []byte(`[]`)); !errors.Is(err, ErrNodeUnreachable) {
-		t.Fatalf("forward to a stopped node: %v, want ErrNodeUnreachable", err)
+	if _, err := b.ForwardTo(bg, "a", "s", []byte(`[]`)); !errors.Is(err, ErrNodeNotListening) || !errors.Is(err, ErrNodeUnreachable) {
+		t.Fatalf("forward to a stopped node: %v, want ErrNodeNotListening, an ErrNodeUnreachable", err)
 	}
 	a.run() // for the cleanup's stop
 }

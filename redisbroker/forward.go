@@ -3,25 +3,21 @@ package redisbroker
 import (
 	"context"
 	"errors"
+	"fmt"
 )
 
 // ErrNodeUnreachable: the node holding a session did not answer a forward
-// in time (it died, or Redis is slow): the caller answers 503.
+// in time (it died, or Redis is slow): the caller answers 503. The payload
+// may still reach it.
 var ErrNodeUnreachable = errors.New("redisbroker: the node holding the session did not answer")
 
-// Forward hands payload to the node holding session id (Handler.Forwarded
-// there) and returns the status that node answered. It waits at most the
-// configured timeout.
-func (b *Broker) Forward(ctx context.Context, id string, payload []byte) (int, error) {
-	s, err := b.Lookup(ctx, id)
-	if err != nil {
-		return 0, err
-	}
-	return b.ForwardTo(ctx, s.Node, id, payload)
-}
+// ErrNodeNotListening is an ErrNodeUnreachable for which the payload
+// surely went nowhere: nobody listens on the node's channel (it is gone).
+var ErrNodeNotListening = fmt.Errorf("%w: nobody listens on its channel", ErrNodeUnreachable)
 
-// ForwardTo is Forward to node, known to hold session id (from its record,
-// e.g. ByToken's): it saves the lookup.
+// ForwardTo hands payload to node, the node holding session id
+// (Handler.Forwarded there, from its record, e.g. ByToken's), and returns
+// the status that node answered. It waits at most the configured timeout.
 func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte) (int, error) {
 	req := randomID()
 	ch := make(chan int, 1)
@@ -40,7 +36,7 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 		return 0, unavailable("forwarding", err)
 	}
 	if n == 0 {
-		return 0, ErrNodeUnreachable // nobody listens on its channel
+		return 0, ErrNodeNotListening
 	}
 	select {
 	case status := <-ch:
