@@ -381,40 +381,62 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 
 	c := sxOpenWS(t, node.wsURL("/live"), nil)
 	id := c.open.str("session")
-	for i := 1; i <= 2; i++ {
+	const pushes = 21
+	for i := 1; i <= pushes; i++ {
 		node.mustPublish(t, map[string]any{"session": id, "data": i}, 1)
 		if f := c.mustNext(t); f.typ() != "push" || f["seq"] != float64(i) {
 			t.Fatalf("push %d: got %v", i, f)
 		}
 	}
+	redisCLI := func(args ...string) string {
+		out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(r.Port())}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("redis-cli %v: %v", args, err)
+		}
+		return string(out)
+	}
 	// The session's log, by redisbroker's key names (keys.go) with the
 	// default prefix; its entries are <seq>-1.
-	_, port, _ := net.SplitHostPort(r.Addr)
 	firstInLog := func() string {
-		out, err := exec.Command("redis-cli", "-p", port, "XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1").Output()
-		if err != nil {
-			t.Fatalf("redis-cli XRANGE: %v", err)
-		}
-		first, _, _ := strings.Cut(string(out), "\n")
+		first, _, _ := strings.Cut(redisCLI("XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1"), "\n")
 		return first
 	}
-	if got := firstInLog(); got != "1-1" {
-		t.Fatalf("log starts at %q before the ack; want 1-1", got)
+	// xtrims is how many XTRIMs Redis has run.
+	xtrims := func() int {
+		for line := range strings.Lines(redisCLI("INFO", "commandstats")) {
+			if rest, ok := strings.CutPrefix(line, "cmdstat_xtrim:calls="); ok {
+				n, _ := strconv.Atoi(rest[:strings.IndexByte(rest, ',')])
+				return n
+			}
+		}
+		return 0
 	}
+	if got := firstInLog(); got != "1-1" {
+		t.Fatalf("log starts at %q before the acks; want 1-1", got)
+	}
+	trimsBefore := xtrims()
 
 	if err := r.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	c.send(t, map[string]any{"type": "ack", "seq": 1})
+	// Every ack but the last arrives while the first one's trim waits on
+	// Redis: they make at most one more trim, to the newest.
+	for seq := 1; seq < pushes; seq++ {
+		c.send(t, map[string]any{"type": "ack", "seq": seq})
+	}
 	c.send(t, map[string]any{"type": "message", "id": "after-ack", "path": "/live/echo", "data": "hi"})
 	if f := c.answerTo(t, "after-ack"); f.typ() != "reply" {
-		t.Fatalf("answer to the message after the ack, Redis stopped: %v", f)
+		t.Fatalf("answer to the message after the acks, Redis stopped: %v", f)
 	}
 
 	if err := r.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the log trimmed up to the ack", time.Minute, func() bool { return firstInLog() == "2-1" })
+	want := strconv.Itoa(pushes) + "-1"
+	waitUntil(t, "the log trimmed up to the last ack", time.Minute, func() bool { return firstInLog() == want })
+	if n := xtrims() - trimsBefore; n > 2 {
+		t.Fatalf("%d acks made %d trims, want at most 2 (the first, then the newest)", pushes-1, n)
+	}
 }
 
 // GET /duplex/cluster lists the live nodes on any node; the metrics count
