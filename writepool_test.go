@@ -124,22 +124,28 @@ func TestWritePoolWatchdog(t *testing.T) {
 }
 
 // A queue that never drains (writers keep being woken while others wait)
-// holds what waits, not every writer taken since it last drained.
+// holds what waits, not every writer taken since it last drained, and
+// hands them out in the order they were woken across its compactions.
 func TestWritePoolQueueStaysBounded(t *testing.T) {
 	p := newWritePool(1, time.Hour)
 	block := &task{release: make(chan struct{}), ran: make(chan struct{})}
 	p.run(block) // the one worker is busy: the rest queue
-	for range 100 {
-		p.run(&task{ran: make(chan struct{})})
+	for i := range 100 {
+		p.run(&task{ran: make(chan struct{}), n: i})
 	}
 	// Take one and add one, 100,000 times, as a worker under steady load.
 	p.mu.Lock()
-	for range 100_000 {
-		if p.nextLocked() == nil {
+	for i := range 100_000 {
+		w := p.nextLocked()
+		if w == nil {
 			p.mu.Unlock()
 			t.Fatal("the queue ran dry")
 		}
-		p.queue = append(p.queue, &task{ran: make(chan struct{})})
+		if n := w.(*task).n; n != i {
+			p.mu.Unlock()
+			t.Fatalf("take %d handed out writer %d: the queue lost its order", i, n)
+		}
+		p.queue = append(p.queue, &task{ran: make(chan struct{}), n: 100 + i})
 	}
 	waiting, capacity := len(p.queue)-p.head, cap(p.queue)
 	p.mu.Unlock()
