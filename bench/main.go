@@ -260,11 +260,6 @@ func run(cfg config) int {
 		hc: newHTTPClient(2 * cfg.publishers), rep: &report{}}
 	logf("machine: %d CPUs, %s, open-file limit %d", runtime.NumCPU(), runtime.Version(), limit)
 	if cfg.scenarios["idle"] || cfg.scenarios["fanout"] {
-		if err := e.warmUp(); err != nil {
-			logf("warm-up failed, measuring without it: %v", err)
-		}
-	}
-	if cfg.scenarios["idle"] || cfg.scenarios["fanout"] {
 		e.runSessions()
 	}
 	if cfg.scenarios["unicast"] {

@@ -37,6 +37,9 @@ var fanoutSpecs = []metricSpec{
 
 // runSessions runs (a) and (b) for every transport and size.
 func (e *env) runSessions() {
+	if err := e.warmUp(); err != nil {
+		logf("warm-up failed, measuring without it: %v", err)
+	}
 	for _, n := range e.cfg.sizes {
 		for _, t := range e.cfg.transports {
 			what := fmt.Sprintf("sessions %s N=%d", t, n)

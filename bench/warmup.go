@@ -20,6 +20,7 @@ const warmUpSessions = 1000
 // starts its own.
 func (e *env) warmUp() error {
 	if !slices.Contains(e.cfg.servers, nameReference) {
+		logf("warm-up: skipped, the reference server is not measured")
 		return nil
 	}
 	srv, err := startReference(e.bins, e.upstreamPort)
