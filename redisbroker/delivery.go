@@ -73,9 +73,13 @@ func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 		from, payload, _ := cutSpace(rest)
 		req, node, _ := strings.Cut(from, "@")
 		status := h.Forwarded(id, []byte(payload))
-		cctx, cancel := b.call(ctx)
-		_ = b.rdb.Publish(cctx, b.k.node(node), "r "+req+" "+strconv.Itoa(status)).Err()
-		cancel()
+		// The answer goes out beside this loop, which must not wait a
+		// Redis round trip with every push to this node behind it.
+		go func() {
+			cctx, cancel := b.call(ctx)
+			defer cancel()
+			_ = b.rdb.Publish(cctx, b.k.node(node), "r "+req+" "+strconv.Itoa(status)).Err()
+		}()
 	case "r":
 		status, err := strconv.Atoi(rest)
 		if err != nil {
