@@ -312,6 +312,7 @@ func (p *Publish) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //
 //	duplex {
 //		admin_publish on|off   # serve /duplex/* on the admin endpoint; default on
+//		publish_listen <address...>  # also serve /duplex/* there (host:port, unix//path); default none
 //		broker memory          # the default: this process's sessions only
 //		broker redis <address...>
 //		broker redis {
@@ -347,6 +348,15 @@ func parseGlobal(d *caddyfile.Dispenser, _ any) (any, error) {
 			default:
 				return nil, d.Errf("duplex: admin_publish: want on or off, got %q", v)
 			}
+		case "publish_listen":
+			addrs := d.RemainingArgs()
+			if len(addrs) == 0 {
+				return nil, d.Err("duplex: publish_listen: want at least one address")
+			}
+			if _, err := parsePublishListen(addrs); err != nil {
+				return nil, d.Err(err.Error())
+			}
+			app.PublishListen = append(app.PublishListen, addrs...)
 		case "broker":
 			raw, err := parseBroker(d)
 			if err != nil {

@@ -63,9 +63,24 @@ type App struct {
 	// default, this process only) or redis (several nodes sharing
 	// sessions; see "Running a cluster" in the README).
 	BrokerRaw json.RawMessage `json:"broker,omitempty" caddy:"namespace=duplex.brokers inline_key=broker"`
+	// PublishListen are addresses on which the app serves the same API as
+	// /duplex/ on the admin endpoint, itself, on a plain HTTP/1.1 server:
+	// without Caddy's per-request admin work, for apps that publish at high
+	// rates. Caddy network addresses of one port: host:port, or
+	// unix//path. Like the admin endpoint it has no authentication: bind
+	// it to loopback, a unix socket or a private interface. Requests from
+	// browsers (Origin or Sec-Fetch-* headers) and, on TCP, requests for a
+	// Host other than an IP address, localhost or the address's own host
+	// are refused with 403. Default: none.
+	PublishListen []string `json:"publish_listen,omitempty"`
 
 	hub    *hub
 	broker broker
+	ctx    caddy.Context
+	// publishAddrs are PublishListen parsed; publishLn serves them once
+	// started.
+	publishAddrs []caddy.NetworkAddress
+	publishLn    *publishListener
 
 	// places counts, per server, the duplex handlers provisioned under
 	// this config so far; see Handler.key.
@@ -116,7 +131,13 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // its broker.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.hub = globalHub
+	a.ctx = ctx
 	a.places = &placeCounter{n: make(map[string]int)}
+	addrs, err := parsePublishListen(a.PublishListen)
+	if err != nil {
+		return err
+	}
+	a.publishAddrs = addrs
 	if a.BrokerRaw != nil {
 		mod, err := ctx.LoadModule(a, "BrokerRaw")
 		if err != nil {
@@ -131,9 +152,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Start applies the global options. A new config's apps start before the
-// old config's stop, so the new settings take over.
+// Start applies the global options and starts the publish listeners. A
+// new config's apps start before the old config's stop, so the new
+// settings take over.
 func (a *App) Start() error {
+	if len(a.publishAddrs) > 0 {
+		ln, err := startPublishListener(a.ctx, a.hub, a.publishAddrs)
+		if err != nil {
+			return err
+		}
+		a.publishLn = ln
+	}
 	if r, ok := a.broker.(*RedisBroker); ok {
 		r.Start()
 	}
@@ -141,9 +170,11 @@ func (a *App) Start() error {
 	return nil
 }
 
-// Stop withdraws the options, unless a newer config's app replaced them.
+// Stop withdraws the options, unless a newer config's app replaced them,
+// and stops the publish listeners' servers.
 func (a *App) Stop() error {
 	a.hub.app.CompareAndSwap(a, nil)
+	a.publishLn.stop()
 	return nil
 }
 
