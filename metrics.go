@@ -29,6 +29,9 @@ type duplexMetrics struct {
 
 	// the push counters, resolved once: they are bumped per subscriber
 	pushDelivered, pushBuffered, pushDropped prometheus.Counter
+	// publishOK is publishes' "ok", resolved once: it is bumped per
+	// publish request
+	publishOK prometheus.Counter
 	collectors                               []prometheus.Collector // all of the above
 }
 
@@ -95,6 +98,7 @@ func newDuplexMetrics() *duplexMetrics {
 	m.pushDelivered = m.pushes.WithLabelValues("delivered")
 	m.pushBuffered = m.pushes.WithLabelValues("buffered")
 	m.pushDropped = m.pushes.WithLabelValues("dropped")
+	m.publishOK = m.publishes.WithLabelValues("ok")
 	m.collectors = []prometheus.Collector{m.connections, m.opened, m.ended, m.messages,
 		m.pushes, m.resumes, m.appLatency, m.publishes, m.slowClosures,
 		m.brokerErrors, m.redisLatency, m.gapRepairs, m.clusterNodes}

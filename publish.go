@@ -95,7 +95,13 @@ type publishResult struct {
 // an unknown session (single publish).
 func (h *hub) servePublish(w http.ResponseWriter, r *http.Request) {
 	result := "bad_request"
-	defer func() { metrics.publishes.WithLabelValues(result).Inc() }()
+	defer func() {
+		if result == "ok" {
+			metrics.publishOK.Inc()
+		} else {
+			metrics.publishes.WithLabelValues(result).Inc()
+		}
+	}()
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		writeAPIError(w, &apiError{status: http.StatusMethodNotAllowed, msg: "use POST"})
