@@ -97,7 +97,6 @@ func startPublishListener(ctx caddy.Context, h *hub, nas []caddy.NetworkAddress)
 			Handler:           publishAddr{p, na.IsUnixNetwork()},
 			ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout:       30 * time.Second,
-			WriteTimeout:      30 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			MaxHeaderBytes:    64 << 10,
 			ErrorLog:          errLog,

@@ -261,8 +261,8 @@ func (e *env) startDuplexSystem(name string, n int, rs *redisServer, dial func(c
 		}
 	}
 	for range n {
-		s, err := startCaddyWith(e.bins, func(admin, httpPort int, storage string) string {
-			return fmt.Sprintf(clusterCaddyfile, admin, httpPort, e.upstreamPort, storage,
+		s, err := startCaddyWith(e.bins, func(c caddyPorts) string {
+			return fmt.Sprintf(clusterCaddyfile, c.admin, c.http, e.upstreamPort, c.storage,
 				proxyOptions(e.bins.proxyIdleConns), global, clusterResumeWindow)
 		})
 		if err != nil {

@@ -54,6 +54,7 @@ type config struct {
 	publishers      int           // (c) concurrent publishers
 	batch           int           // (c) publishes per batch (1: no batched run)
 	publishRoute    bool          // (c) also publish on a duplex_publish route
+	publishListen   bool          // (c) also publish on publish_listen
 	duration        time.Duration // (c) publishing time
 	drain           time.Duration // (c) longest wait for deliveries after it
 
@@ -94,6 +95,7 @@ func parseFlags() (config, error) {
 	flag.IntVar(&cfg.unicastSessions, "unicast-sessions", 1000, "(c) sessions, each on its own channel")
 	flag.IntVar(&cfg.publishers, "publishers", 32, "(c) concurrent publishers")
 	flag.IntVar(&cfg.batch, "batch", 20, "(c) publishes per batched request (1: no batched run)")
+	flag.BoolVar(&cfg.publishListen, "publish-listen", true, "(c) also run single publishes, every transport, with caddy-duplex publishing on its publish_listen address")
 	flag.BoolVar(&cfg.publishRoute, "publish-route", true, "(c) also run WebSocket unicast with caddy-duplex publishing on a duplex_publish site route")
 	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "(c) publishing time")
 	flag.DurationVar(&cfg.drain, "drain", 5*time.Second, "(c) longest wait for deliveries after publishing stops")

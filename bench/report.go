@@ -52,7 +52,8 @@ var (
 //     no more than the reference's; CPU per open ≤ 1.3× the reference's,
 //     opens per second ≥ 0.8×;
 //   - fan-out: delivery p99 ≤ 1.1× the reference's;
-//   - unicast: single publishes (admin endpoint or duplex_publish route)
+//   - unicast: single publishes (admin endpoint, publish_listen or
+//     duplex_publish route)
 //     delivered per second ≥ 1.0× the reference's;
 //   - round trips: WebSocket server CPU per round trip ≤ 1.15× Caddy's
 //     CPU per plain reverse_proxy request;

@@ -23,6 +23,7 @@ type server struct {
 	livePath   string // where sessions open
 	publishURL string // POST {"channel":…,"data":…}
 	routeURL   string // Caddy only: the same on a site route (duplex_publish)
+	listenURL  string // Caddy only: the same on the duplex app's publish_listen address
 	directURL  string // Caddy only: plain reverse_proxy to the upstream
 	adminURL   string // Caddy only: admin endpoint (pprof)
 }
@@ -37,7 +38,8 @@ type binaries struct {
 // caddyfile is Caddy's config: the duplex route in front of the upstream
 // (each session joins ?channel=), a plain reverse_proxy route to the same
 // upstream for the direct-request baseline, the publish API on a site route
-// (duplex_publish) besides the admin endpoint, logs at WARN.
+// (duplex_publish) and on publish_listen besides the admin endpoint, logs
+// at WARN.
 const caddyfile = `{
 	admin 127.0.0.1:%[1]d
 	auto_https off
@@ -46,6 +48,9 @@ const caddyfile = `{
 	storage file_system %[4]s
 	log {
 		level WARN
+	}
+	duplex {
+		publish_listen 127.0.0.1:%[6]d
 	}
 }
 http://127.0.0.1:%[2]d {
@@ -87,16 +92,31 @@ func startServer(name string, bins binaries, upstreamPort int) (*server, error) 
 }
 
 func startCaddy(bins binaries, upstreamPort int) (*server, error) {
-	return startCaddyWith(bins, func(admin, httpPort int, storage string) string {
-		return fmt.Sprintf(caddyfile, admin, httpPort, upstreamPort, storage, proxyOptions(bins.proxyIdleConns))
+	var listen int
+	s, err := startCaddyWith(bins, func(c caddyPorts) string {
+		listen = c.publish
+		return fmt.Sprintf(caddyfile, c.admin, c.http, upstreamPort, c.storage, proxyOptions(bins.proxyIdleConns), c.publish)
 	})
+	if err != nil {
+		return nil, err
+	}
+	s.listenURL = "http://127.0.0.1:" + strconv.Itoa(listen) + "/duplex/publish"
+	return s, nil
+}
+
+// caddyPorts are the free ports and storage directory a Caddy instance's
+// Caddyfile is written for.
+type caddyPorts struct {
+	admin, http int
+	publish     int // for publish_listen, if the Caddyfile has it
+	storage     string
 }
 
 // startCaddyWith starts Caddy with the Caddyfile config returns for its
-// admin and HTTP ports and storage directory; the site must serve
-// /direct (it is polled until Caddy answers).
-func startCaddyWith(bins binaries, config func(admin, httpPort int, storage string) string) (*server, error) {
-	ports, err := freePorts(2)
+// ports and storage directory; the site must serve /direct (it is polled
+// until Caddy answers).
+func startCaddyWith(bins binaries, config func(caddyPorts) string) (*server, error) {
+	ports, err := freePorts(3)
 	if err != nil {
 		return nil, err
 	}
@@ -106,7 +126,7 @@ func startCaddyWith(bins binaries, config func(admin, httpPort int, storage stri
 		return nil, fmt.Errorf("caddy dir: %w", err)
 	}
 	cf := filepath.Join(dir, "Caddyfile")
-	body := config(admin, httpPort, filepath.Join(dir, "storage"))
+	body := config(caddyPorts{admin: admin, http: httpPort, publish: ports[2], storage: filepath.Join(dir, "storage")})
 	if err := os.WriteFile(cf, []byte(body), 0o644); err != nil {
 		return nil, fmt.Errorf("writing Caddyfile: %w", err)
 	}

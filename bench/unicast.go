@@ -14,11 +14,24 @@ import (
 // to them one channel per publish (or a batch of channels per publish)
 // for a fixed time.
 
-func unicastSpecs(batch int, viaRoute bool) []metricSpec {
+// publishPath is where caddy-duplex's publishes go in (c): its admin
+// endpoint (the default), its publish_listen address or a duplex_publish
+// site route. The reference has one publish endpoint.
+type publishPath string
+
+const (
+	pathAdmin  publishPath = ""
+	pathListen publishPath = "publish_listen"
+	pathRoute  publishPath = "route"
+)
+
+func unicastSpecs(batch int, path publishPath) []metricSpec {
 	label := "pushes delivered per second"
 	switch {
-	case viaRoute:
+	case path == pathRoute:
 		label = "pushes delivered per second (caddy-duplex publishing on a duplex_publish route)"
+	case path == pathListen:
+		label = "pushes delivered per second (caddy-duplex publishing on publish_listen)"
 	case batch > 1:
 		label = fmt.Sprintf("pushes delivered per second (batches of %d)", batch)
 	}
@@ -43,20 +56,31 @@ func (e *env) runUnicast() {
 			what := fmt.Sprintf("unicast %s batch=%d", t, batch)
 			logf("== %s", what)
 			d, r := e.eachServer(what, func(srv *server) (metrics, error) {
-				return e.unicast(srv, t, batch, false)
+				return e.unicast(srv, t, batch, pathAdmin)
 			})
-			e.rep.addPair(scenario, t, unicastSpecs(batch, false), d, r)
+			e.rep.addPair(scenario, t, unicastSpecs(batch, pathAdmin), d, r)
+		}
+	}
+	// The admin endpoint costs per request (its request logger and
+	// metrics): the same single publishes on publish_listen, where the
+	// plugin serves the API itself, and on a site route.
+	if e.cfg.publishListen {
+		for _, t := range e.cfg.transports {
+			what := fmt.Sprintf("unicast %s via publish_listen", t)
+			logf("== %s", what)
+			d, r := e.eachServer(what, func(srv *server) (metrics, error) {
+				return e.unicast(srv, t, 1, pathListen)
+			})
+			e.rep.addPair(scenario, t, unicastSpecs(1, pathListen), d, r)
 		}
 	}
 	if e.cfg.publishRoute && slices.Contains(e.cfg.transports, transportWebSocket) {
-		// The admin endpoint costs per request (its logger and metrics):
-		// the same run with the publish API on a site route.
 		what := "unicast websocket via duplex_publish"
 		logf("== %s", what)
 		d, r := e.eachServer(what, func(srv *server) (metrics, error) {
-			return e.unicast(srv, transportWebSocket, 1, true)
+			return e.unicast(srv, transportWebSocket, 1, pathRoute)
 		})
-		e.rep.addPair(scenario, transportWebSocket, unicastSpecs(1, true), d, r)
+		e.rep.addPair(scenario, transportWebSocket, unicastSpecs(1, pathRoute), d, r)
 	}
 }
 
@@ -86,13 +110,15 @@ func (u *unicastRun) handler(rc *receiver) frameFunc {
 	}
 }
 
-// unicast runs (c) once; viaRoute publishes to Caddy's duplex_publish
-// route instead of its admin endpoint.
-func (e *env) unicast(srv *server, transport string, batch int, viaRoute bool) (metrics, error) {
+// unicast runs (c) once, caddy-duplex publishing on path.
+func (e *env) unicast(srv *server, transport string, batch int, path publishPath) (metrics, error) {
 	n := e.cfg.unicastSessions
 	publishURL := srv.publishURL
-	if viaRoute && srv.routeURL != "" {
+	switch {
+	case path == pathRoute && srv.routeURL != "":
 		publishURL = srv.routeURL
+	case path == pathListen && srv.listenURL != "":
+		publishURL = srv.listenURL
 	}
 	u := &unicastRun{}
 	recv := make([]*receiver, n)
@@ -110,8 +136,8 @@ func (e *env) unicast(srv *server, transport string, batch int, viaRoute bool) (
 	stopProfile := func() {}
 	if e.cfg.pprofDir != "" && srv.adminURL != "" {
 		name := fmt.Sprintf("cpu-unicast-%s-batch%d", transport, batch)
-		if viaRoute {
-			name += "-route"
+		if path != pathAdmin {
+			name += "-" + string(path)
 		}
 		stopProfile = e.startCPUProfile(srv, name, e.cfg.duration-time.Second)
 	}
