@@ -116,7 +116,8 @@ func FuzzDecodePublish(f *testing.F) {
 // FuzzDecodePublishFast: wherever decodePlainPublish answers, its publish
 // is the one json.Unmarshal decodes, data bytes included; and decodePublish
 // answers a single publish as json.Unmarshal and checkPublish do, error
-// text included.
+// text included. Each input is tried as a body, and as the choices of
+// publishFromChoices, which builds mostly plain bodies.
 func FuzzDecodePublishFast(f *testing.F) {
 	for _, s := range []string{
 		`{"channel":"c-123","data":{"n":1,"text":"hello"}}`,
@@ -135,6 +136,7 @@ func FuzzDecodePublishFast(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkPlainPublish(t, b)
+		checkPlainPublish(t, publishFromChoices(b))
 	})
 }
 
