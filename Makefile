@@ -4,7 +4,7 @@ NODE    ?= node
 BIN     := bin
 DEMO_UI := http://localhost:8080
 
-FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish FuzzMessageTarget FuzzPostFrames FuzzScopeMethods
+FUZZ_TARGETS := FuzzDecodeClientFrame FuzzReadLine FuzzDecodePublish FuzzDecodePublishFast FuzzMessageTarget FuzzPostFrames FuzzScopeMethods
 FUZZTIME     ?= 60s
 
 .PHONY: build demo demo-cluster test fuzz bench clean

@@ -113,6 +113,33 @@ func FuzzDecodePublish(f *testing.F) {
 	})
 }
 
+// FuzzDecodePublishFast: wherever decodePlainPublish answers, its publish
+// is the one json.Unmarshal decodes, data bytes included; and decodePublish
+// answers a single publish as json.Unmarshal and checkPublish do, error
+// text included. Each input is tried as a body, and as the choices of
+// publishFromChoices, which builds mostly plain bodies.
+func FuzzDecodePublishFast(f *testing.F) {
+	for _, s := range []string{
+		`{"channel":"c-123","data":{"n":1,"text":"hello"}}`,
+		`{"channel":"c","user":"u","session":"s","id":"i","data":1,"except":"e","close":"x"}`,
+		`{"session":"s1","close":"bye"}`, `{"session":"s","close":null}`, `{"session":"s","close":""}`,
+		" \n{ \"channel\" : \"c\" ,\r\n\t\"data\" : { \"a\" : [ 1 , 2 ] } }\n",
+		`{"channel":"c","data":{"a":{"b":[{"c":null},true,false,-1.5e3,"}]\"{["]}}}`,
+		`{"channel":"c","data":null}`, `{"channel":"c","data":"a\"b\\\u00e9"}`, `{"channel":"c","data":"é"}`,
+		`{"chann\u0065l":"c","data":1}`, `{"channel":"c\u0041","data":1}`, `{"channel":"é","data":1}`,
+		`{"channel":null,"data":1}`, `{"channel":1,"data":1}`, `{"session":"s","close":1}`,
+		`{"channel":"a","channel":"b","data":1}`, `{"Channel":"c","data":1}`, `{"channel":"c","x":1,"data":1}`,
+		`{"channel":"c","data":[1,}`, `{"channel":"c","data":1}x`, `{}`, `[{"channel":"c","data":1}]`, `null`,
+		`{"channel":"c","data":` + strings.Repeat("[", 1001) + strings.Repeat("]", 1001) + `}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkPlainPublish(t, b)
+		checkPlainPublish(t, publishFromChoices(b))
+	})
+}
+
 // FuzzMessageTarget: a frame's path and method either make a request whose
 // path is clean and absolute (so the messages scope sees what the app
 // will), or are refused; CONNECT, TRACE and PRI never pass; a path the

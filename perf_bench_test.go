@@ -147,6 +147,29 @@ func BenchmarkDecodePublish(b *testing.B) {
 	}
 }
 
+// BenchmarkDecodePublishPlain is a typical single publish decoded by
+// decodePublish, which takes the plain path (fast), and by json.Unmarshal
+// and checkPublish, as it was before the plain path (unmarshal).
+func BenchmarkDecodePublishPlain(b *testing.B) {
+	body := []byte(`{"channel":"c-123","data":{"n":1,"text":"hello"}}`)
+	b.Run("fast", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, err := decodePublish(body); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("unmarshal", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := decodeByUnmarshal(body); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
 // BenchmarkServePublish is the publish handler serving one single publish
 // to a channel of one session: body read, decode, delivery into the
 // session's resume buffer and outbox, answer. The request and response

@@ -27,7 +27,9 @@ func badPublish(format string, args ...any) *apiError {
 
 // decodePublish parses a publish body: one publish object or an array of
 // them. The body is decoded once, straight into the publishes; every
-// publish is checked before any is applied.
+// publish is checked before any is applied. A single publish of the usual
+// shape is read by decodePlainPublish, its data left in the body (which
+// the caller then leaves as it is); anything else by json.Unmarshal.
 func decodePublish(body []byte) (msgs []*publishMsg, batch bool, err *apiError) {
 	body = bytes.TrimSpace(body)
 	if len(body) == 0 {
@@ -35,8 +37,10 @@ func decodePublish(body []byte) (msgs []*publishMsg, batch bool, err *apiError) 
 	}
 	if body[0] != '[' {
 		m := new(publishMsg)
-		if e := json.Unmarshal(body, m); e != nil {
-			return nil, false, badPublish("invalid JSON: %v", e)
+		if !decodePlainPublish(body, m) {
+			if e := json.Unmarshal(body, m); e != nil {
+				return nil, false, badPublish("invalid JSON: %v", e)
+			}
 		}
 		if e := checkPublish(m); e != nil {
 			return nil, false, e
