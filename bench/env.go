@@ -36,7 +36,16 @@ func newHTTPClient(conns int) *http.Client {
 // after the other, and returns their metrics (nil for a server not run or
 // whose run failed; failures are logged and counted).
 func (e *env) eachServer(what string, fn func(srv *server) (metrics, error)) (duplex, reference metrics) {
-	for _, name := range []string{nameDuplex, nameReference} {
+	return e.eachServerFrom(what, nameDuplex, fn)
+}
+
+// eachServerFrom is eachServer measuring server first first.
+func (e *env) eachServerFrom(what, first string, fn func(srv *server) (metrics, error)) (duplex, reference metrics) {
+	order := []string{nameDuplex, nameReference}
+	if first == nameReference {
+		slices.Reverse(order)
+	}
+	for _, name := range order {
 		if !slices.Contains(e.cfg.servers, name) {
 			continue
 		}
@@ -55,6 +64,67 @@ func (e *env) eachServer(what string, fn func(srv *server) (metrics, error)) (du
 	// Let sockets of the finished run (TIME_WAIT, closing) settle.
 	time.Sleep(300 * time.Millisecond)
 	return duplex, reference
+}
+
+// eachServerRounds is eachServer over rounds rounds, each on fresh
+// servers, the server measured first alternating from round to round (so
+// that neither always meets the machine as the other left it). Each
+// server's figures are the medians over its rounds, except sumKeys,
+// summed; each round's ratio of the key ratioKey is logged.
+func (e *env) eachServerRounds(what string, rounds int, ratioKey string, sumKeys []string, fn func(srv *server) (metrics, error)) (duplex, reference metrics) {
+	if rounds <= 1 {
+		return e.eachServer(what, fn)
+	}
+	var ds, rs []metrics
+	for i := range rounds {
+		first := nameDuplex
+		if i%2 == 1 {
+			first = nameReference
+		}
+		d, r := e.eachServerFrom(fmt.Sprintf("%s (round %d of %d)", what, i+1, rounds), first, fn)
+		if d != nil {
+			ds = append(ds, d)
+		}
+		if r != nil {
+			rs = append(rs, r)
+		}
+		if d != nil && r != nil && r[ratioKey] != 0 {
+			logf("  round %d of %d (%s first): %s %.0f | %.0f = %.2f×", i+1, rounds, first, ratioKey, d[ratioKey], r[ratioKey], d[ratioKey]/r[ratioKey])
+		}
+	}
+	return medianMetrics(ds, sumKeys), medianMetrics(rs, sumKeys)
+}
+
+// medianMetrics is, for each key, the median of its values over ms (the
+// mean of the middle two for an even count), or for sumKeys their sum; nil
+// if ms is empty.
+func medianMetrics(ms []metrics, sumKeys []string) metrics {
+	if len(ms) == 0 {
+		return nil
+	}
+	out := metrics{}
+	for key := range ms[0] {
+		var vs []float64
+		for _, m := range ms {
+			if v, ok := m[key]; ok {
+				vs = append(vs, v)
+			}
+		}
+		slices.Sort(vs)
+		switch n := len(vs); {
+		case slices.Contains(sumKeys, key):
+			sum := 0.0
+			for _, v := range vs {
+				sum += v
+			}
+			out[key] = sum
+		case n%2 == 0:
+			out[key] = (vs[n/2-1] + vs[n/2]) / 2
+		default:
+			out[key] = vs[n/2]
+		}
+	}
+	return out
 }
 
 func (e *env) runOn(name string, fn func(srv *server) (metrics, error)) (metrics, error) {

@@ -55,6 +55,7 @@ type config struct {
 	batch           int           // (c) publishes per batch (1: no batched run)
 	publishRoute    bool          // (c) also publish on a duplex_publish route
 	publishListen   bool          // (c) also publish on publish_listen
+	unicastRounds   int           // (c) rounds of each single-publish measurement
 	duration        time.Duration // (c) publishing time
 	drain           time.Duration // (c) longest wait for deliveries after it
 
@@ -95,6 +96,7 @@ func parseFlags() (config, error) {
 	flag.IntVar(&cfg.unicastSessions, "unicast-sessions", 1000, "(c) sessions, each on its own channel")
 	flag.IntVar(&cfg.publishers, "publishers", 32, "(c) concurrent publishers")
 	flag.IntVar(&cfg.batch, "batch", 20, "(c) publishes per batched request (1: no batched run)")
+	flag.IntVar(&cfg.unicastRounds, "unicast-rounds", 3, "(c) rounds of each single-publish measurement, each on fresh servers, the first server alternating; medians are reported (quick mode: 1)")
 	flag.BoolVar(&cfg.publishListen, "publish-listen", true, "(c) also run single publishes, every transport, with caddy-duplex publishing on its publish_listen address")
 	flag.BoolVar(&cfg.publishRoute, "publish-route", true, "(c) also run WebSocket unicast with caddy-duplex publishing on a duplex_publish site route")
 	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "(c) publishing time")
@@ -119,6 +121,7 @@ func parseFlags() (config, error) {
 		cfg.rtDuration = 3 * time.Second
 		cfg.settle = time.Second
 		cfg.drain = 3 * time.Second
+		cfg.unicastRounds = 1
 	}
 	cfg.scenarios = map[string]bool{}
 	for _, s := range splitList(scenarios) {

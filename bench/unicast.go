@@ -55,7 +55,7 @@ func (e *env) runUnicast() {
 		for _, t := range e.cfg.transports {
 			what := fmt.Sprintf("unicast %s batch=%d", t, batch)
 			logf("== %s", what)
-			d, r := e.eachServer(what, func(srv *server) (metrics, error) {
+			d, r := e.unicastRounds(what, batch, func(srv *server) (metrics, error) {
 				return e.unicast(srv, t, batch, pathAdmin)
 			})
 			e.rep.addPair(scenario, t, unicastSpecs(batch, pathAdmin), d, r)
@@ -68,7 +68,7 @@ func (e *env) runUnicast() {
 		for _, t := range e.cfg.transports {
 			what := fmt.Sprintf("unicast %s via publish_listen", t)
 			logf("== %s", what)
-			d, r := e.eachServer(what, func(srv *server) (metrics, error) {
+			d, r := e.unicastRounds(what, 1, func(srv *server) (metrics, error) {
 				return e.unicast(srv, t, 1, pathListen)
 			})
 			e.rep.addPair(scenario, t, unicastSpecs(1, pathListen), d, r)
@@ -77,11 +77,23 @@ func (e *env) runUnicast() {
 	if e.cfg.publishRoute && slices.Contains(e.cfg.transports, transportWebSocket) {
 		what := "unicast websocket via duplex_publish"
 		logf("== %s", what)
-		d, r := e.eachServer(what, func(srv *server) (metrics, error) {
+		d, r := e.unicastRounds(what, 1, func(srv *server) (metrics, error) {
 			return e.unicast(srv, transportWebSocket, 1, pathRoute)
 		})
 		e.rep.addPair(scenario, transportWebSocket, unicastSpecs(1, pathRoute), d, r)
 	}
+}
+
+// unicastRounds measures single publishes (batch 1) over -unicast-rounds
+// rounds: one run of each server moves by ±10 % on this shared machine
+// from run to run, more than the differences measured. Batches, whose
+// rows have no target, are measured once.
+func (e *env) unicastRounds(what string, batch int, fn func(srv *server) (metrics, error)) (duplex, reference metrics) {
+	rounds := e.cfg.unicastRounds
+	if batch > 1 {
+		rounds = 1
+	}
+	return e.eachServerRounds(what, rounds, "rate", []string{"lost"}, fn)
 }
 
 // receiver records the pushes one session receives: only its own reader
