@@ -15,7 +15,10 @@ import (
 )
 
 // Handler receives what Redis sends this node. Its methods must return
-// soon: they run on the node's subscriber goroutine.
+// soon: they run on the node's subscriber goroutine. Forwarded of a
+// payload larger than forwardInlineMax is the exception: it runs on a
+// goroutine of its own once the payload is read from Redis, concurrently
+// with the other calls.
 type Handler interface {
 	// Deliver hands this node push seq of session id, which it holds.
 	// For one session, calls come one at a time, in seq order, without

@@ -52,9 +52,11 @@ func (b *Broker) holding(id string) *holding {
 
 // receive handles one message on this node's channel: "m" and "x" a
 // publish's pushes and closes (see receiveBatch), "c <id> <kind>
-// <payload>" a command, "f <id>
-// <request>@<node> <payload>" a forward to answer, "r <request> <status>"
-// the answer to one of this node's forwards.
+// <payload>" a command, "f <id> <request>@<node> <payload>" a forward to
+// answer, "k <id> <request>@<node>" one whose payload is stored under
+// P:f:{request} (larger than forwardInlineMax; see ForwardTo), "r
+// <request> <status>" the answer to one of this node's forwards: an HTTP
+// status, or 0 if the forward's stored payload was gone.
 func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 	kind, rest, _ := cutSpace(msg)
 	if kind == "m" || kind == "x" {
@@ -75,11 +77,11 @@ func (b *Broker) receive(ctx context.Context, h Handler, msg string) {
 		status := h.Forwarded(id, []byte(payload))
 		// The answer goes out beside this loop, which must not wait a
 		// Redis round trip with every push to this node behind it.
-		go func() {
-			cctx, cancel := b.call(ctx)
-			defer cancel()
-			_ = b.rdb.Publish(cctx, b.k.node(node), "r "+req+" "+strconv.Itoa(status)).Err()
-		}()
+		go b.answer(ctx, node, req, status)
+	case "k":
+		req, node, _ := strings.Cut(rest, "@")
+		// So does the read of the payload, and Forwarded after it.
+		go b.receiveStored(ctx, h, id, req, node)
 	case "r":
 		status, err := strconv.Atoi(rest)
 		if err != nil {

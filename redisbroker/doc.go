@@ -20,6 +20,9 @@
 //	P:u:{user}      set     the sessions of a user
 //	P:t:{token}     string  session id by token (the token's SHA-256, hex)
 //	P:p:{id}        string  a publish id's delivered count, for 2 minutes
+//	P:f:{request}   string  a forward's payload over 32 KiB, until the node
+//	                        holding its session reads it (GETDEL, Redis 6.2)
+//	                        or the broker's timeout passes
 //	P:nodes         zset    live nodes by last heartbeat (unix ms)
 //	P:epoch         string  set once per Redis data set; a node that sees it
 //	                        change knows Redis lost its data

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"time"
 )
 
 // ErrNodeUnreachable: the node holding a session did not answer a forward
@@ -15,9 +17,39 @@ var ErrNodeUnreachable = errors.New("redisbroker: the node holding the session d
 // surely went nowhere: nobody listens on the node's channel (it is gone).
 var ErrNodeNotListening = fmt.Errorf("%w: nobody listens on its channel", ErrNodeUnreachable)
 
+// ErrForwardLost: the payload of a forward stored in Redis (one larger
+// than forwardInlineMax) was gone when the node holding the session came to
+// read it (it expired, Redis lost it, or the read failed), and that node
+// applied nothing. It is an ErrUnavailable: the caller answers 503.
+var ErrForwardLost = fmt.Errorf("%w: the forwarded payload was gone when the holding node read it", ErrUnavailable)
+
+// forwardInlineMax is the largest forward payload that travels in the
+// node channel's message itself. A larger one (an SSE POST of several big
+// frames: up to 64, of max_message_size each) is stored under its own key
+// and only its request id is published: pub/sub messages queue in the
+// holder's output buffer on the Redis server, and a few forwards of
+// megabytes each would exceed its limit (client-output-buffer-limit
+// pubsub, 32 MB by default), so Redis would drop the node's subscription.
+// At 32 KiB it takes a thousand forwards waiting at once for that; below
+// it, the two round trips more of a stored payload (the store, then the
+// holder's read) cost more than the bytes they keep off the channel.
+const forwardInlineMax = 32 << 10
+
+// forwardLost is what the holder answers (in place of an HTTP status) to a
+// forward whose stored payload it could not read.
+const forwardLost = 0
+
 // ForwardTo hands payload to node, the node holding session id
 // (Handler.Forwarded there, from its record, e.g. ByToken's), and returns
 // the status that node answered. It waits at most the configured timeout.
+//
+// A payload larger than forwardInlineMax is stored under P:f:{request}
+// for the timeout (forwardTTL), SET before the PUBLISH that names it (on
+// Redis Cluster the two may go to different servers, so they are not
+// pipelined: the reference could arrive first): the holder reads and
+// deletes it in one command. If nobody listens, the key is deleted; if the
+// holder does not answer in time, it is left to expire (the holder may
+// still read it meanwhile, as it may still receive an inline payload late).
 func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte) (int, error) {
 	req := randomID()
 	ch := make(chan int, 1)
@@ -31,17 +63,69 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	}()
 	cctx, cancel := b.call(ctx)
 	defer cancel()
-	n, err := b.rdb.Publish(cctx, b.k.node(node), "f "+id+" "+req+"@"+b.cfg.NodeID+" "+string(payload)).Result()
+	from := req + "@" + b.cfg.NodeID
+	stored := len(payload) > forwardInlineMax
+	var msg string
+	if stored {
+		if err := b.rdb.Set(cctx, b.k.forward(req), payload, b.forwardTTL()).Err(); err != nil {
+			return 0, unavailable("storing a forward", err)
+		}
+		msg = "k " + id + " " + from
+	} else {
+		msg = "f " + id + " " + from + " " + string(payload)
+	}
+	n, err := b.rdb.Publish(cctx, b.k.node(node), msg).Result()
 	if err != nil {
 		return 0, unavailable("forwarding", err)
 	}
 	if n == 0 {
+		if stored {
+			// Nobody will read it: the caller may forward it again,
+			// elsewhere, under another key. Unless somebody did read it
+			// (a listener the count missed): then it may be applied.
+			if gone, err := b.rdb.Del(cctx, b.k.forward(req)).Result(); err == nil && gone == 0 {
+				return 0, ErrNodeUnreachable
+			}
+		}
 		return 0, ErrNodeNotListening
 	}
 	select {
 	case status := <-ch:
+		if status == forwardLost {
+			return 0, ErrForwardLost
+		}
 		return status, nil
 	case <-cctx.Done():
 		return 0, ErrNodeUnreachable
 	}
+}
+
+// forwardTTL is how long a stored forward payload waits for its holder:
+// as long as its sender waits for the answer, a wait that started just
+// before the store. So an unanswered forward leaves nothing behind for
+// long, and a holder that gets the reference later than that finds the
+// payload gone and applies nothing.
+func (b *Broker) forwardTTL() time.Duration { return b.cfg.Timeout }
+
+// receiveStored answers a forward whose payload was stored (see
+// ForwardTo): it reads and deletes it in one command, so that it is applied
+// at most once, hands it to h and answers node's request req. A payload
+// gone or unreadable is answered forwardLost, and h does not see it. It
+// runs beside the pub/sub loop.
+func (b *Broker) receiveStored(ctx context.Context, h Handler, id, req, node string) {
+	cctx, cancel := b.call(ctx)
+	payload, err := b.rdb.GetDel(cctx, b.k.forward(req)).Bytes()
+	cancel()
+	status := forwardLost
+	if err == nil {
+		status = h.Forwarded(id, payload)
+	}
+	b.answer(ctx, node, req, status)
+}
+
+// answer publishes the status of node's forward req to node.
+func (b *Broker) answer(ctx context.Context, node, req string, status int) {
+	cctx, cancel := b.call(ctx)
+	defer cancel()
+	_ = b.rdb.Publish(cctx, b.k.node(node), "r "+req+" "+strconv.Itoa(status)).Err()
 }

@@ -13,6 +13,10 @@ func (k keys) token(t string) string     { return k.prefix + ":t:{" + t + "}" }
 func (k keys) publishID(id string) string {
 	return k.prefix + ":p:{" + id + "}"
 }
+
+// forward is a forward's payload stored for its holder, by request id.
+func (k keys) forward(req string) string { return k.prefix + ":f:{" + req + "}" }
+
 func (k keys) nodes() string           { return k.prefix + ":nodes" }
 func (k keys) epoch() string           { return k.prefix + ":epoch" }
 func (k keys) node(name string) string { return k.prefix + ":n:" + name }

@@ -36,6 +36,9 @@ type recorder struct {
 	lost     []string
 	adopted  []Session
 	changed  chan struct{}
+	// gate, if set, holds every Forwarded call, once recorded, until it
+	// is closed.
+	gate chan struct{}
 }
 
 func newRecorder() *recorder {
@@ -66,8 +69,12 @@ func (r *recorder) Lost(id string) {
 func (r *recorder) Forwarded(id string, payload []byte) int {
 	r.mu.Lock()
 	r.commands = append(r.commands, id+" forwarded "+string(payload))
+	gate := r.gate
 	r.mu.Unlock()
 	r.poke()
+	if gate != nil {
+		<-gate
+	}
 	return 202
 }
 
