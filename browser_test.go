@@ -8,7 +8,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -330,15 +329,7 @@ func TestBrowserResumeAfterReload(t *testing.T) {
 		t.Fatal(err)
 	}
 	changed := strings.Replace(string(raw), "\t\t\tmessages {", "\t\t\theartbeat 20s\n\t\t\tmessages {", 1)
-	resp, err := httpc.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d %s", resp.StatusCode, body)
-	}
+	c.reload(t, changed)
 	v = b.waitView(t, "s", "close 4012 and the resume", func(v sessionView) bool { return len(v.Opens) >= 2 && v.State == "open" })
 	publishSeq(t, c, v.ID, 3, 4)
 	app.open()

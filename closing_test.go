@@ -71,14 +71,7 @@ http://127.0.0.1:` + port + ` {
 	})
 	// Reload a changed config (Caddy skips an unchanged one).
 	changed := renderedConfig(t, c) + "\nhttp://127.0.0.1:" + itoa(freePorts(t, 1)[0]) + " {\n\trespond ok\n}\n"
-	resp, err := http.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
-	if err != nil {
-		t.Fatalf("reload: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d", resp.StatusCode)
-	}
+	c.reload(t, changed)
 	// The new config's handler learns its route from its first request.
 	if st, _ := doJSON(t, http.MethodGet, c.url("/live/hello"), nil); st != http.StatusOK {
 		t.Fatalf("GET /live/hello on site A: %d", st)

@@ -924,14 +924,7 @@ func TestClusterReloadOneNode(t *testing.T) {
 	// servers: a new server could take the duplex server's name (srv0…),
 	// and with it its place (see "Running a cluster" in the README).
 	changed := strings.Replace(renderedConfig(t, nodes[0]), "\troute /live* {", "\trespond /extra ok\n\troute /live* {", 1)
-	resp, err := http.Post(nodes[0].adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
-	if err != nil {
-		t.Fatalf("reload: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d", resp.StatusCode)
-	}
+	nodes[0].reload(t, changed)
 	waitUntil(t, "node 0's session to resume", frameWait, func() bool { return peers[0].opens.Load() == 2 })
 	if peers[0].resumed.Load() != 1 {
 		t.Fatal("node 0's session was not resumed after the reload")

@@ -275,6 +275,21 @@ func (c *caddyProc) wsURL(path string) string {
 	return fmt.Sprintf("ws://127.0.0.1:%d%s", c.HTTP, path)
 }
 
+// reload loads caddyfile (rendered, see renderedConfig) through the admin
+// endpoint's /load; Caddy skips a config equal to the running one.
+func (c *caddyProc) reload(t *testing.T, caddyfile string) {
+	t.Helper()
+	resp, err := httpc.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(caddyfile))
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("reload: %d %s", resp.StatusCode, body)
+	}
+}
+
 func (c *caddyProc) adminURL(path string) string {
 	return fmt.Sprintf("http://127.0.0.1:%d%s", c.Admin, path)
 }

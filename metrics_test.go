@@ -52,14 +52,7 @@ func TestMetrics(t *testing.T) {
 	// A reload (of a changed config: Caddy ignores an unchanged one) keeps
 	// the counters (and the series) going.
 	changed := strings.Replace(renderedConfig(t, c), "duplex {", "duplex {\n\t\t\theartbeat 20s", 1)
-	resp, err := http.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(changed))
-	if err != nil {
-		t.Fatalf("reload: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("reload: %d", resp.StatusCode)
-	}
+	c.reload(t, changed)
 	ws.expectType(t, "close") // the connection of the old config is told to reconnect
 	ws2 := openSession(t, c.wsURL("/live"), nil)
 	expectAnswer(t, ws2.call(t, "m4", "/reply", map[string]any{"x": 2}), "reply")

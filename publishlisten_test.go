@@ -160,18 +160,6 @@ func TestPublishListenAcrossReloads(t *testing.T) {
 	c := startCaddy(t, publishListenSite(app.Addr, tcp))
 	url := "http://" + tcp + "/duplex/publish"
 
-	load := func(cf string) {
-		t.Helper()
-		resp, err := http.Post(c.adminURL("/load"), "text/caddyfile", strings.NewReader(cf))
-		if err != nil {
-			t.Fatalf("reload: %v", err)
-		}
-		raw, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("reload: %d %s", resp.StatusCode, raw)
-		}
-	}
 	// reaches publishes to a session opened under the current config
 	// through publish_listen. (A reload closes the older sessions with
 	// reconnect, so each step opens its own.)
@@ -187,7 +175,7 @@ func TestPublishListenAcrossReloads(t *testing.T) {
 	reaches("before")
 	cf := renderedConfig(t, c)
 	// Changed (Caddy skips an unchanged config), same publish_listen.
-	load(cf + "\nhttp://127.0.0.1:" + itoa(freePorts(t, 1)[0]) + " {\n\trespond ok\n}\n")
+	c.reload(t, cf+"\nhttp://127.0.0.1:"+itoa(freePorts(t, 1)[0])+" {\n\trespond ok\n}\n")
 	reaches("after a reload")
 
 	// Without publish_listen: nothing listens there any more.
@@ -195,12 +183,12 @@ func TestPublishListenAcrossReloads(t *testing.T) {
 	if without == cf {
 		t.Fatalf("no publish_listen line in the rendered config:\n%s", cf)
 	}
-	load(without)
+	c.reload(t, without)
 	if conn, err := net.Dial("tcp", tcp); err == nil {
 		conn.Close()
 		t.Errorf("%s still accepts connections after a config without publish_listen", tcp)
 	}
 
-	load(cf)
+	c.reload(t, cf)
 	reaches("listening again")
 }
