@@ -108,6 +108,10 @@ func startPublishListener(ctx caddy.Context, h *hub, nas []caddy.NetworkAddress)
 			}
 		}()
 		log.Info("serving the publish API", zap.String("address", na.String()))
+		if !na.IsUnixNetwork() && !loopbackHost(na.Host) {
+			log.Warn("the publish API has no authentication: make sure only your app can reach this address",
+				zap.String("address", na.String()))
+		}
 	}
 	return p, nil
 }
@@ -159,4 +163,14 @@ func (p publishAddr) refusal(r *http.Request) string {
 		return ""
 	}
 	return "host " + r.Host + " is refused on publish_listen: use an IP address, localhost or the listen address's host"
+}
+
+// loopbackHost reports whether host (of a listen address) is a loopback
+// address or localhost; "" (every interface) is not.
+func loopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

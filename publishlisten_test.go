@@ -108,6 +108,10 @@ func TestPublishListen(t *testing.T) {
 	mustDeliver("publish with Host localhost", st, raw)
 	a.expectPush(t, "lobby", "for localhost")
 
+	if strings.Contains(c.logs(), "has no authentication") {
+		t.Errorf("a warning about a loopback or unix publish_listen address:\n%s", c.logs())
+	}
+
 	// The sessions API is there too.
 	st, raw = listenRequest(t, httpc, http.MethodGet, "http://"+tcp+"/duplex/sessions/"+a.Session, "", nil)
 	if st != http.StatusOK || !strings.Contains(string(raw), a.Session) {
