@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // ErrNodeUnreachable: the node holding a session did not answer a forward
@@ -74,7 +76,7 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	} else {
 		msg = "f " + id + " " + from + " " + string(payload)
 	}
-	n, err := b.rdb.Publish(cctx, b.k.node(node), msg).Result()
+	n, err := b.publishCounted(cctx, b.k.node(node), msg)
 	if err != nil {
 		return 0, unavailable("forwarding", err)
 	}
@@ -98,6 +100,42 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	case <-cctx.Done():
 		return 0, ErrNodeUnreachable
 	}
+}
+
+// publishCounted publishes msg on channel and returns PUBLISH's count,
+// which ForwardTo takes for whether the node listening on channel is
+// there. On standalone Redis and Sentinel it is one PUBLISH as any other.
+//
+// On Redis Cluster, a PUBLISH reaches the subscribers of every server (the
+// cluster bus carries it to all of them), but its count is only that of
+// the server that received it. go-redis sends a command without a key,
+// as PUBLISH, to any master, while it opens a subscription (the node's, in
+// Run) on the master that owns the channel's slot, as if the channel were
+// a key: so this PUBLISH goes to that master too, and counts the
+// subscription where it lives. Sent elsewhere, it would count 0 for a node
+// that listens, whose inline forward is then applied there while its
+// sender answers 503 (or forwards it again, to another node, if the
+// session moved meanwhile).
+//
+// The two agree on the slot's owner as long as slots stay put. SLOTS_DOC
+func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64, error) {
+	cc, ok := b.rdb.(*redis.ClusterClient)
+	if !ok {
+		return b.rdb.Publish(ctx, channel, msg).Result()
+	}
+	master, err := cc.MasterForKey(ctx, channel)
+	if err != nil {
+		return 0, err
+	}
+	// The master's own client, without the cluster client's hooks:
+	// Config.Observe is told of this round trip here.
+	process := master.Process
+	if b.cfg.Observe != nil {
+		process = observer{b.cfg.Observe}.ProcessHook(process)
+	}
+	cmd := redis.NewIntCmd(ctx, "publish", channel, msg)
+	_ = process(ctx, cmd)
+	return cmd.Result()
 }
 
 // forwardTTL is how long a stored forward payload waits for its holder:
