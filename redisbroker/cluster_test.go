@@ -1,8 +1,12 @@
 package redisbroker
 
 import (
+	"errors"
 	"fmt"
+	"net"
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,6 +50,9 @@ func TestForwardOnRedisCluster(t *testing.T) {
 	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
 	a.open(t, "s", "", 10)
 	waitSubscribedOnCluster(t, addrs, a)
+	for _, addr := range addrs {
+		clusterCLI(t, addr, "CONFIG", "RESETSTAT")
+	}
 
 	var want, failed []string
 	forward := func(payload []byte) {
@@ -66,8 +73,95 @@ func TestForwardOnRedisCluster(t *testing.T) {
 	}
 	// Each answered forward was applied before its answer; none twice.
 	a.rec.mu.Lock()
-	defer a.rec.mu.Unlock()
 	if got := a.rec.commands; !slices.Equal(got, want) {
 		t.Errorf("the holder applied %d forwards, want the %d sent, each once and in order", len(got), len(want))
+	}
+	a.rec.mu.Unlock()
+	// And counted by its PUBLISH alone: no master was asked for the
+	// channel's subscribers.
+	for _, addr := range addrs {
+		if stats := clusterCLI(t, addr, "INFO", "commandstats"); strings.Contains(stats, "numsub") {
+			t.Errorf("PUBSUB NUMSUB ran on %s: a forward's PUBLISH did not count the holder", addr)
+		}
+	}
+}
+
+// clusterCLI runs redis-cli against the server at addr and returns its
+// output, trimmed.
+func clusterCLI(t *testing.T, addr string, args ...string) string {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr)
+	out, err := exec.Command("redis-cli", append([]string{"-p", port}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis-cli %v on %s: %v %s", args, addr, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// After the slot of the holder's channel moved to another master, the
+// holder's subscription stays where it was (Redis does not move it, nor
+// does go-redis while its connection lives), while the sender publishes
+// to the new owner: forwards still get the holder's answer, and are
+// applied once. A node nobody listens for is still told apart.
+func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
+	addrs := redistest.StartCluster(t)
+	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
+	a.open(t, "s", "", 10)
+	waitSubscribedOnCluster(t, addrs, a)
+
+	channel := a.k.node("a")
+	cc := b.rdb.(*redis.ClusterClient)
+	owner := func() string {
+		m, err := cc.MasterForKey(bg, channel)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	numsub := func(addr string) string { return clusterCLI(t, addr, "PUBSUB", "NUMSUB", channel) }
+	slot := clusterCLI(t, addrs[0], "CLUSTER", "KEYSLOT", channel)
+	src := owner()
+	if numsub(src) != channel+"\n1" {
+		t.Fatalf("the holder's subscription is not on the owner of its slot, %s: %q", src, numsub(src))
+	}
+	dst := addrs[0]
+	if dst == src {
+		dst = addrs[1]
+	}
+	if keys := clusterCLI(t, src, "CLUSTER", "GETKEYSINSLOT", slot, "10"); keys != "" {
+		t.Fatalf("slot %s holds keys (%q): the test moves it without them", slot, keys)
+	}
+	srcID, dstID := clusterCLI(t, src, "CLUSTER", "MYID"), clusterCLI(t, dst, "CLUSTER", "MYID")
+	clusterCLI(t, dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
+	clusterCLI(t, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
+	for _, addr := range addrs {
+		clusterCLI(t, addr, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+	}
+	cc.ReloadState(bg)
+	deadline := time.Now().Add(30 * time.Second)
+	for owner() != dst {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sender does not see slot %s on %s", slot, dst)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if numsub(src) != channel+"\n1" || numsub(dst) != channel+"\n0" {
+		t.Fatalf("the holder's subscription moved with the slot (test did not test): %q on %s, %q on %s", numsub(src), src, numsub(dst), dst)
+	}
+
+	var want []string
+	for i, payload := range [][]byte{[]byte("small"), randomPayload(forwardInlineMax+1, 200), []byte("small again")} {
+		want = append(want, "s forwarded "+string(payload))
+		if status, err := b.ForwardTo(bg, "a", "s", payload); err != nil || status != 202 {
+			t.Errorf("forward %d (%d bytes) after the slot moved: %d, %v; want 202", i, len(payload), status, err)
+		}
+	}
+	a.rec.mu.Lock()
+	if got := a.rec.commands; !slices.Equal(got, want) {
+		t.Errorf("the holder applied %d forwards, want the %d sent, each once and in order", len(got), len(want))
+	}
+	a.rec.mu.Unlock()
+	if _, err := b.ForwardTo(bg, "gone", "s", []byte("lost")); !errors.Is(err, ErrNodeNotListening) {
+		t.Errorf("forward to a node nobody listens for: %v, want ErrNodeNotListening", err)
 	}
 }

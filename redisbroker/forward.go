@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -117,7 +118,21 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 // sender answers 503 (or forwards it again, to another node, if the
 // session moved meanwhile).
 //
-// The two agree on the slot's owner as long as slots stay put. SLOTS_DOC
+// Slots can move (resharding) under a node's subscription: Redis keeps it
+// on the server it is on, and go-redis opens it elsewhere only once its
+// connection breaks, on the owner its cluster state then names (a state
+// it reloads at least every minute). Until then a sender whose client
+// knows the new owner counts 0 there. So a 0 from the slot's owner is
+// checked with PUBSUB NUMSUB on every master (a round trip more, only
+// then, mostly for a node that is gone): a subscription found anywhere got
+// the message over the cluster bus, and the count is theirs. What remains
+// is a subscription moving between the PUBLISH and the NUMSUB: one missed
+// though it got the message makes ForwardTo answer ErrNodeNotListening for
+// an inline forward that is applied (a stored one is safe: ForwardTo
+// deletes it first, and finding it read answers ErrNodeUnreachable); one
+// counted though the message missed it ends in ErrNodeUnreachable after
+// the timeout. A master failing the check fails the forward as Redis
+// failing does (ErrUnavailable).
 func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64, error) {
 	cc, ok := b.rdb.(*redis.ClusterClient)
 	if !ok {
@@ -127,15 +142,30 @@ func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64
 	if err != nil {
 		return 0, err
 	}
-	// The master's own client, without the cluster client's hooks:
-	// Config.Observe is told of this round trip here.
-	process := master.Process
-	if b.cfg.Observe != nil {
-		process = observer{b.cfg.Observe}.ProcessHook(process)
+	// The masters' own clients run without the cluster client's hooks:
+	// Config.Observe is told of their round trips here.
+	run := func(ctx context.Context, c *redis.Client, cmd redis.Cmder) error {
+		process := redis.ProcessHook(c.Process)
+		if b.cfg.Observe != nil {
+			process = observer{b.cfg.Observe}.ProcessHook(process)
+		}
+		return process(ctx, cmd)
 	}
-	cmd := redis.NewIntCmd(ctx, "publish", channel, msg)
-	_ = process(ctx, cmd)
-	return cmd.Result()
+	pub := redis.NewIntCmd(ctx, "publish", channel, msg)
+	if err := run(ctx, master, pub); err != nil || pub.Val() > 0 {
+		return pub.Val(), err
+	}
+	var mu sync.Mutex
+	var n int64
+	err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+		numsub := redis.NewMapStringIntCmd(ctx, "pubsub", "numsub", channel)
+		err := run(ctx, m, numsub)
+		mu.Lock()
+		n += numsub.Val()[channel]
+		mu.Unlock()
+		return err
+	})
+	return n, err
 }
 
 // forwardTTL is how long a stored forward payload waits for its holder:
