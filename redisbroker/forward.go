@@ -121,8 +121,9 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 // Slots can move (resharding) under a node's subscription: Redis keeps it
 // on the server it is on, and go-redis opens it elsewhere only once its
 // connection breaks, on the owner its cluster state then names (a state
-// it reloads at least every minute). Until then a sender whose client
-// knows the new owner counts 0 there. So a 0 from the slot's owner is
+// it reloads once it is a minute old, or after a redirection: the
+// holder's may still name the old owner). Until then a sender whose
+// client knows the new owner counts 0 there. So a 0 from the slot's owner is
 // checked with PUBSUB NUMSUB on every master (a round trip more, only
 // then, mostly for a node that is gone): a subscription found anywhere got
 // the message over the cluster bus, and the count is theirs. What remains
