@@ -813,35 +813,12 @@ func TestClusterChaos(t *testing.T) {
 	}
 }
 
-// startRedisCluster starts a Redis Cluster of three masters on free ports
-// and returns their addresses.
-func startRedisCluster(t *testing.T) []string {
-	t.Helper()
-	var addrs []string
-	for range 3 {
-		addrs = append(addrs, redistest.Start(t, 0, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf").Addr)
-	}
-	args := append([]string{"--cluster", "create"}, addrs...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
-	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
-		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
-	}
-	for _, a := range addrs {
-		_, port, _ := net.SplitHostPort(a)
-		waitUntil(t, "the cluster to be ok on "+a, 30*time.Second, func() bool {
-			out, _ := exec.Command("redis-cli", "-p", port, "CLUSTER", "INFO").Output()
-			return strings.Contains(string(out), "cluster_state:ok")
-		})
-	}
-	return addrs
-}
-
 // On a three-master Redis Cluster: fan-out reaches the sessions of every
 // node (their keys spread over the masters' slots) and a session resumes
 // on another node.
 func TestClusterOnRedisCluster(t *testing.T) {
 	t.Parallel()
-	addrs := startRedisCluster(t)
+	addrs := redistest.StartCluster(t)
 	app := newTestApp(t)
 	nodes := startClusterWith(t, "broker redis "+strings.Join(addrs, " "), 2, app)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)

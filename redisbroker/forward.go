@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // ErrNodeUnreachable: the node holding a session did not answer a forward
@@ -74,7 +77,7 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	} else {
 		msg = "f " + id + " " + from + " " + string(payload)
 	}
-	n, err := b.rdb.Publish(cctx, b.k.node(node), msg).Result()
+	n, err := b.publishCounted(cctx, b.k.node(node), msg)
 	if err != nil {
 		return 0, unavailable("forwarding", err)
 	}
@@ -98,6 +101,72 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	case <-cctx.Done():
 		return 0, ErrNodeUnreachable
 	}
+}
+
+// publishCounted publishes msg on channel and returns PUBLISH's count,
+// which ForwardTo takes for whether the node listening on channel is
+// there. On standalone Redis and Sentinel it is one PUBLISH as any other.
+//
+// On Redis Cluster, a PUBLISH reaches the subscribers of every server (the
+// cluster bus carries it to all of them), but its count is only that of
+// the server that received it. go-redis sends a command without a key,
+// as PUBLISH, to any master, while it opens a subscription (the node's, in
+// Run) on the master that owns the channel's slot, as if the channel were
+// a key: so this PUBLISH goes to that master too, and counts the
+// subscription where it lives. Sent elsewhere, it would count 0 for a node
+// that listens, whose inline forward is then applied there while its
+// sender answers 503 (or forwards it again, to another node, if the
+// session moved meanwhile).
+//
+// Slots can move (resharding) under a node's subscription: Redis keeps it
+// on the server it is on, and go-redis opens it elsewhere only once its
+// connection breaks, on the owner its cluster state then names (a state
+// it reloads once it is a minute old, or after a redirection: the
+// holder's may still name the old owner). Until then a sender whose
+// client knows the new owner counts 0 there. So a 0 from the slot's owner is
+// checked with PUBSUB NUMSUB on every master (a round trip more, only
+// then, mostly for a node that is gone): a subscription found anywhere got
+// the message over the cluster bus, and the count is theirs. What remains
+// is a subscription moving between the PUBLISH and the NUMSUB: one missed
+// though it got the message makes ForwardTo answer ErrNodeNotListening for
+// an inline forward that is applied (a stored one is safe: ForwardTo
+// deletes it first, and finding it read answers ErrNodeUnreachable); one
+// counted though the message missed it ends in ErrNodeUnreachable after
+// the timeout. A master failing the check fails the forward as Redis
+// failing does (ErrUnavailable).
+func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64, error) {
+	cc, ok := b.rdb.(*redis.ClusterClient)
+	if !ok {
+		return b.rdb.Publish(ctx, channel, msg).Result()
+	}
+	master, err := cc.MasterForKey(ctx, channel)
+	if err != nil {
+		return 0, err
+	}
+	// The masters' own clients run without the cluster client's hooks:
+	// Config.Observe is told of their round trips here.
+	run := func(ctx context.Context, c *redis.Client, cmd redis.Cmder) error {
+		process := redis.ProcessHook(c.Process)
+		if b.cfg.Observe != nil {
+			process = observer{b.cfg.Observe}.ProcessHook(process)
+		}
+		return process(ctx, cmd)
+	}
+	pub := redis.NewIntCmd(ctx, "publish", channel, msg)
+	if err := run(ctx, master, pub); err != nil || pub.Val() > 0 {
+		return pub.Val(), err
+	}
+	var mu sync.Mutex
+	var n int64
+	err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+		numsub := redis.NewMapStringIntCmd(ctx, "pubsub", "numsub", channel)
+		err := run(ctx, m, numsub)
+		mu.Lock()
+		n += numsub.Val()[channel]
+		mu.Unlock()
+		return err
+	})
+	return n, err
 }
 
 // forwardTTL is how long a stored forward payload waits for its holder:

@@ -136,7 +136,14 @@ type node struct {
 
 func startNode(t *testing.T, r *redisServer, name string, opts ...func(*Config)) *node {
 	t.Helper()
-	cfg := Config{Addrs: []string{r.Addr}, NodeID: name, Prefix: "t", NodeTTL: 600 * time.Millisecond, Timeout: time.Second}
+	return startNodeAt(t, []string{r.Addr}, name, opts...)
+}
+
+// startNodeAt is startNode on the Redis at addrs (several: a Redis
+// Cluster).
+func startNodeAt(t *testing.T, addrs []string, name string, opts ...func(*Config)) *node {
+	t.Helper()
+	cfg := Config{Addrs: addrs, NodeID: name, Prefix: "t", NodeTTL: 600 * time.Millisecond, Timeout: time.Second}
 	for _, o := range opts {
 		o(&cfg)
 	}

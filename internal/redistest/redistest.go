@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"net"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -83,4 +84,37 @@ func (s *Server) Restart(t testing.TB) {
 	_ = s.Cmd.Process.Kill()
 	_ = s.Cmd.Wait()
 	*s = *Start(t, s.Port(), s.args...)
+}
+
+// StartCluster starts a Redis Cluster of three masters (no replicas) on
+// free ports, waits until every master reports it ok and returns their
+// addresses. The servers stop when the test ends.
+func StartCluster(t testing.TB) []string {
+	t.Helper()
+	if _, err := exec.LookPath("redis-cli"); err != nil {
+		t.Fatalf("redis-cli is not installed (apt-get install redis-tools): %v", err)
+	}
+	var addrs []string
+	for range 3 {
+		addrs = append(addrs, Start(t, 0, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf").Addr)
+	}
+	args := slices.Concat([]string{"--cluster", "create"}, addrs, []string{"--cluster-replicas", "0", "--cluster-yes"})
+	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
+		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
+	}
+	for _, a := range addrs {
+		_, port, _ := net.SplitHostPort(a)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			out, _ := exec.Command("redis-cli", "-p", port, "CLUSTER", "INFO").Output()
+			if strings.Contains(string(out), "cluster_state:ok") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out after 30s waiting for the cluster to be ok on %s", a)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return addrs
 }

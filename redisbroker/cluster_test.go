@@ -1,0 +1,167 @@
+package redisbroker
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-duplex/duplex/internal/redistest"
+	"github.com/redis/go-redis/v9"
+)
+
+// waitSubscribedOnCluster waits until node n listens on its channel, on
+// any master of the Redis Cluster at addrs.
+func waitSubscribedOnCluster(t *testing.T, addrs []string, n *node) {
+	t.Helper()
+	channel := n.k.node(n.NodeID())
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var subs int64
+		for _, a := range addrs {
+			c := redis.NewClient(&redis.Options{Addr: a})
+			got, err := c.PubSubNumSub(bg, channel).Result()
+			c.Close()
+			if err == nil {
+				subs += got[channel]
+			}
+		}
+		if subs > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %s does not listen on %s on any master", n.NodeID(), channel)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// On a Redis Cluster of three masters, a forward to the node holding the
+// session gets that node's answer, inline or stored, whichever master
+// the sender's client would send a PUBLISH to: never ErrNodeNotListening
+// for a node that listens (its frames applied while their sender answers
+// 503). Each is applied once.
+func TestForwardOnRedisCluster(t *testing.T) {
+	addrs := redistest.StartCluster(t)
+	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
+	a.open(t, "s", "", 10)
+	waitSubscribedOnCluster(t, addrs, a)
+	for _, addr := range addrs {
+		clusterCLI(t, addr, "CONFIG", "RESETSTAT")
+	}
+
+	var want, failed []string
+	forward := func(payload []byte) {
+		t.Helper()
+		want = append(want, "s forwarded "+string(payload))
+		if status, err := b.ForwardTo(bg, "a", "s", payload); err != nil || status != 202 {
+			failed = append(failed, fmt.Sprintf("forward %d (%d bytes): %d, %v", len(want), len(payload), status, err))
+		}
+	}
+	for i := range 30 {
+		forward(fmt.Appendf(nil, "small %d", i))
+	}
+	for i := range 5 {
+		forward(randomPayload(forwardInlineMax+1+i, uint64(100+i)))
+	}
+	if len(failed) > 0 {
+		t.Errorf("%d of %d forwards to the node holding the session did not get its answer (202); the first: %s", len(failed), len(want), failed[0])
+	}
+	// Each answered forward was applied before its answer; none twice.
+	a.rec.mu.Lock()
+	if got := a.rec.commands; !slices.Equal(got, want) {
+		t.Errorf("the holder applied %d forwards, want the %d sent, each once and in order", len(got), len(want))
+	}
+	a.rec.mu.Unlock()
+	// And counted by its PUBLISH alone: no master was asked for the
+	// channel's subscribers.
+	for _, addr := range addrs {
+		if stats := clusterCLI(t, addr, "INFO", "commandstats"); strings.Contains(stats, "numsub") {
+			t.Errorf("PUBSUB NUMSUB ran on %s: a forward's PUBLISH did not count the holder", addr)
+		}
+	}
+}
+
+// clusterCLI runs redis-cli against the server at addr and returns its
+// output, trimmed.
+func clusterCLI(t *testing.T, addr string, args ...string) string {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr)
+	out, err := exec.Command("redis-cli", append([]string{"-p", port}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis-cli %v on %s: %v %s", args, addr, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// After the slot of the holder's channel moved to another master, the
+// holder's subscription stays where it was (Redis does not move it, nor
+// does go-redis while its connection lives), while the sender publishes
+// to the new owner: forwards still get the holder's answer, and are
+// applied once. A node nobody listens for is still told apart.
+func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
+	addrs := redistest.StartCluster(t)
+	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
+	a.open(t, "s", "", 10)
+	waitSubscribedOnCluster(t, addrs, a)
+
+	channel := a.k.node("a")
+	cc := b.rdb.(*redis.ClusterClient)
+	owner := func() string {
+		m, err := cc.MasterForKey(bg, channel)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Options().Addr
+	}
+	numsub := func(addr string) string { return clusterCLI(t, addr, "PUBSUB", "NUMSUB", channel) }
+	slot := clusterCLI(t, addrs[0], "CLUSTER", "KEYSLOT", channel)
+	src := owner()
+	if numsub(src) != channel+"\n1" {
+		t.Fatalf("the holder's subscription is not on the owner of its slot, %s: %q", src, numsub(src))
+	}
+	dst := addrs[0]
+	if dst == src {
+		dst = addrs[1]
+	}
+	if keys := clusterCLI(t, src, "CLUSTER", "GETKEYSINSLOT", slot, "10"); keys != "" {
+		t.Fatalf("slot %s holds keys (%q): the test moves it without them", slot, keys)
+	}
+	srcID, dstID := clusterCLI(t, src, "CLUSTER", "MYID"), clusterCLI(t, dst, "CLUSTER", "MYID")
+	clusterCLI(t, dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
+	clusterCLI(t, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
+	for _, addr := range addrs {
+		clusterCLI(t, addr, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+	}
+	cc.ReloadState(bg)
+	deadline := time.Now().Add(30 * time.Second)
+	for owner() != dst {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sender does not see slot %s on %s", slot, dst)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if numsub(src) != channel+"\n1" || numsub(dst) != channel+"\n0" {
+		t.Fatalf("the holder's subscription moved with the slot (test did not test): %q on %s, %q on %s", numsub(src), src, numsub(dst), dst)
+	}
+
+	var want []string
+	for i, payload := range [][]byte{[]byte("small"), randomPayload(forwardInlineMax+1, 200), []byte("small again")} {
+		want = append(want, "s forwarded "+string(payload))
+		if status, err := b.ForwardTo(bg, "a", "s", payload); err != nil || status != 202 {
+			t.Errorf("forward %d (%d bytes) after the slot moved: %d, %v; want 202", i, len(payload), status, err)
+		}
+	}
+	a.rec.mu.Lock()
+	if got := a.rec.commands; !slices.Equal(got, want) {
+		t.Errorf("the holder applied %d forwards, want the %d sent, each once and in order", len(got), len(want))
+	}
+	a.rec.mu.Unlock()
+	if _, err := b.ForwardTo(bg, "gone", "s", []byte("lost")); !errors.Is(err, ErrNodeNotListening) {
+		t.Errorf("forward to a node nobody listens for: %v, want ErrNodeNotListening", err)
+	}
+}
