@@ -31,8 +31,8 @@ type duplexMetrics struct {
 	pushDelivered, pushBuffered, pushDropped prometheus.Counter
 	// publishOK is publishes' "ok", resolved once: it is bumped per
 	// publish request
-	publishOK prometheus.Counter
-	collectors                               []prometheus.Collector // all of the above
+	publishOK  prometheus.Counter
+	collectors []prometheus.Collector // all of the above
 }
 
 var metrics = newDuplexMetrics()
