@@ -245,12 +245,11 @@ func TestBrowserWebSocketHTTP2(t *testing.T) {
 	b.eval(t, `T.s.s.s.close(), true`, nil)
 	var opening map[string]any
 	waitUntil(t, "the access log line of the session's opening", 60e9, func() bool {
-		for _, line := range strings.Split(c.logs(), "\n") {
-			var e struct {
-				Logger  string
-				Request map[string]any
-			}
-			if json.Unmarshal([]byte(line), &e) != nil || !strings.HasPrefix(e.Logger, "http.log.access") {
+		for _, e := range logEntries[struct {
+			Logger  string
+			Request map[string]any
+		}](c) {
+			if !strings.HasPrefix(e.Logger, "http.log.access") {
 				continue
 			}
 			if uri, _ := e.Request["uri"].(string); strings.HasPrefix(uri, "/live?") {
@@ -559,16 +558,15 @@ http://127.0.0.1:{{.Allowed}} {
 
 	// Wait for Caddy to have refused both transports.
 	refused := func(header, value string) bool {
-		for _, line := range strings.Split(c.logs(), "\n") {
-			var e struct {
-				Logger  string
-				Status  int
-				Request struct {
-					URI     string
-					Headers map[string][]string
-				}
+		for _, e := range logEntries[struct {
+			Logger  string
+			Status  int
+			Request struct {
+				URI     string
+				Headers map[string][]string
 			}
-			if json.Unmarshal([]byte(line), &e) != nil || !strings.HasPrefix(e.Logger, "http.log.access") ||
+		}](c) {
+			if !strings.HasPrefix(e.Logger, "http.log.access") ||
 				!strings.HasPrefix(e.Request.URI, "/live") || e.Status != http.StatusForbidden {
 				continue
 			}

@@ -267,6 +267,34 @@ func (c *caddyProc) stop(t *testing.T) {
 
 func (c *caddyProc) logs() string { return c.out.String() }
 
+// logEntries decodes Caddy's output so far, one JSON log entry per line,
+// into T; lines that are not JSON (or not a T) are left out.
+func logEntries[T any](c *caddyProc) []T {
+	var es []T
+	for _, line := range strings.Split(c.logs(), "\n") {
+		var e T
+		if json.Unmarshal([]byte(line), &e) == nil {
+			es = append(es, e)
+		}
+	}
+	return es
+}
+
+// linesWith returns the lines of logs that contain any of subs, for a
+// failure's message (the check itself looks at logs).
+func linesWith(logs string, subs ...string) []string {
+	var out []string
+	for _, l := range strings.Split(logs, "\n") {
+		for _, s := range subs {
+			if strings.Contains(l, s) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return out
+}
+
 func (c *caddyProc) url(path string) string {
 	return fmt.Sprintf("http://127.0.0.1:%d%s", c.HTTP, path)
 }

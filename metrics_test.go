@@ -1,7 +1,6 @@
 package duplex_test
 
 import (
-	"encoding/json"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -101,9 +100,8 @@ func TestSessionLogs(t *testing.T) {
 	var opened, closed map[string]any
 	waitUntil(t, "session log lines", 10*time.Second, func() bool {
 		opened, closed = nil, nil
-		for _, line := range strings.Split(c.logs(), "\n") {
-			var e map[string]any
-			if json.Unmarshal([]byte(line), &e) != nil || e["session"] != ws.Session {
+		for _, e := range logEntries[map[string]any](c) {
+			if e["session"] != ws.Session {
 				continue
 			}
 			switch e["msg"] {

@@ -271,13 +271,7 @@ http://127.0.0.1:{{.HTTP}} {
 			}
 		}
 		if n := strings.Count(logs, tok); n > 0 {
-			var lines []string
-			for _, l := range strings.Split(logs, "\n") {
-				if strings.Contains(l, tok) {
-					lines = append(lines, l)
-				}
-			}
-			t.Errorf("token of session %s appears %d times in Caddy's output:\n%s", ids[i], n, strings.Join(lines, "\n"))
+			t.Errorf("token of session %s appears %d times in Caddy's output:\n%s", ids[i], n, strings.Join(linesWith(logs, tok), "\n"))
 		}
 		for _, r := range app.all() {
 			blob := fmt.Sprint(r.Header) + " " + r.Path + "?" + r.Query + " " + string(r.Body)

@@ -2,7 +2,6 @@ package duplex_test
 
 import (
 	"bufio"
-	"encoding/json"
 	"net"
 	"net/http"
 	"strconv"
@@ -222,9 +221,8 @@ func detachReason(t *testing.T, c *caddyProc, id string) string {
 	t.Helper()
 	reason := ""
 	waitUntil(t, "session "+id+" to be detached", time.Minute, func() bool {
-		for _, line := range strings.Split(c.logs(), "\n") {
-			var e struct{ Msg, Session, Reason string }
-			if json.Unmarshal([]byte(line), &e) == nil && e.Msg == "session detached" && e.Session == id {
+		for _, e := range logEntries[struct{ Msg, Session, Reason string }](c) {
+			if e.Msg == "session detached" && e.Session == id {
 				reason = e.Reason
 				return true
 			}
