@@ -19,6 +19,9 @@ type env struct {
 	hc           *http.Client // publishes, SSE posts, plain requests
 	rep          *report
 	failures     int
+	// pairs counts eachServer's measurements, to alternate which server
+	// goes first.
+	pairs int
 }
 
 func newHTTPClient(conns int) *http.Client {
@@ -35,8 +38,15 @@ func newHTTPClient(conns int) *http.Client {
 // eachServer runs fn against a fresh instance of each selected server, one
 // after the other, and returns their metrics (nil for a server not run or
 // whose run failed; failures are logged and counted).
+// The server measured first alternates from one measurement to the next,
+// so that neither always meets the machine as the other left it.
 func (e *env) eachServer(what string, fn func(srv *server) (metrics, error)) (duplex, reference metrics) {
-	return e.eachServerFrom(what, nameDuplex, fn)
+	first := nameDuplex
+	if e.pairs%2 == 1 {
+		first = nameReference
+	}
+	e.pairs++
+	return e.eachServerFrom(what, first, fn)
 }
 
 // eachServerFrom is eachServer measuring server first first.

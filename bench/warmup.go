@@ -13,8 +13,8 @@ const warmUpSessions = 1000
 // reference server before anything is measured, so that the harness's
 // own cold start (its heap growing, its first client goroutines and
 // connections) is not charged to whichever server is measured first: the
-// first measurement of a run (caddy-duplex's opens at N=1,000, as
-// eachServer measures caddy-duplex first) came out 0.51–1.20× the
+// first measurement of a run (caddy-duplex's opens at N=1,000, which
+// eachServer measures first) came out 0.51–1.20× the
 // reference's over six runs, and 1.10–2.23× with the two servers measured
 // the other way round. The measured servers stay cold: each scenario
 // starts its own.
