@@ -19,7 +19,7 @@ import (
 // endpoint (a request logger built with the request's headers, a metrics
 // label map, its mux) or of a site route. It is meant for an app
 // publishing at high rates from the same host or a private network; see
-// "Publishing" in the README.
+// "Publishing on an address of its own" in the README.
 //
 // Like the admin endpoint it has no authentication, so it refuses what a
 // browser could send it: requests carrying Origin or Sec-Fetch-* headers,
