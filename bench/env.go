@@ -102,13 +102,13 @@ func (e *env) eachServerRounds(what string, rounds int, ratioKey string, sumKeys
 			logf("  round %d of %d (%s first): %s %.0f | %.0f = %.2f×", i+1, rounds, first, ratioKey, d[ratioKey], r[ratioKey], d[ratioKey]/r[ratioKey])
 		}
 	}
-	return medianMetrics(ds, sumKeys), medianMetrics(rs, sumKeys)
+	return medianMetrics(ds, sumKeys, nil), medianMetrics(rs, sumKeys, nil)
 }
 
 // medianMetrics is, for each key, the median of its values over ms (the
-// mean of the middle two for an even count), or for sumKeys their sum; nil
-// if ms is empty.
-func medianMetrics(ms []metrics, sumKeys []string) metrics {
+// mean of the middle two for an even count, as when a round failed), or
+// for sumKeys their sum, for meanKeys their mean; nil if ms is empty.
+func medianMetrics(ms []metrics, sumKeys, meanKeys []string) metrics {
 	if len(ms) == 0 {
 		return nil
 	}
@@ -120,14 +120,16 @@ func medianMetrics(ms []metrics, sumKeys []string) metrics {
 				vs = append(vs, v)
 			}
 		}
+		sum := 0.0
+		for _, v := range vs {
+			sum += v
+		}
 		slices.Sort(vs)
 		switch n := len(vs); {
 		case slices.Contains(sumKeys, key):
-			sum := 0.0
-			for _, v := range vs {
-				sum += v
-			}
 			out[key] = sum
+		case slices.Contains(meanKeys, key):
+			out[key] = sum / float64(n)
 		case n%2 == 0:
 			out[key] = (vs[n/2-1] + vs[n/2]) / 2
 		default:

@@ -125,27 +125,10 @@ func medianOpens(m metrics, rounds []metrics) {
 	if m == nil {
 		return
 	}
-	all := append([]metrics{m}, rounds...)
+	all := medianMetrics(append([]metrics{m}, rounds...), nil, []string{"cpuOpen"})
 	for _, key := range []string{"opens", "openP50", "openP99", "cpuOpen"} {
-		var vs []float64
-		for _, r := range all {
-			if v, ok := r[key]; ok {
-				vs = append(vs, v)
-			}
-		}
-		slices.Sort(vs)
-		switch {
-		case len(vs) == 0:
-		case key == "cpuOpen":
-			sum := 0.0
-			for _, v := range vs {
-				sum += v
-			}
-			m[key] = sum / float64(len(vs))
-		case len(vs)%2 == 0: // a round failed
-			m[key] = (vs[len(vs)/2-1] + vs[len(vs)/2]) / 2
-		default:
-			m[key] = vs[len(vs)/2]
+		if v, ok := all[key]; ok {
+			m[key] = v
 		}
 	}
 }
