@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -187,13 +188,26 @@ func writeDelivered(w http.ResponseWriter, n int) {
 // setting it allocates nothing (nothing modifies a header value in place).
 var jsonContentType = []string{"application/json"}
 
+// bodyReadAhead is the most readBody allocates for a body before its
+// bytes arrive.
+const bodyReadAhead = 64 << 10
+
 // readBody reads a publish body of at most maxPublishBody bytes, into a
-// buffer of its announced length when it has one.
+// buffer of its announced length when it has one: at most bodyReadAhead
+// of it up front, the rest as the bytes arrive, so a client announcing a
+// large body it then sends slowly (or never) holds no more than that.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 	body := http.MaxBytesReader(w, r.Body, maxPublishBody)
 	if n := r.ContentLength; n > 0 && n <= maxPublishBody {
-		buf := make([]byte, 0, n+1) // +1: room to see the end
-		for len(buf) < cap(buf) {
+		buf := make([]byte, 0, min(n, bodyReadAhead)+1) // +1: room to see the end
+		for {
+			if len(buf) == cap(buf) {
+				if int64(len(buf)) > n {
+					break // longer than announced: read on, within the limit
+				}
+				// Double, up to the announced length (+1).
+				buf = slices.Grow(buf, int(min(n+1-int64(len(buf)), int64(len(buf)))))
+			}
 			m, err := body.Read(buf[len(buf):cap(buf)])
 			buf = buf[:len(buf)+m]
 			if errors.Is(err, io.EOF) {
@@ -203,7 +217,6 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 				return nil, err
 			}
 		}
-		// Longer than announced: read on, within the limit.
 		rest, err := io.ReadAll(body)
 		return append(buf, rest...), err
 	}
