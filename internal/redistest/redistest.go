@@ -48,14 +48,17 @@ func Start(t testing.TB, port int, args ...string) *Server {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	ready := make(chan struct{})
+	ready, exited := make(chan struct{}), make(chan struct{})
+	var lastLine string // written before exited is closed
 	go func() {
+		defer close(exited)
 		sc := bufio.NewScanner(out)
 		var once sync.Once
 		for sc.Scan() {
 			if strings.Contains(sc.Text(), "Ready to accept connections") {
 				once.Do(func() { close(ready) })
 			}
+			lastLine = sc.Text()
 		}
 	}()
 	t.Cleanup(func() {
@@ -65,6 +68,8 @@ func Start(t testing.TB, port int, args ...string) *Server {
 	})
 	select {
 	case <-ready:
+	case <-exited:
+		t.Fatalf("redis-server exited before it was ready: %s", lastLine)
 	case <-time.After(30 * time.Second):
 		t.Fatal("redis-server did not start")
 	}
@@ -96,7 +101,11 @@ func StartCluster(t testing.TB) []string {
 	}
 	var addrs []string
 	for range 3 {
-		addrs = append(addrs, Start(t, 0, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf").Addr)
+		// The cluster bus port is its own free port: by default it is the
+		// port + 10000, which Redis refuses above 55535 and nobody reserved.
+		ports := caddytest.FreePorts(t, 2)
+		addrs = append(addrs, Start(t, ports[0], "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-port", strconv.Itoa(ports[1])).Addr)
 	}
 	args := slices.Concat([]string{"--cluster", "create"}, addrs, []string{"--cluster-replicas", "0", "--cluster-yes"})
 	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
