@@ -85,8 +85,9 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 		if stored {
 			// Nobody will read it: the caller may forward it again,
 			// elsewhere, under another key. Unless somebody did read it
-			// (a listener the count missed): then it may be applied.
-			if gone, err := b.rdb.Del(cctx, b.k.forward(req)).Result(); err == nil && gone == 0 {
+			// (a listener the count missed), or the delete cannot tell:
+			// then it may be applied.
+			if gone, err := b.rdb.Del(cctx, b.k.forward(req)).Result(); err != nil || gone == 0 {
 				return 0, ErrNodeUnreachable
 			}
 		}
