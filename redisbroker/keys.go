@@ -9,7 +9,16 @@ func (k keys) log(id string) string      { return k.sessionHead() + id + "}:log"
 func (k keys) channels(id string) string { return k.sessionHead() + id + "}:ch" }
 func (k keys) channel(c string) string   { return k.prefix + ":c:{" + c + "}" }
 func (k keys) user(u string) string      { return k.prefix + ":u:{" + u + "}" }
-func (k keys) token(t string) string     { return k.prefix + ":t:{" + t + "}" }
+
+// members is the set of a publish target's sessions: user's, or, without
+// a user, channel's.
+func (k keys) members(user, channel string) string {
+	if user != "" {
+		return k.user(user)
+	}
+	return k.channel(channel)
+}
+func (k keys) token(t string) string { return k.prefix + ":t:{" + t + "}" }
 func (k keys) publishID(id string) string {
 	return k.prefix + ":p:{" + id + "}"
 }

@@ -192,10 +192,7 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 // returns the count reached and the ids found gone, or, with more members
 // than a script batch, applied false: nothing was done.
 func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone []string, applied bool, err error) {
-	key := b.k.user(p.User)
-	if p.User == "" {
-		key = b.k.channel(p.Channel)
-	}
+	key := b.k.members(p.User, p.Channel)
 	cctx, cancel := b.call(ctx)
 	defer cancel()
 	res, err := membersPublishScript.Run(cctx, b.rdb, []string{key},
@@ -216,10 +213,7 @@ func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone []s
 
 // forget drops expired sessions from a user's or channel's set.
 func (b *Broker) forget(ctx context.Context, user, channel string, ids []string) {
-	key := b.k.user(user)
-	if user == "" {
-		key = b.k.channel(channel)
-	}
+	key := b.k.members(user, channel)
 	cctx, cancel := b.call(ctx)
 	defer cancel()
 	_ = b.rdb.SRem(cctx, key, anys(ids)...).Err()

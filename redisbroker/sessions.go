@@ -344,10 +344,7 @@ func (b *Broker) All(ctx context.Context) ([]string, error) {
 
 // Members lists the sessions of a user or on a channel (one of them).
 func (b *Broker) Members(ctx context.Context, user, channel string) ([]string, error) {
-	key := b.k.user(user)
-	if user == "" {
-		key = b.k.channel(channel)
-	}
+	key := b.k.members(user, channel)
 	cctx, cancel := b.call(ctx)
 	defer cancel()
 	ids, err := b.rdb.SMembers(cctx, key).Result()
