@@ -28,9 +28,11 @@ import (
 // every look finds more stuck workers (many peers stalled, the queue full
 // of their writers), the watchdog lets twice as many run beyond size each
 // time (surge), so that writers queued behind n stalled ones wait about
-// log2(n/size) stall periods, not n/size. Workers are thus at most size
-// while no peer stalls, and never more than the connections with frames
-// to write.
+// log2(n/size) stall periods, not n/size. The surge never exceeds the
+// stuck workers still alive, and a worker finding more than size+surge
+// running ends instead of taking the next writer: workers not stuck are
+// at most size while no peer stalls and at most size plus the stalled
+// peers while some do, whatever the length of the queue.
 type writePool struct {
 	size  int           // workers that are not stuck, at most (0: four per CPU, read at first use)
 	stall time.Duration // how long one writer may take before its worker counts as stuck
@@ -42,6 +44,7 @@ type writePool struct {
 	workers  map[*poolWorker]struct{} // every worker, stuck ones too
 	watching bool                     // the watchdog is armed
 	surge    int                      // workers the watchdog lets run beyond size (see above); 0 once the queue drains
+	stuck    int                      // workers marked stuck that have not ended yet
 }
 
 // poolWorker is one worker of a writePool.
@@ -92,17 +95,20 @@ func (p *writePool) startLocked(a writer) {
 }
 
 // work runs writers until none waits. A worker found stuck ends after
-// its writer: others took its place.
+// its writer: others took its place. So does a worker beyond size+surge
+// (the surge it was started for is over): the others take the queue.
 func (p *writePool) work(w *poolWorker, a writer) {
 	for a != nil {
 		a.writeBurst()
 		p.mu.Lock()
 		a = nil
-		if !w.stuck {
+		if !w.stuck && p.running <= p.size+p.surge {
 			a = p.nextLocked()
 		}
 		if a == nil {
-			if !w.stuck {
+			if w.stuck {
+				p.stuck--
+			} else {
 				p.running--
 			}
 			delete(p.workers, w)
@@ -149,7 +155,9 @@ func (p *writePool) armLocked() {
 
 // watch is the watchdog: while writers wait, workers busy with one writer
 // for a stall period stop counting, and workers are started in their
-// place, size of them and the surge beyond.
+// place, size of them and the surge beyond (at most as many as are
+// stuck: a trickle of stalled peers under steady load must not double it
+// look after look until every waiting writer has a goroutine).
 func (p *writePool) watch() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -163,11 +171,12 @@ func (p *writePool) watch() {
 		if !w.stuck && now.Sub(w.since) >= p.stall {
 			w.stuck = true
 			p.running--
+			p.stuck++
 			stuck++
 		}
 	}
 	if stuck > 0 {
-		p.surge = max(p.size, 2*p.surge)
+		p.surge = min(max(p.size, 2*p.surge), p.stuck)
 	} else {
 		p.surge = 0
 	}

@@ -203,3 +203,116 @@ func TestWritePoolSurgesPastStalledPeers(t *testing.T) {
 		t.Fatalf("surge %d left once the queue drained", surge)
 	}
 }
+
+// blockedTasks queues n writers that each wait for their own release.
+func blockedTasks(p *writePool, n int) []*task {
+	tasks := make([]*task, n)
+	for i := range tasks {
+		tasks[i] = &task{release: make(chan struct{}), ran: make(chan struct{}), n: i}
+		p.run(tasks[i])
+	}
+	return tasks
+}
+
+// poolCounts is what the pool's tests look at: its workers, stuck or not,
+// and the writers waiting.
+type poolCounts struct{ running, stuck, waiting int }
+
+func countsOf(p *writePool) poolCounts {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var c poolCounts
+	for w := range p.workers {
+		if w.stuck {
+			c.stuck++
+		} else {
+			c.running++
+		}
+	}
+	c.waiting = len(p.queue) - p.head
+	return c
+}
+
+// A trickle of stalled peers under steady load (every look finds one more
+// stuck worker, the queue never drains) does not double the surge look
+// after look: workers not stuck stay within size plus the stuck ones.
+func TestWritePoolSurgeBoundedByStuckWorkers(t *testing.T) {
+	p := newWritePool(2, time.Hour) // the looks are made by the test
+	tasks := blockedTasks(p, 200)
+	defer func() {
+		for _, k := range tasks {
+			close(k.release)
+		}
+		waitIdle(t, p)
+	}()
+	for look := 1; look <= 8; look++ {
+		p.mu.Lock()
+		for w := range p.workers {
+			if !w.stuck { // one worker more has been busy for a stall period
+				w.since = time.Now().Add(-2 * time.Hour)
+				break
+			}
+		}
+		p.mu.Unlock()
+		p.watch()
+		c := countsOf(p)
+		if c.stuck != look {
+			t.Fatalf("look %d: %d workers stuck, want %d", look, c.stuck, look)
+		}
+		if c.running > p.size+c.stuck {
+			t.Fatalf("look %d: %d workers running beside %d stuck ones, want at most size %d plus the stuck", look, c.running, c.stuck, p.size)
+		}
+		if c.running < p.size {
+			t.Fatalf("look %d: %d workers running, want at least size %d while writers wait", look, c.running, p.size)
+		}
+	}
+}
+
+// Once the surge is over, the workers started for it end as their writers
+// return instead of taking the next: workers are back to size while the
+// queue still holds writers.
+func TestWritePoolSurplusWorkersEnd(t *testing.T) {
+	p := newWritePool(2, time.Hour) // the looks are made by the test
+	tasks := blockedTasks(p, 100)
+	released := 0
+	defer func() {
+		for _, k := range tasks[released:] {
+			close(k.release)
+		}
+		waitIdle(t, p)
+	}()
+	// Both workers stall: the surge lets two more run beyond size.
+	p.mu.Lock()
+	for w := range p.workers {
+		w.since = time.Now().Add(-2 * time.Hour)
+	}
+	p.mu.Unlock()
+	p.watch()
+	if c := countsOf(p); c != (poolCounts{running: 4, stuck: 2, waiting: 94}) {
+		t.Fatalf("after the stall: %+v, want 4 running, 2 stuck, 94 waiting", c)
+	}
+	// The stalled peers come back; the next look finds nobody stuck and
+	// ends the surge.
+	release := func(want poolCounts) {
+		t.Helper()
+		k := tasks[released]
+		close(k.release)
+		released++
+		waitRan(t, k, fmt.Sprintf("writer %d", k.n))
+		deadline := time.Now().Add(30 * time.Second)
+		for countsOf(p) != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("after writer %d returned: %+v, want %+v", k.n, countsOf(p), want)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	release(poolCounts{running: 4, stuck: 1, waiting: 94})
+	release(poolCounts{running: 4, stuck: 0, waiting: 94})
+	p.watch()
+	// Writers 2 to 5 run on the four workers: the first two to return end
+	// their workers, the next ones take the queue.
+	release(poolCounts{running: 3, waiting: 94})
+	release(poolCounts{running: 2, waiting: 94})
+	release(poolCounts{running: 2, waiting: 93})
+}
