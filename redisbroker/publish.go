@@ -173,15 +173,12 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	}
 	n, gone := 0, []string{}
 	for _, bt := range batches {
-		res, err := bt.res.Slice()
+		reached, ids, err := publishResult(bt.res)
 		if err != nil {
-			return n, unavailable("publishing", err)
+			return n, err
 		}
-		reached, _ := res[0].(int64)
 		n += int(reached)
-		for _, g := range res[1].([]any) {
-			gone = append(gone, g.(string))
-		}
+		gone = append(gone, ids...)
 	}
 	if p.Session != "" && n == 0 && len(gone) > 0 {
 		return 0, ErrUnknownSession
@@ -200,21 +197,33 @@ func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone, me
 	key := b.k.members(p.User, p.Channel)
 	cctx, cancel := b.call(ctx)
 	defer cancel()
-	res, err := membersPublishScript.Run(cctx, b.rdb, []string{key},
-		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch).Slice()
-	if err != nil {
-		return 0, nil, nil, unavailable("publishing", err)
-	}
-	reached, _ := res[0].(int64)
-	list, _ := res[1].([]any)
-	ids := make([]string, 0, len(list))
-	for _, g := range list {
-		ids = append(ids, g.(string))
-	}
-	if reached < 0 {
+	reached, ids, err := publishResult(membersPublishScript.Run(cctx, b.rdb, []string{key},
+		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch))
+	switch {
+	case err != nil:
+		return 0, nil, nil, err
+	case reached < 0:
 		return 0, nil, ids, nil
 	}
 	return int(reached), ids, nil, nil
+}
+
+// publishResult reads a publish script's answer: how many sessions it
+// reached and the ids of those that are gone, or, from
+// membersPublishScript with too many members, -1 and the members. An ids
+// list is non-nil.
+func publishResult(res *redis.Cmd) (reached int64, ids []string, err error) {
+	v, err := res.Slice()
+	if err != nil {
+		return 0, nil, unavailable("publishing", err)
+	}
+	reached, _ = v[0].(int64)
+	list, _ := v[1].([]any)
+	ids = make([]string, 0, len(list))
+	for _, id := range list {
+		ids = append(ids, id.(string))
+	}
+	return reached, ids, nil
 }
 
 // forget drops expired sessions from a user's or channel's set.
