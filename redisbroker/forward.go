@@ -147,30 +147,31 @@ func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64
 	if err != nil {
 		return 0, err
 	}
-	// The masters' own clients run without the cluster client's hooks:
-	// Config.Observe is told of their round trips here.
-	run := func(ctx context.Context, c *redis.Client, cmd redis.Cmder) error {
-		process := redis.ProcessHook(c.Process)
-		if b.cfg.Observe != nil {
-			process = observer{b.cfg.Observe}.ProcessHook(process)
-		}
-		return process(ctx, cmd)
-	}
 	pub := redis.NewIntCmd(ctx, "publish", channel, msg)
-	if err := run(ctx, master, pub); err != nil || pub.Val() > 0 {
+	if err := b.onMaster(ctx, master, pub); err != nil || pub.Val() > 0 {
 		return pub.Val(), err
 	}
 	var mu sync.Mutex
 	var n int64
 	err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
 		numsub := redis.NewMapStringIntCmd(ctx, "pubsub", "numsub", channel)
-		err := run(ctx, m, numsub)
+		err := b.onMaster(ctx, m, numsub)
 		mu.Lock()
 		n += numsub.Val()[channel]
 		mu.Unlock()
 		return err
 	})
 	return n, err
+}
+
+// onMaster runs cmd on master m of a Redis Cluster. The masters' own
+// clients run without the cluster client's hooks: Config.Observe is told
+// of the round trip here.
+func (b *Broker) onMaster(ctx context.Context, m *redis.Client, cmd redis.Cmder) error {
+	if b.cfg.Observe == nil {
+		return m.Process(ctx, cmd)
+	}
+	return observer{b.cfg.Observe}.process(ctx, cmd, m.Process)
 }
 
 // receiveStored answers a forward whose payload was stored (see
