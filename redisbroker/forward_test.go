@@ -1,6 +1,7 @@
 package redisbroker
 
 import (
+	"context"
 	"errors"
 	"math/rand/v2"
 	"slices"
@@ -252,6 +253,69 @@ func TestForwardStoredPayloadGone(t *testing.T) {
 	defer a.rec.mu.Unlock()
 	if len(a.rec.commands) != 0 {
 		t.Fatalf("the holder applied a forward whose payload was gone: %d commands", len(a.rec.commands))
+	}
+}
+
+// publishHook is a go-redis hook that calls after with the channel and
+// message of every PUBLISH once Redis answered it, before its caller goes
+// on.
+type publishHook struct{ after func(channel, msg string) }
+
+func (h publishHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h publishHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h publishHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if args := cmd.Args(); cmd.Name() == "publish" && len(args) == 3 {
+			channel, _ := args[1].(string)
+			msg, _ := args[2].(string)
+			h.after(channel, msg)
+		}
+		return err
+	}
+}
+
+// A stored payload that nobody was counted for, but that is gone when its
+// sender comes to delete it (a holder the count missed took it meanwhile),
+// may have been applied: the forward fails with ErrNodeUnreachable, not
+// ErrNodeNotListening, after which its caller would forward it again.
+func TestForwardStoredTakenThoughNobodyCounted(t *testing.T) {
+	r := startRedis(t)
+	b := startNode(t, r, "b")
+	b.stop() // nothing but the forward uses b's client from here on
+	holder := r.client(t)
+	took := make(chan []byte, 1)
+	b.rdb.AddHook(publishHook{func(channel, msg string) {
+		// Between the PUBLISH that counted nobody and the sender's
+		// delete, the holder reads the payload as receiveStored does.
+		fields := strings.Fields(msg)
+		if channel != b.k.node("missed") || len(fields) != 3 || fields[0] != "k" {
+			return
+		}
+		req, _, _ := strings.Cut(fields[2], "@")
+		p, _ := holder.GetDel(bg, b.k.forward(req)).Bytes()
+		took <- p
+	}})
+
+	payload := randomPayload(1<<20, 7)
+	status, err := b.ForwardTo(bg, "missed", "s", payload)
+	if !errors.Is(err, ErrNodeUnreachable) || errors.Is(err, ErrNodeNotListening) {
+		t.Fatalf("forward whose stored payload was taken though nobody was counted: %d, %v; want ErrNodeUnreachable, not ErrNodeNotListening", status, err)
+	}
+	select {
+	case p := <-took:
+		if string(p) != string(payload) {
+			t.Fatalf("the holder took %d bytes, not the stored payload (test did not test)", len(p))
+		}
+	default:
+		t.Fatal("no forward by reference was published (test did not test)")
+	}
+	if left := forwardKeys(t, r); len(left) != 0 {
+		t.Fatalf("stored forwards left: %v", left)
 	}
 }
 
