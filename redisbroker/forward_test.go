@@ -57,44 +57,33 @@ func (w *channelWatch) all(t *testing.T) []string {
 	if err := w.admin.Publish(bg, w.channel, marker).Err(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.After(30 * time.Second)
-	for {
-		w.mu.Lock()
-		for i, m := range w.msgs {
-			if m == marker {
-				got := append([]string(nil), w.msgs[:i]...)
-				w.mu.Unlock()
-				return got
-			}
+	var got []string
+	w.await(t, func(msgs []string) bool {
+		i := slices.Index(msgs, marker)
+		if i >= 0 {
+			got = append([]string(nil), msgs[:i]...)
 		}
-		w.mu.Unlock()
-		select {
-		case <-w.changed:
-		case <-time.After(50 * time.Millisecond):
-		case <-deadline:
-			t.Fatalf("the marker published on %s did not arrive", w.channel)
-		}
-	}
+		return i >= 0
+	}, "the marker published on "+w.channel+" did not arrive")
+	return got
 }
 
 // waitFor waits for a message for which match holds.
 func (w *channelWatch) waitFor(t *testing.T, match func(string) bool) {
 	t.Helper()
-	deadline := time.After(30 * time.Second)
-	for {
+	w.await(t, func(msgs []string) bool { return slices.ContainsFunc(msgs, match) },
+		"the message waited for did not arrive on "+w.channel)
+}
+
+// await waits until cond holds on the messages so far (checked under the
+// watch's lock); it fails the test with failure if it does not.
+func (w *channelWatch) await(t *testing.T, cond func(msgs []string) bool, failure string) {
+	t.Helper()
+	await(t, w.changed, func() bool {
 		w.mu.Lock()
-		found := slices.ContainsFunc(w.msgs, match)
-		w.mu.Unlock()
-		if found {
-			return
-		}
-		select {
-		case <-w.changed:
-		case <-time.After(50 * time.Millisecond):
-		case <-deadline:
-			t.Fatalf("the message waited for did not arrive on %s", w.channel)
-		}
-	}
+		defer w.mu.Unlock()
+		return cond(w.msgs)
+	}, func() string { return failure })
 }
 
 // waitSubscribed waits until node n listens on its channel.
