@@ -3,6 +3,7 @@ package redisbroker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -86,22 +87,31 @@ func (w *channelWatch) await(t *testing.T, cond func(msgs []string) bool, failur
 	}, func() string { return failure })
 }
 
-// waitSubscribed waits until node n listens on its channel.
-func waitSubscribed(t *testing.T, r *redisServer, n *node) {
+// waitSubscribed waits until node n listens on its channel, on any server
+// of its Redis (every master of a Redis Cluster).
+func waitSubscribed(t *testing.T, n *node) {
 	t.Helper()
-	admin := r.client(t)
 	channel := n.k.node(n.NodeID())
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		subs, err := admin.PubSubNumSub(bg, channel).Result()
-		if err == nil && subs[channel] > 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %s does not listen on %s: %v", n.NodeID(), channel, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	var admins []*redis.Client
+	for _, addr := range n.cfg.Addrs {
+		c := redis.NewClient(&redis.Options{Addr: addr})
+		t.Cleanup(func() { c.Close() })
+		admins = append(admins, c)
 	}
+	var err error // the last server's that failed to answer
+	await(t, nil, func() bool {
+		var subs int64
+		for _, c := range admins {
+			got, cerr := c.PubSubNumSub(bg, channel).Result()
+			if cerr != nil {
+				err = cerr
+			}
+			subs += got[channel]
+		}
+		return subs > 0
+	}, func() string {
+		return fmt.Sprintf("node %s does not listen on %s on any server: %v", n.NodeID(), channel, err)
+	})
 }
 
 // randomPayload is n bytes of every value (spaces and "@" among them),
@@ -132,7 +142,7 @@ func TestForwardLargePayloadStored(t *testing.T) {
 	r := startRedis(t)
 	a, b := startNode(t, r, "a"), startNode(t, r, "b")
 	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	waitSubscribed(t, a)
 	w := watchChannel(t, r, a.k.node("a"))
 
 	payload := randomPayload(1<<20, 1)
@@ -165,7 +175,7 @@ func TestForwardInlineUpToThreshold(t *testing.T) {
 	r := startRedis(t)
 	a, b := startNode(t, r, "a"), startNode(t, r, "b")
 	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	waitSubscribed(t, a)
 	w := watchChannel(t, r, a.k.node("a"))
 
 	small, large := randomPayload(forwardInlineMax, 2), randomPayload(forwardInlineMax+1, 3)
@@ -198,7 +208,7 @@ func TestForwardStoredPayloadGone(t *testing.T) {
 	r := startRedis(t)
 	a, b := startNode(t, r, "a"), startNode(t, r, "b")
 	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	waitSubscribed(t, a)
 
 	// A relay between b and a deletes the payload, then passes the
 	// reference on.
@@ -359,7 +369,7 @@ func TestForwardStoredBesideTheLoop(t *testing.T) {
 	// b waits long for the answer, however slow this machine.
 	a, b := startNode(t, r, "a"), startNode(t, r, "b", func(c *Config) { c.Timeout = 20 * time.Second })
 	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	waitSubscribed(t, a)
 	gate := make(chan struct{})
 	a.rec.mu.Lock()
 	a.rec.gate = gate
