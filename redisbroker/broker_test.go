@@ -290,25 +290,19 @@ func TestForward(t *testing.T) {
 	r := startRedis(t)
 	a, b := startNode(t, r, "a"), startNode(t, r, "b")
 	a.open(t, "s", "", 10)
-	var status int
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		// a's subscription may not be active yet: nobody hears the first.
-		var err error
-		status, err = b.ForwardTo(bg, "a", "s", []byte(`[{"id":1}]`))
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, ErrNodeUnreachable) || time.Now().After(deadline) {
-			t.Fatalf("forward: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	waitSubscribed(t, a)
+	status, err := b.ForwardTo(bg, "a", "s", []byte(`[{"id":1}]`))
+	if err != nil {
+		t.Fatalf("forward: %v", err)
 	}
 	if status != 202 {
 		t.Fatalf("forward answered %d, want 202", status)
 	}
 	a.rec.waitFor(t, "the forward on a", func() bool { return len(a.rec.commands) == 1 && a.rec.commands[0] == `s forwarded [{"id":1}]` })
 	a.stop()
+	// Redis drops a's subscription once it reads a's connection closed: a
+	// PUBLISH before that counts it.
+	waitListening(t, a, false)
 	if _, err := b.ForwardTo(bg, "a", "s", []byte(`[]`)); !errors.Is(err, ErrNodeNotListening) || !errors.Is(err, ErrNodeUnreachable) {
 		t.Fatalf("forward to a stopped node: %v, want ErrNodeNotListening, an ErrNodeUnreachable", err)
 	}

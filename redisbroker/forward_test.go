@@ -91,6 +91,13 @@ func (w *channelWatch) await(t *testing.T, cond func(msgs []string) bool, failur
 // of its Redis (every master of a Redis Cluster).
 func waitSubscribed(t *testing.T, n *node) {
 	t.Helper()
+	waitListening(t, n, true)
+}
+
+// waitListening waits until node n listens on its channel, or, with
+// listening false, until no server of its Redis counts it there.
+func waitListening(t *testing.T, n *node, listening bool) {
+	t.Helper()
 	channel := n.k.node(n.NodeID())
 	var admins []*redis.Client
 	for _, addr := range n.cfg.Addrs {
@@ -98,9 +105,10 @@ func waitSubscribed(t *testing.T, n *node) {
 		t.Cleanup(func() { c.Close() })
 		admins = append(admins, c)
 	}
-	var err error // the last server's that failed to answer
+	var subs int64
+	var err error // the last error of a server that did not answer
 	await(t, nil, func() bool {
-		var subs int64
+		subs, err = 0, nil
 		for _, c := range admins {
 			got, cerr := c.PubSubNumSub(bg, channel).Result()
 			if cerr != nil {
@@ -108,9 +116,10 @@ func waitSubscribed(t *testing.T, n *node) {
 			}
 			subs += got[channel]
 		}
-		return subs > 0
+		// A server that did not answer may still count it.
+		return (subs > 0) == listening && (listening || err == nil)
 	}, func() string {
-		return fmt.Sprintf("node %s does not listen on %s on any server: %v", n.NodeID(), channel, err)
+		return fmt.Sprintf("node %s: %d subscriptions to %s, want listening %v (%v)", n.NodeID(), subs, channel, listening, err)
 	})
 }
 
