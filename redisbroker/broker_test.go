@@ -288,9 +288,7 @@ func TestRedisUnavailable(t *testing.T) {
 // answer; one to a node that is gone fails as unreachable.
 func TestForward(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 	status, err := b.ForwardTo(bg, "a", "s", []byte(`[{"id":1}]`))
 	if err != nil {
 		t.Fatalf("forward: %v", err)

@@ -21,9 +21,7 @@ import (
 // 503). Each is applied once.
 func TestForwardOnRedisCluster(t *testing.T) {
 	addrs := redistest.StartCluster(t)
-	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, addrs)
 	for _, addr := range addrs {
 		clusterCLI(t, addr, "CONFIG", "RESETSTAT")
 	}
@@ -79,9 +77,7 @@ func clusterCLI(t *testing.T, addr string, args ...string) string {
 // applied once. A node nobody listens for is still told apart.
 func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
 	addrs := redistest.StartCluster(t)
-	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, addrs)
 
 	channel := a.k.node("a")
 	cc := b.rdb.(*redis.ClusterClient)

@@ -123,6 +123,17 @@ func waitListening(t *testing.T, n *node, listening bool) {
 	})
 }
 
+// holderAndSender starts node a, holding session s and listening on its
+// channel, and node b (with senderOpts), to forward to it, on the Redis at
+// addrs.
+func holderAndSender(t *testing.T, addrs []string, senderOpts ...func(*Config)) (a, b *node) {
+	t.Helper()
+	a, b = startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b", senderOpts...)
+	a.open(t, "s", "", 10)
+	waitSubscribed(t, a)
+	return a, b
+}
+
 // randomPayload is n bytes of every value (spaces and "@" among them),
 // the same for the same seed.
 func randomPayload(n int, seed uint64) []byte {
@@ -149,9 +160,7 @@ func forwardKeys(t *testing.T, r *redisServer) []string {
 // payload waits in Redis, which keeps nothing of it afterwards.
 func TestForwardLargePayloadStored(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 	w := watchChannel(t, r, a.k.node("a"))
 
 	payload := randomPayload(1<<20, 1)
@@ -182,9 +191,7 @@ func TestForwardLargePayloadStored(t *testing.T) {
 // reference; both reach the holder as they were.
 func TestForwardInlineUpToThreshold(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 	w := watchChannel(t, r, a.k.node("a"))
 
 	small, large := randomPayload(forwardInlineMax, 2), randomPayload(forwardInlineMax+1, 3)
@@ -215,9 +222,7 @@ func TestForwardInlineUpToThreshold(t *testing.T) {
 // ErrForwardLost, not as one whose payload may still arrive.
 func TestForwardStoredPayloadGone(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 
 	// A relay between b and a deletes the payload, then passes the
 	// reference on.
@@ -376,9 +381,7 @@ func TestForwardStoredPayloadCleanedUp(t *testing.T) {
 func TestForwardStoredBesideTheLoop(t *testing.T) {
 	r := startRedis(t)
 	// b waits long for the answer, however slow this machine.
-	a, b := startNode(t, r, "a"), startNode(t, r, "b", func(c *Config) { c.Timeout = 20 * time.Second })
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, a)
+	a, b := holderAndSender(t, []string{r.Addr}, func(c *Config) { c.Timeout = 20 * time.Second })
 	gate := make(chan struct{})
 	a.rec.mu.Lock()
 	a.rec.gate = gate
