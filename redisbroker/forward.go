@@ -151,7 +151,7 @@ func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64
 	if err := b.onMaster(ctx, master, pub); err != nil || pub.Val() > 0 {
 		return pub.Val(), err
 	}
-	var mu sync.Mutex
+	var mu sync.Mutex // guards n: ForEachMaster runs fn on the masters at once
 	var n int64
 	err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
 		numsub := redis.NewMapStringIntCmd(ctx, "pubsub", "numsub", channel)

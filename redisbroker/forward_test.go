@@ -19,7 +19,7 @@ import (
 type channelWatch struct {
 	admin   *redis.Client
 	channel string
-	mu      sync.Mutex
+	mu      sync.Mutex // guards msgs
 	msgs    []string
 	changed chan struct{}
 }

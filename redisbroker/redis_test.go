@@ -30,7 +30,7 @@ func (r *redisServer) client(t *testing.T) *redis.Client {
 
 // recorder is a Handler that keeps what it was given.
 type recorder struct {
-	mu       sync.Mutex
+	mu       sync.Mutex // guards pushes, commands, lost, adopted and gate
 	pushes   map[string][]Entry
 	commands []string
 	lost     []string
