@@ -48,8 +48,8 @@ type Broker struct {
 	rdb redis.UniversalClient
 	k   keys
 
-	// mu guards held and epoch. No other lock is taken while it is held
-	// (a holding's mu may be held while it is taken).
+	// mu guards held, epoch and waits. No other lock is taken while it is
+	// held (a holding's mu may be held while it is taken).
 	mu    sync.Mutex
 	held  map[string]*holding // sessions this node holds, by id
 	epoch string              // P:epoch as this node last saw it ("" before the first)

@@ -14,32 +14,6 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// waitSubscribedOnCluster waits until node n listens on its channel, on
-// any master of the Redis Cluster at addrs.
-func waitSubscribedOnCluster(t *testing.T, addrs []string, n *node) {
-	t.Helper()
-	channel := n.k.node(n.NodeID())
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var subs int64
-		for _, a := range addrs {
-			c := redis.NewClient(&redis.Options{Addr: a})
-			got, err := c.PubSubNumSub(bg, channel).Result()
-			c.Close()
-			if err == nil {
-				subs += got[channel]
-			}
-		}
-		if subs > 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %s does not listen on %s on any master", n.NodeID(), channel)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // On a Redis Cluster of three masters, a forward to the node holding the
 // session gets that node's answer, inline or stored, whichever master
 // the sender's client would send a PUBLISH to: never ErrNodeNotListening
@@ -47,9 +21,7 @@ func waitSubscribedOnCluster(t *testing.T, addrs []string, n *node) {
 // 503). Each is applied once.
 func TestForwardOnRedisCluster(t *testing.T) {
 	addrs := redistest.StartCluster(t)
-	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribedOnCluster(t, addrs, a)
+	a, b := holderAndSender(t, addrs)
 	for _, addr := range addrs {
 		clusterCLI(t, addr, "CONFIG", "RESETSTAT")
 	}
@@ -105,9 +77,7 @@ func clusterCLI(t *testing.T, addr string, args ...string) string {
 // applied once. A node nobody listens for is still told apart.
 func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
 	addrs := redistest.StartCluster(t)
-	a, b := startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribedOnCluster(t, addrs, a)
+	a, b := holderAndSender(t, addrs)
 
 	channel := a.k.node("a")
 	cc := b.rdb.(*redis.ClusterClient)

@@ -99,12 +99,15 @@ type observer struct{ observe func(time.Duration, error) }
 func (o observer) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (o observer) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		start := time.Now()
-		err := next(ctx, cmd)
-		o.observe(time.Since(start), ignoreNil(err))
-		return err
-	}
+	return func(ctx context.Context, cmd redis.Cmder) error { return o.process(ctx, cmd, next) }
+}
+
+// process runs cmd through next and tells o of its round trip.
+func (o observer) process(ctx context.Context, cmd redis.Cmder, next redis.ProcessHook) error {
+	start := time.Now()
+	err := next(ctx, cmd)
+	o.observe(time.Since(start), ignoreNil(err))
+	return err
 }
 
 func (o observer) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {

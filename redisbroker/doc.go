@@ -48,9 +48,9 @@
 // then the pipeline), one for a session. On standalone Redis and Sentinel,
 // where every key is on one server, a channel or user publish is one round
 // trip: a script reads the members and applies the publish to them in
-// place of the first. With more than 256 members (it counts them first)
-// it does nothing, and the publish goes as on Redis Cluster: one round
-// trip more, beside the work of so many sessions.
+// place of the first. With more than 256 members it applies nothing and
+// returns them, and the publish goes on as on Redis Cluster: two round
+// trips, as there.
 //
 // # Gaps
 //

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -46,13 +45,17 @@ const forwardLost = 0
 // (Handler.Forwarded there, from its record, e.g. ByToken's), and returns
 // the status that node answered. It waits at most the configured timeout.
 //
-// A payload larger than forwardInlineMax is stored under P:f:{request}
-// for the timeout (forwardTTL), SET before the PUBLISH that names it (on
-// Redis Cluster the two may go to different servers, so they are not
-// pipelined: the reference could arrive first): the holder reads and
-// deletes it in one command. If nobody listens, the key is deleted; if the
-// holder does not answer in time, it is left to expire (the holder may
-// still read it meanwhile, as it may still receive an inline payload late).
+// A payload larger than forwardInlineMax is stored under P:f:{request},
+// SET before the PUBLISH that names it (on Redis Cluster the two may go to
+// different servers, so they are not pipelined: the reference could
+// arrive first): the holder reads and deletes it in one command. If nobody
+// listens, the key is deleted; if the holder does not answer in time, it
+// is left to expire (the holder may still read it meanwhile, as it may
+// still receive an inline payload late). It expires after the timeout: as
+// long as the sender waits for the answer, a wait that started just before
+// the store. So an unanswered forward leaves nothing behind for long, and a
+// holder that gets the reference later than that finds the payload gone
+// and applies nothing.
 func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte) (int, error) {
 	req := randomID()
 	ch := make(chan int, 1)
@@ -70,7 +73,7 @@ func (b *Broker) ForwardTo(ctx context.Context, node, id string, payload []byte)
 	stored := len(payload) > forwardInlineMax
 	var msg string
 	if stored {
-		if err := b.rdb.Set(cctx, b.k.forward(req), payload, b.forwardTTL()).Err(); err != nil {
+		if err := b.rdb.Set(cctx, b.k.forward(req), payload, b.cfg.Timeout).Err(); err != nil {
 			return 0, unavailable("storing a forward", err)
 		}
 		msg = "k " + id + " " + from
@@ -144,24 +147,15 @@ func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64
 	if err != nil {
 		return 0, err
 	}
-	// The masters' own clients run without the cluster client's hooks:
-	// Config.Observe is told of their round trips here.
-	run := func(ctx context.Context, c *redis.Client, cmd redis.Cmder) error {
-		process := redis.ProcessHook(c.Process)
-		if b.cfg.Observe != nil {
-			process = observer{b.cfg.Observe}.ProcessHook(process)
-		}
-		return process(ctx, cmd)
-	}
 	pub := redis.NewIntCmd(ctx, "publish", channel, msg)
-	if err := run(ctx, master, pub); err != nil || pub.Val() > 0 {
+	if err := b.onMaster(ctx, master, pub); err != nil || pub.Val() > 0 {
 		return pub.Val(), err
 	}
-	var mu sync.Mutex
+	var mu sync.Mutex // guards n: ForEachMaster runs fn on the masters at once
 	var n int64
 	err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
 		numsub := redis.NewMapStringIntCmd(ctx, "pubsub", "numsub", channel)
-		err := run(ctx, m, numsub)
+		err := b.onMaster(ctx, m, numsub)
 		mu.Lock()
 		n += numsub.Val()[channel]
 		mu.Unlock()
@@ -170,12 +164,15 @@ func (b *Broker) publishCounted(ctx context.Context, channel, msg string) (int64
 	return n, err
 }
 
-// forwardTTL is how long a stored forward payload waits for its holder:
-// as long as its sender waits for the answer, a wait that started just
-// before the store. So an unanswered forward leaves nothing behind for
-// long, and a holder that gets the reference later than that finds the
-// payload gone and applies nothing.
-func (b *Broker) forwardTTL() time.Duration { return b.cfg.Timeout }
+// onMaster runs cmd on master m of a Redis Cluster. The masters' own
+// clients run without the cluster client's hooks: Config.Observe is told
+// of the round trip here.
+func (b *Broker) onMaster(ctx context.Context, m *redis.Client, cmd redis.Cmder) error {
+	if b.cfg.Observe == nil {
+		return m.Process(ctx, cmd)
+	}
+	return observer{b.cfg.Observe}.process(ctx, cmd, m.Process)
+}
 
 // receiveStored answers a forward whose payload was stored (see
 // ForwardTo): it reads and deletes it in one command, so that it is applied

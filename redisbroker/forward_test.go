@@ -1,7 +1,9 @@
 package redisbroker
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -17,7 +19,7 @@ import (
 type channelWatch struct {
 	admin   *redis.Client
 	channel string
-	mu      sync.Mutex
+	mu      sync.Mutex // guards msgs
 	msgs    []string
 	changed chan struct{}
 }
@@ -56,62 +58,80 @@ func (w *channelWatch) all(t *testing.T) []string {
 	if err := w.admin.Publish(bg, w.channel, marker).Err(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.After(30 * time.Second)
-	for {
-		w.mu.Lock()
-		for i, m := range w.msgs {
-			if m == marker {
-				got := append([]string(nil), w.msgs[:i]...)
-				w.mu.Unlock()
-				return got
-			}
+	var got []string
+	w.await(t, func(msgs []string) bool {
+		i := slices.Index(msgs, marker)
+		if i >= 0 {
+			got = append([]string(nil), msgs[:i]...)
 		}
-		w.mu.Unlock()
-		select {
-		case <-w.changed:
-		case <-time.After(50 * time.Millisecond):
-		case <-deadline:
-			t.Fatalf("the marker published on %s did not arrive", w.channel)
-		}
-	}
+		return i >= 0
+	}, "the marker published on "+w.channel+" did not arrive")
+	return got
 }
 
 // waitFor waits for a message for which match holds.
 func (w *channelWatch) waitFor(t *testing.T, match func(string) bool) {
 	t.Helper()
-	deadline := time.After(30 * time.Second)
-	for {
-		w.mu.Lock()
-		found := slices.ContainsFunc(w.msgs, match)
-		w.mu.Unlock()
-		if found {
-			return
-		}
-		select {
-		case <-w.changed:
-		case <-time.After(50 * time.Millisecond):
-		case <-deadline:
-			t.Fatalf("the message waited for did not arrive on %s", w.channel)
-		}
-	}
+	w.await(t, func(msgs []string) bool { return slices.ContainsFunc(msgs, match) },
+		"the message waited for did not arrive on "+w.channel)
 }
 
-// waitSubscribed waits until node n listens on its channel.
-func waitSubscribed(t *testing.T, r *redisServer, n *node) {
+// await waits until cond holds on the messages so far (checked under the
+// watch's lock); it fails the test with failure if it does not.
+func (w *channelWatch) await(t *testing.T, cond func(msgs []string) bool, failure string) {
 	t.Helper()
-	admin := r.client(t)
+	await(t, w.changed, func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return cond(w.msgs)
+	}, func() string { return failure })
+}
+
+// waitSubscribed waits until node n listens on its channel, on any server
+// of its Redis (every master of a Redis Cluster).
+func waitSubscribed(t *testing.T, n *node) {
+	t.Helper()
+	waitListening(t, n, true)
+}
+
+// waitListening waits until node n listens on its channel, or, with
+// listening false, until no server of its Redis counts it there.
+func waitListening(t *testing.T, n *node, listening bool) {
+	t.Helper()
 	channel := n.k.node(n.NodeID())
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		subs, err := admin.PubSubNumSub(bg, channel).Result()
-		if err == nil && subs[channel] > 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %s does not listen on %s: %v", n.NodeID(), channel, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	var admins []*redis.Client
+	for _, addr := range n.cfg.Addrs {
+		c := redis.NewClient(&redis.Options{Addr: addr})
+		t.Cleanup(func() { c.Close() })
+		admins = append(admins, c)
 	}
+	var subs int64
+	var err error // the last error of a server that did not answer
+	await(t, nil, func() bool {
+		subs, err = 0, nil
+		for _, c := range admins {
+			got, cerr := c.PubSubNumSub(bg, channel).Result()
+			if cerr != nil {
+				err = cerr
+			}
+			subs += got[channel]
+		}
+		// A server that did not answer may still count it.
+		return (subs > 0) == listening && (listening || err == nil)
+	}, func() string {
+		return fmt.Sprintf("node %s: %d subscriptions to %s, want listening %v (%v)", n.NodeID(), subs, channel, listening, err)
+	})
+}
+
+// holderAndSender starts node a, holding session s and listening on its
+// channel, and node b (with senderOpts), to forward to it, on the Redis at
+// addrs.
+func holderAndSender(t *testing.T, addrs []string, senderOpts ...func(*Config)) (a, b *node) {
+	t.Helper()
+	a, b = startNodeAt(t, addrs, "a"), startNodeAt(t, addrs, "b", senderOpts...)
+	a.open(t, "s", "", 10)
+	waitSubscribed(t, a)
+	return a, b
 }
 
 // randomPayload is n bytes of every value (spaces and "@" among them),
@@ -140,9 +160,7 @@ func forwardKeys(t *testing.T, r *redisServer) []string {
 // payload waits in Redis, which keeps nothing of it afterwards.
 func TestForwardLargePayloadStored(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 	w := watchChannel(t, r, a.k.node("a"))
 
 	payload := randomPayload(1<<20, 1)
@@ -173,9 +191,7 @@ func TestForwardLargePayloadStored(t *testing.T) {
 // reference; both reach the holder as they were.
 func TestForwardInlineUpToThreshold(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 	w := watchChannel(t, r, a.k.node("a"))
 
 	small, large := randomPayload(forwardInlineMax, 2), randomPayload(forwardInlineMax+1, 3)
@@ -206,9 +222,7 @@ func TestForwardInlineUpToThreshold(t *testing.T) {
 // ErrForwardLost, not as one whose payload may still arrive.
 func TestForwardStoredPayloadGone(t *testing.T) {
 	r := startRedis(t)
-	a, b := startNode(t, r, "a"), startNode(t, r, "b")
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	a, b := holderAndSender(t, []string{r.Addr})
 
 	// A relay between b and a deletes the payload, then passes the
 	// reference on.
@@ -252,6 +266,69 @@ func TestForwardStoredPayloadGone(t *testing.T) {
 	defer a.rec.mu.Unlock()
 	if len(a.rec.commands) != 0 {
 		t.Fatalf("the holder applied a forward whose payload was gone: %d commands", len(a.rec.commands))
+	}
+}
+
+// publishHook is a go-redis hook that calls after with the channel and
+// message of every PUBLISH once Redis answered it, before its caller goes
+// on.
+type publishHook struct{ after func(channel, msg string) }
+
+func (h publishHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h publishHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h publishHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if args := cmd.Args(); cmd.Name() == "publish" && len(args) == 3 {
+			channel, _ := args[1].(string)
+			msg, _ := args[2].(string)
+			h.after(channel, msg)
+		}
+		return err
+	}
+}
+
+// A stored payload that nobody was counted for, but that is gone when its
+// sender comes to delete it (a holder the count missed took it meanwhile),
+// may have been applied: the forward fails with ErrNodeUnreachable, not
+// ErrNodeNotListening, after which its caller would forward it again.
+func TestForwardStoredTakenThoughNobodyCounted(t *testing.T) {
+	r := startRedis(t)
+	b := startNode(t, r, "b")
+	b.stop() // nothing but the forward uses b's client from here on
+	holder := r.client(t)
+	took := make(chan []byte, 1)
+	b.rdb.AddHook(publishHook{func(channel, msg string) {
+		// Between the PUBLISH that counted nobody and the sender's
+		// delete, the holder reads the payload as receiveStored does.
+		fields := strings.Fields(msg)
+		if channel != b.k.node("missed") || len(fields) != 3 || fields[0] != "k" {
+			return
+		}
+		req, _, _ := strings.Cut(fields[2], "@")
+		p, _ := holder.GetDel(bg, b.k.forward(req)).Bytes()
+		took <- p
+	}})
+
+	payload := randomPayload(1<<20, 7)
+	status, err := b.ForwardTo(bg, "missed", "s", payload)
+	if !errors.Is(err, ErrNodeUnreachable) || errors.Is(err, ErrNodeNotListening) {
+		t.Fatalf("forward whose stored payload was taken though nobody was counted: %d, %v; want ErrNodeUnreachable, not ErrNodeNotListening", status, err)
+	}
+	select {
+	case p := <-took:
+		if string(p) != string(payload) {
+			t.Fatalf("the holder took %d bytes, not the stored payload (test did not test)", len(p))
+		}
+	default:
+		t.Fatal("no forward by reference was published (test did not test)")
+	}
+	if left := forwardKeys(t, r); len(left) != 0 {
+		t.Fatalf("stored forwards left: %v", left)
 	}
 }
 
@@ -304,9 +381,7 @@ func TestForwardStoredPayloadCleanedUp(t *testing.T) {
 func TestForwardStoredBesideTheLoop(t *testing.T) {
 	r := startRedis(t)
 	// b waits long for the answer, however slow this machine.
-	a, b := startNode(t, r, "a"), startNode(t, r, "b", func(c *Config) { c.Timeout = 20 * time.Second })
-	a.open(t, "s", "", 10)
-	waitSubscribed(t, r, a)
+	a, b := holderAndSender(t, []string{r.Addr}, func(c *Config) { c.Timeout = 20 * time.Second })
 	gate := make(chan struct{})
 	a.rec.mu.Lock()
 	a.rec.gate = gate

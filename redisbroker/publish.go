@@ -72,14 +72,15 @@ return {n, gone}
 // membersPublishScript applies one publish to the members of the set
 // KEYS[1] (a channel's or user's sessions) but ARGV[5], when they are at
 // most ARGV[6]: the members are read and the publish applied in one round
-// trip. It returns as publishScript does, or, with more members, {-1, {}}
-// without reading them or applying anything. A session's keys are ARGV[4]
-// .. id .. "}" and .. "}:log" (keys.sessionHead). It names keys it was not
-// given, so it only runs where every key is on one server (not on Redis
-// Cluster).
+// trip. It returns as publishScript does, or, with more members, {-1,
+// members} without applying anything: the caller applies the publish to
+// them in batches, without reading them again. A session's keys are
+// ARGV[4] .. id .. "}" and .. "}:log" (keys.sessionHead). It names keys it
+// was not given, so it only runs where every key is on one server (not on
+// Redis Cluster).
 var membersPublishScript = redis.NewScript(publishApply + `
-if redis.call('SCARD', KEYS[1]) > tonumber(ARGV[6]) then return {-1, {}} end
 local ids = redis.call('SMEMBERS', KEYS[1])
+if #ids > tonumber(ARGV[6]) then return {-1, ids} end
 for _, id in ipairs(ids) do
   if id ~= ARGV[5] then
     apply(ARGV[4] .. id .. '}', ARGV[4] .. id .. '}:log', id)
@@ -102,20 +103,23 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	case p.Session != "":
 		ids = []string{p.Session}
 	default:
-		if !b.clustered() {
+		var err error
+		if b.clustered() {
+			ids, err = b.Members(ctx, p.User, p.Channel)
+		} else {
 			// All keys on one server: one round trip reads the members
 			// and applies the publish, unless there are more than a batch
-			// of them.
-			n, gone, applied, err := b.publishMembers(ctx, p)
-			if err != nil || applied {
+			// of them: then it returns them, for the batches below.
+			var n int
+			var gone []string
+			n, gone, ids, err = b.publishMembers(ctx, p)
+			if err == nil && ids == nil {
 				if len(gone) > 0 {
 					b.forget(ctx, p.User, p.Channel, gone)
 				}
-				return n, err
+				return n, nil
 			}
 		}
-		var err error
-		ids, err = b.Members(ctx, p.User, p.Channel)
 		if err != nil {
 			return 0, err
 		}
@@ -169,15 +173,12 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 	}
 	n, gone := 0, []string{}
 	for _, bt := range batches {
-		res, err := bt.res.Slice()
+		reached, ids, err := publishResult(bt.res)
 		if err != nil {
-			return n, unavailable("publishing", err)
+			return n, err
 		}
-		reached, _ := res[0].(int64)
 		n += int(reached)
-		for _, g := range res[1].([]any) {
-			gone = append(gone, g.(string))
-		}
+		gone = append(gone, ids...)
 	}
 	if p.Session != "" && n == 0 && len(gone) > 0 {
 		return 0, ErrUnknownSession
@@ -190,25 +191,39 @@ func (b *Broker) Publish(ctx context.Context, p Publish) (int, error) {
 
 // publishMembers runs membersPublishScript for p's user or channel. It
 // returns the count reached and the ids found gone, or, with more members
-// than a script batch, applied false: nothing was done.
-func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone []string, applied bool, err error) {
+// than a script batch, the members (Except among them), non-nil: nothing
+// was done.
+func (b *Broker) publishMembers(ctx context.Context, p Publish) (n int, gone, members []string, err error) {
 	key := b.k.members(p.User, p.Channel)
 	cctx, cancel := b.call(ctx)
 	defer cancel()
-	res, err := membersPublishScript.Run(cctx, b.rdb, []string{key},
-		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch).Slice()
+	reached, ids, err := publishResult(membersPublishScript.Run(cctx, b.rdb, []string{key},
+		p.Payload, boolArg(p.Close), b.k.node(""), b.k.sessionHead(), p.Except, scriptBatch))
+	switch {
+	case err != nil:
+		return 0, nil, nil, err
+	case reached < 0:
+		return 0, nil, ids, nil
+	}
+	return int(reached), ids, nil, nil
+}
+
+// publishResult reads a publish script's answer: how many sessions it
+// reached and the ids of those that are gone, or, from
+// membersPublishScript with too many members, -1 and the members. An ids
+// list is non-nil.
+func publishResult(res *redis.Cmd) (reached int64, ids []string, err error) {
+	v, err := res.Slice()
 	if err != nil {
-		return 0, nil, false, unavailable("publishing", err)
+		return 0, nil, unavailable("publishing", err)
 	}
-	reached, _ := res[0].(int64)
-	if reached < 0 {
-		return 0, nil, false, nil
+	reached, _ = v[0].(int64)
+	list, _ := v[1].([]any)
+	ids = make([]string, 0, len(list))
+	for _, id := range list {
+		ids = append(ids, id.(string))
 	}
-	list, _ := res[1].([]any)
-	for _, g := range list {
-		gone = append(gone, g.(string))
-	}
-	return int(reached), gone, true, nil
+	return reached, ids, nil
 }
 
 // forget drops expired sessions from a user's or channel's set.

@@ -30,7 +30,7 @@ func (r *redisServer) client(t *testing.T) *redis.Client {
 
 // recorder is a Handler that keeps what it was given.
 type recorder struct {
-	mu       sync.Mutex
+	mu       sync.Mutex // guards pushes, commands, lost, adopted and gate
 	pushes   map[string][]Entry
 	commands []string
 	lost     []string
@@ -95,21 +95,29 @@ func (r *recorder) poke() {
 // waitFor waits until cond holds on the recorder (checked under its lock).
 func (r *recorder) waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.After(30 * time.Second)
-	for {
+	await(t, r.changed, func() bool {
 		r.mu.Lock()
-		ok := cond()
-		r.mu.Unlock()
-		if ok {
-			return
-		}
+		defer r.mu.Unlock()
+		return cond()
+	}, func() string {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return fmt.Sprintf("waiting for %s: pushes %v, commands %v, lost %v", what, r.pushes, r.commands, r.lost)
+	})
+}
+
+// await waits until cond holds, checking it whenever changed is signalled
+// (nil: never) and every 50 ms; after 30 s it fails the test with what
+// failure says.
+func await(t *testing.T, changed <-chan struct{}, cond func() bool, failure func() string) {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for !cond() {
 		select {
-		case <-r.changed:
+		case <-changed:
 		case <-time.After(50 * time.Millisecond):
 		case <-deadline:
-			r.mu.Lock()
-			defer r.mu.Unlock()
-			t.Fatalf("waiting for %s: pushes %v, commands %v, lost %v", what, r.pushes, r.commands, r.lost)
+			t.Fatal(failure())
 		}
 	}
 }
