@@ -478,7 +478,11 @@ func (r *RedisBroker) ended(s *session) bool {
 }
 
 func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error) {
-	payload := make([]byte, 0, 64)
+	size := 2 + max(len(frames)-1, 0) // brackets and commas
+	for _, f := range frames {
+		size += len(f)
+	}
+	payload := make([]byte, 0, size) // up to a POST body's limit: allocated once
 	payload = append(payload, '[')
 	for i, f := range frames {
 		if i > 0 {
