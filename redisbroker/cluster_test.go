@@ -3,10 +3,7 @@ package redisbroker
 import (
 	"errors"
 	"fmt"
-	"net"
-	"os/exec"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -23,7 +20,7 @@ func TestForwardOnRedisCluster(t *testing.T) {
 	addrs := redistest.StartCluster(t)
 	a, b := holderAndSender(t, addrs)
 	for _, addr := range addrs {
-		clusterCLI(t, addr, "CONFIG", "RESETSTAT")
+		redistest.CLI(t, addr, "CONFIG", "RESETSTAT")
 	}
 
 	var want, failed []string
@@ -52,22 +49,10 @@ func TestForwardOnRedisCluster(t *testing.T) {
 	// And counted by its PUBLISH alone: no master was asked for the
 	// channel's subscribers.
 	for _, addr := range addrs {
-		if stats := clusterCLI(t, addr, "INFO", "commandstats"); strings.Contains(stats, "numsub") {
+		if redistest.Calls(t, addr, "pubsub|numsub") > 0 {
 			t.Errorf("PUBSUB NUMSUB ran on %s: a forward's PUBLISH did not count the holder", addr)
 		}
 	}
-}
-
-// clusterCLI runs redis-cli against the server at addr and returns its
-// output, trimmed.
-func clusterCLI(t *testing.T, addr string, args ...string) string {
-	t.Helper()
-	_, port, _ := net.SplitHostPort(addr)
-	out, err := exec.Command("redis-cli", append([]string{"-p", port}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("redis-cli %v on %s: %v %s", args, addr, err, out)
-	}
-	return strings.TrimSpace(string(out))
 }
 
 // After the slot of the holder's channel moved to another master, the
@@ -88,8 +73,8 @@ func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
 		}
 		return m.Options().Addr
 	}
-	numsub := func(addr string) string { return clusterCLI(t, addr, "PUBSUB", "NUMSUB", channel) }
-	slot := clusterCLI(t, addrs[0], "CLUSTER", "KEYSLOT", channel)
+	numsub := func(addr string) string { return redistest.CLI(t, addr, "PUBSUB", "NUMSUB", channel) }
+	slot := redistest.CLI(t, addrs[0], "CLUSTER", "KEYSLOT", channel)
 	src := owner()
 	if numsub(src) != channel+"\n1" {
 		t.Fatalf("the holder's subscription is not on the owner of its slot, %s: %q", src, numsub(src))
@@ -98,14 +83,14 @@ func TestForwardOnRedisClusterAfterSlotMoved(t *testing.T) {
 	if dst == src {
 		dst = addrs[1]
 	}
-	if keys := clusterCLI(t, src, "CLUSTER", "GETKEYSINSLOT", slot, "10"); keys != "" {
+	if keys := redistest.CLI(t, src, "CLUSTER", "GETKEYSINSLOT", slot, "10"); keys != "" {
 		t.Fatalf("slot %s holds keys (%q): the test moves it without them", slot, keys)
 	}
-	srcID, dstID := clusterCLI(t, src, "CLUSTER", "MYID"), clusterCLI(t, dst, "CLUSTER", "MYID")
-	clusterCLI(t, dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
-	clusterCLI(t, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
+	srcID, dstID := redistest.CLI(t, src, "CLUSTER", "MYID"), redistest.CLI(t, dst, "CLUSTER", "MYID")
+	redistest.CLI(t, dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
+	redistest.CLI(t, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
 	for _, addr := range addrs {
-		clusterCLI(t, addr, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+		redistest.CLI(t, addr, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
 	}
 	cc.ReloadState(bg)
 	deadline := time.Now().Add(30 * time.Second)

@@ -112,11 +112,9 @@ func StartCluster(t testing.TB) []string {
 		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
 	}
 	for _, a := range addrs {
-		_, port, _ := net.SplitHostPort(a)
 		deadline := time.Now().Add(30 * time.Second)
 		for {
-			out, _ := exec.Command("redis-cli", "-p", port, "CLUSTER", "INFO").Output()
-			if strings.Contains(string(out), "cluster_state:ok") {
+			if strings.Contains(CLI(t, a, "CLUSTER", "INFO"), "cluster_state:ok") {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -126,4 +124,33 @@ func StartCluster(t testing.TB) []string {
 		}
 	}
 	return addrs
+}
+
+// CLI runs redis-cli with args against the server at addr and returns its
+// output, trimmed; it fails the test if redis-cli fails.
+func CLI(t testing.TB, addr string, args ...string) string {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr)
+	out, err := exec.Command("redis-cli", append([]string{"-p", port}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("redis-cli %v on %s: %v %s", args, addr, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// Calls is how many times the server at addr has run command (lower case,
+// e.g. "publish", "pubsub|numsub") since it started or its last CONFIG
+// RESETSTAT, from INFO commandstats.
+func Calls(t testing.TB, addr, command string) int {
+	t.Helper()
+	for line := range strings.Lines(CLI(t, addr, "INFO", "commandstats")) {
+		if rest, ok := strings.CutPrefix(line, "cmdstat_"+command+":calls="); ok {
+			n, err := strconv.Atoi(rest[:strings.IndexByte(rest, ',')])
+			if err != nil {
+				t.Fatalf("INFO commandstats on %s: %q", addr, line)
+			}
+			return n
+		}
+	}
+	return 0
 }
