@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -169,6 +168,98 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 	}
 	if f := sxNextRef(t, moved.next, "moved"); f.typ() != "reply" || f.status() != http.StatusOK {
 		t.Fatalf("answer: %v, want a 200 reply", f)
+	}
+}
+
+// A forward its holder does not answer within the broker's timeout is
+// answered 503 with Retry-After and never sent again, not even to the
+// node the session has moved to meanwhile: the holder may still take it
+// once it runs again, and a second forward would serve the message twice.
+func TestClusterForwardTimeoutNotResent(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startClusterWith(t, "broker redis {\n\t\t\taddress "+r.Addr+"\n\t\t\ttimeout 2s\n\t\t}", 3, app)
+	holder, other, third := nodes[0], nodes[1], nodes[2]
+	first := sxOpenSSE(t, holder.url("/live"), nil)
+	token := first.token()
+
+	// The holder stops (its subscription stays, so the forward counts as
+	// received), and a POST lands on another node.
+	if err := holder.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = holder.cmd.Process.Signal(syscall.SIGCONT) })
+	published := redistest.Calls(t, r.Addr, "publish")
+	answered := make(chan *http.Response, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, other.url("/live"), strings.NewReader(`{"id":"late","path":"/live/ok"}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Duplex-Token", token)
+		resp, err := httpc.Do(req)
+		if err != nil {
+			t.Errorf("SSE POST: %v", err)
+		}
+		answered <- resp
+	}()
+	// Once the forward is published, the session moves to the third node
+	// while the forward waits for its answer.
+	deadline := time.Now().Add(30 * time.Second)
+	for redistest.Calls(t, r.Addr, "publish") == published {
+		if time.Now().After(deadline) {
+			t.Fatal("the POST was never forwarded")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	moved := sxOpenSSE(t, third.url("/live"), hdrs("Last-Event-ID", token+":0"))
+	if moved.open["resumed"] != true {
+		t.Fatalf("resume on the third node: %v, want resumed:true", moved.open)
+	}
+	resp := <-answered
+	if resp == nil {
+		return
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("POST forwarded to a holder that never answered: %d Retry-After %q, want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+
+	// The holder runs again and learns of the takeover.
+	if err := holder.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, ok := first.next()
+		if !ok {
+			t.Fatal("the holder's stream ended without a close frame")
+		}
+		if f.typ() == "close" {
+			if code, _ := f["code"].(float64); code != 4009 {
+				t.Fatalf("the holder's stream closed with %v, want 4009 (taken over)", f)
+			}
+			break
+		}
+	}
+	// A POST now goes where the session is and is answered there; the
+	// timed-out message was never forwarded there: no answer to it comes
+	// before (the third node serves a session's messages in order).
+	if st, b := sxPost(t, other.url("/live"), token, "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
+		t.Fatalf("POST after the holder came back: %d %s, want 202", st, b)
+	}
+	for {
+		f, ok := moved.next()
+		if !ok {
+			t.Fatal("no answer to the POST on the third node")
+		}
+		if f.ref() == "late" {
+			t.Fatalf("the third node answered the timed-out message: %v, want it never forwarded there", f)
+		}
+		if f.ref() == "after" {
+			if f.typ() != "reply" || f.status() != http.StatusOK {
+				t.Fatalf("answer: %v, want a 200 reply", f)
+			}
+			break
+		}
 	}
 }
 
@@ -388,33 +479,16 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 			t.Fatalf("push %d: got %v", i, f)
 		}
 	}
-	redisCLI := func(args ...string) string {
-		out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(r.Port())}, args...)...).Output()
-		if err != nil {
-			t.Fatalf("redis-cli %v: %v", args, err)
-		}
-		return string(out)
-	}
 	// The session's log, by redisbroker's key names (keys.go) with the
 	// default prefix; its entries are <seq>-1.
 	firstInLog := func() string {
-		first, _, _ := strings.Cut(redisCLI("XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1"), "\n")
+		first, _, _ := strings.Cut(redistest.CLI(t, r.Addr, "XRANGE", "duplex:s:{"+id+"}:log", "-", "+", "COUNT", "1"), "\n")
 		return first
-	}
-	// xtrims is how many XTRIMs Redis has run.
-	xtrims := func() int {
-		for line := range strings.Lines(redisCLI("INFO", "commandstats")) {
-			if rest, ok := strings.CutPrefix(line, "cmdstat_xtrim:calls="); ok {
-				n, _ := strconv.Atoi(rest[:strings.IndexByte(rest, ',')])
-				return n
-			}
-		}
-		return 0
 	}
 	if got := firstInLog(); got != "1-1" {
 		t.Fatalf("log starts at %q before the acks; want 1-1", got)
 	}
-	trimsBefore := xtrims()
+	trimsBefore := redistest.Calls(t, r.Addr, "xtrim")
 
 	if err := r.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -434,7 +508,7 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 	}
 	want := strconv.Itoa(pushes) + "-1"
 	waitUntil(t, "the log trimmed up to the last ack", time.Minute, func() bool { return firstInLog() == want })
-	if n := xtrims() - trimsBefore; n > 2 {
+	if n := redistest.Calls(t, r.Addr, "xtrim") - trimsBefore; n > 2 {
 		t.Fatalf("%d acks made %d trims, want at most 2 (the first, then the newest)", pushes-1, n)
 	}
 }
@@ -668,13 +742,9 @@ func TestClusterRedisFailures(t *testing.T) {
 	}
 
 	// Pub/sub connections killed between publishes: nothing is lost.
-	admin := exec.Command("redis-cli", "-p", strings.TrimPrefix(r.Addr, "127.0.0.1:"), "CLIENT", "KILL", "TYPE", "pubsub")
 	for i := range 20 {
 		if i%5 == 0 {
-			if out, err := admin.CombinedOutput(); err != nil {
-				t.Fatalf("redis-cli: %v %s", err, out)
-			}
-			admin = exec.Command(admin.Path, admin.Args[1:]...)
+			redistest.CLI(t, r.Addr, "CLIENT", "KILL", "TYPE", "pubsub")
 		}
 		nodes[i%2].mustPublish(t, map[string]any{"channel": "room", "data": i}, 1)
 	}
