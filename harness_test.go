@@ -480,6 +480,9 @@ type testApp struct {
 	mu   sync.Mutex
 	reqs []recordedReq
 	seq  []int // counters from /seq bodies, in arrival order
+
+	gate     chan struct{} // /gate answers once it is closed (openGate)
+	gateOnce sync.Once
 }
 
 // newTestApp starts the upstream app. Per path:
@@ -491,6 +494,8 @@ type testApp struct {
 //	/notfound     404 "nope"
 //	/boom         500 "boom"
 //	/slow         blocks until the request context ends
+//	/gate, /live/gate 200 "opened" once openGate is called (503 if the request ends first),
+//	              with Duplex-Subscribe: ?subscribe= and Duplex-Close: ?close= if given
 //	/subscribe    204 Duplex-Subscribe: room:2
 //	/subscribe-reply 200 JSON + Duplex-Subscribe: room:7 + Duplex-Other: x
 //	/unsubscribe  204 Duplex-Unsubscribe: room:2
@@ -500,10 +505,12 @@ type testApp struct {
 //	anything else 200 text "app:<path>"
 func newTestApp(t *testing.T) *testApp {
 	t.Helper()
-	a := &testApp{}
+	a := &testApp{gate: make(chan struct{})}
 	a.srv = httptest.NewServer(http.HandlerFunc(a.serve))
 	a.Addr = strings.TrimPrefix(a.srv.URL, "http://")
 	t.Cleanup(a.srv.Close)
+	t.Cleanup(a.openGate) // before Close, which waits for the requests
+
 	return a
 }
 
@@ -549,6 +556,19 @@ func (a *testApp) serve(w http.ResponseWriter, r *http.Request) {
 		case <-time.After(30 * time.Second):
 		}
 		io.WriteString(w, "too late")
+	case "/gate", "/live/gate":
+		select {
+		case <-a.gate:
+			if c := r.URL.Query().Get("subscribe"); c != "" {
+				w.Header().Set("Duplex-Subscribe", c)
+			}
+			if reason := r.URL.Query().Get("close"); reason != "" {
+				w.Header().Set("Duplex-Close", reason)
+			}
+			io.WriteString(w, "opened")
+		case <-r.Context().Done():
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
 	case "/subscribe":
 		w.Header().Set("Duplex-Subscribe", "room:2")
 		w.WriteHeader(http.StatusNoContent)
@@ -592,6 +612,10 @@ func (a *testApp) seqs() []int {
 	defer a.mu.Unlock()
 	return append([]int(nil), a.seq...)
 }
+
+// openGate lets the requests waiting on /gate, and any after them, be
+// answered.
+func (a *testApp) openGate() { a.gateOnce.Do(func() { close(a.gate) }) }
 
 // byMessageID returns the request the app got for the message with that id.
 func (a *testApp) byMessageID(t *testing.T, id string) recordedReq {
