@@ -64,6 +64,11 @@ type broker interface {
 	// if it moved meanwhile), and returns that node's answer: 202 once it
 	// queued them, 401, 409 or 429 as servePost answers.
 	forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error)
+	// answer hands answers to messages of s, served on this node after s
+	// moved to another one, to the node holding s now, which sends them
+	// to the client and holds them as its own (see session.send). One
+	// that cannot be handed over is logged: its call gets no answer.
+	answer(s *session, answers []heldAnswer)
 	// sessions lists the sessions of a user and/or on a channel (all when
 	// both are empty), on every node, ordered by opening time.
 	sessions(ctx context.Context, user, channel string) ([]sessionInfo, error)
@@ -168,6 +173,8 @@ func (*MemoryBroker) locate(context.Context, *Handler, string) (remoteSession, b
 func (*MemoryBroker) forward(context.Context, remoteSession, [][]byte) (int, error) {
 	return http.StatusUnauthorized, nil // locate found nothing to forward to
 }
+
+func (*MemoryBroker) answer(*session, []heldAnswer) {} // sessions never move away
 
 // remoteSession is a session held by another node of a cluster, as an SSE
 // POST for it needs to know it: its id and the node holding it.

@@ -1,6 +1,7 @@
 package duplex
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -511,6 +512,60 @@ func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]
 	return status, unavailable(err)
 }
 
+// answers is how answers travel to the node holding their session now
+// (RedisBroker.answer): a forward's payload, an object where client
+// frames are an array.
+type answers struct {
+	Answers []forwardedAnswer `json:"answers"`
+}
+
+type forwardedAnswer struct {
+	Type  string          `json:"type"`
+	Frame json.RawMessage `json:"frame"`
+}
+
+func (r *RedisBroker) answer(s *session, held []heldAnswer) {
+	var m answers
+	for _, a := range held {
+		m.Answers = append(m.Answers, forwardedAnswer{Type: a.typ, Frame: a.b})
+	}
+	payload, err := json.Marshal(m)
+	if err != nil {
+		r.logger.Error("redis broker: answers not handed over", zap.String("session", s.id), zap.Error(err))
+		return
+	}
+	ctx := context.Background() // each call is bounded by the broker's timeout
+	// The node named by the session's record may not have it yet (it
+	// claims the session in Redis before it attaches it, and answers 401
+	// meanwhile), and the session may move again: follow the record, a
+	// little later each time, for as long as a forward may take.
+	deadline := time.Now().Add(r.rb().Timeout())
+	for wait := 10 * time.Millisecond; ; wait = min(2*wait, 500*time.Millisecond) {
+		rec, lerr := r.rb().Lookup(ctx, s.id)
+		if lerr != nil || rec.Closed != "" {
+			err = cmp.Or(lerr, errUnknownSession)
+			break
+		}
+		var status int
+		status, err = r.rb().ForwardTo(ctx, rec.Node, s.id, payload)
+		if err == nil && status == http.StatusAccepted {
+			return
+		}
+		if err == nil {
+			err = fmt.Errorf("the holding node answered %d", status)
+		}
+		if status != http.StatusUnauthorized && !errors.Is(err, redisbroker.ErrNodeNotListening) {
+			break // it may have them: never twice
+		}
+		if time.Now().Add(wait).After(deadline) {
+			break
+		}
+		time.Sleep(wait)
+	}
+	r.logger.Warn("redis broker: answers not handed over to the session's node: their calls get none",
+		zap.String("session", s.id), zap.Int("answers", len(held)), zap.Error(err))
+}
+
 func (r *RedisBroker) cluster(ctx context.Context) (clusterInfo, error) {
 	nodes, err := r.rb().Nodes(ctx)
 	if err != nil {
@@ -575,6 +630,21 @@ func (e redisEvents) Forwarded(id string, payload []byte) int {
 	s := e.hub.get(id)
 	if s == nil {
 		return http.StatusUnauthorized
+	}
+	if len(payload) > 0 && payload[0] == '{' {
+		// Answers served by the node the session moved from.
+		var m answers
+		if err := json.Unmarshal(payload, &m); err != nil {
+			return http.StatusBadRequest
+		}
+		held := make([]heldAnswer, len(m.Answers))
+		for i, a := range m.Answers {
+			held[i] = heldAnswer{typ: a.Type, b: a.Frame}
+		}
+		if !s.takeAnswers(held) {
+			return http.StatusUnauthorized
+		}
+		return http.StatusAccepted
 	}
 	var frames []json.RawMessage
 	if err := json.Unmarshal(payload, &frames); err != nil {

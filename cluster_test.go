@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -174,7 +175,8 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 // A forward its holder does not answer within the broker's timeout is
 // answered 503 with Retry-After and never sent again, not even to the
 // node the session has moved to meanwhile: the holder may still take it
-// once it runs again, and a second forward would serve the message twice.
+// once it runs again (it does here), and a second forward would serve the
+// message twice.
 func TestClusterForwardTimeoutNotResent(t *testing.T) {
 	t.Parallel()
 	r := startClusterRedis(t)
@@ -240,23 +242,123 @@ func TestClusterForwardTimeoutNotResent(t *testing.T) {
 			break
 		}
 	}
-	// A POST now goes where the session is and is answered there; the
-	// timed-out message was never forwarded there: no answer to it comes
-	// before (the third node serves a session's messages in order).
+	// A POST now goes where the session is and is answered there. The
+	// timed-out message was served once, by the holder (which had it when
+	// it ran again), and its answer followed the session.
 	if st, b := sxPost(t, other.url("/live"), token, "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
 		t.Fatalf("POST after the holder came back: %d %s, want 202", st, b)
 	}
-	for {
+	want := map[string]bool{"after": true, "late": true}
+	for len(want) > 0 {
 		f, ok := moved.next()
 		if !ok {
-			t.Fatal("no answer to the POST on the third node")
+			t.Fatalf("the third node's stream ended; still no answer to %v", want)
 		}
-		if f.ref() == "late" {
-			t.Fatalf("the third node answered the timed-out message: %v, want it never forwarded there", f)
-		}
-		if f.ref() == "after" {
+		if want[f.ref()] {
 			if f.typ() != "reply" || f.status() != http.StatusOK {
-				t.Fatalf("answer: %v, want a 200 reply", f)
+				t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
+			}
+			delete(want, f.ref())
+		}
+	}
+	app.byMessageID(t, "late") // served once
+}
+
+// moveWhileServing opens a WebSocket session on nodes[0] and has it send
+// three messages: "seen" (answered before the move, never confirmed by a
+// push), "serving" (to gated, which the app holds until openGate) and
+// "queued" (behind it). Once the app has "serving", the connection drops
+// and the client resumes on nodes[1]: the connection returned.
+func moveWhileServing(t *testing.T, app *testApp, nodes []*caddyProc, gated string) *sxWS {
+	t.Helper()
+	c := sxOpenWS(t, nodes[0].wsURL("/live"), nil)
+	token := c.open.str("token")
+	c.send(t, map[string]any{"id": "seen", "path": "/live/ok"})
+	if f := sxNextRef(t, c.next, "seen"); f.typ() != "reply" {
+		t.Fatalf("answer to seen: %v, want a reply", f)
+	}
+	c.send(t, map[string]any{"id": "serving", "path": gated})
+	c.send(t, map[string]any{"id": "queued", "path": "/live/ok"})
+	deadline := time.Now().Add(30 * time.Second)
+	for len(app.byPath("/live/gate")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the app never got the gated message")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.drop()
+	moved := sxOpenWS(t, nodes[1].wsURL("/live?resume="+url.QueryEscape(token+":0")), nil)
+	if moved.open["resumed"] != true {
+		t.Fatalf("resume on the other node: %v, want resumed:true", moved.open)
+	}
+	return moved
+}
+
+// awaitAnswers reads c until it has a 200 reply to each of refs.
+func awaitAnswers(t *testing.T, c *sxWS, refs ...string) {
+	t.Helper()
+	want := map[string]bool{}
+	for _, r := range refs {
+		want[r] = true
+	}
+	for len(want) > 0 {
+		f, ok := c.next()
+		if !ok {
+			t.Fatalf("the connection ended; still no answer to %v", want)
+		}
+		if !want[f.ref()] {
+			continue
+		}
+		if f.typ() != "reply" || f.status() != http.StatusOK {
+			t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
+		}
+		delete(want, f.ref())
+	}
+}
+
+// A session resumed on another node still gets the answers to the
+// messages its old node accepted: the one the app was serving when the
+// session moved, the one queued behind it, and the answer the client had
+// not confirmed reading. The old node serves them, sends the answers to
+// where the session is now, and applies the app's Duplex-Subscribe there.
+func TestClusterAnswersFollowTheSession(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	moved := moveWhileServing(t, app, nodes, "/live/gate?subscribe=late")
+	app.openGate()
+	awaitAnswers(t, moved, "seen", "serving", "queued")
+	if n := len(app.byPath("/live/gate")); n != 1 {
+		t.Fatalf("the app got the gated message %d times, want once", n)
+	}
+	nodes[0].mustPublish(t, map[string]any{"channel": "late", "data": "joined"}, 1)
+	for {
+		f := moved.mustNext(t)
+		if f.typ() == "push" {
+			if f["data"] != "joined" {
+				t.Fatalf("push %v, want the one to the channel the app subscribed it to", f)
+			}
+			break
+		}
+	}
+}
+
+// The app's Duplex-Close on the answer to a message served after its
+// session moved closes the session where it is now, after that answer.
+func TestClusterCloseFollowsTheSession(t *testing.T) {
+	t.Parallel()
+	r := startClusterRedis(t)
+	app := newTestApp(t)
+	nodes := startCluster(t, r, 2, app)
+	moved := moveWhileServing(t, app, nodes, "/live/gate?close=bye")
+	app.openGate()
+	awaitAnswers(t, moved, "serving") // "seen" was read: its copy may come after the close
+	for {
+		f := moved.mustNext(t)
+		if f.typ() == "close" {
+			if f["reason"] != "bye" {
+				t.Fatalf("close %v, want the app's reason bye", f)
 			}
 			break
 		}

@@ -312,11 +312,11 @@ func (s *session) takePost(frames [][]byte) (int, string) {
 	for i, f := range frames {
 		msgs[i] = inMsg{b: f}
 	}
-	if !s.in.offer(msgs...) {
-		return http.StatusTooManyRequests, "the session's inbound queue is full; retry later"
-	}
-	if s.ctx.Err() != nil {
+	switch queued, stopped := s.in.offer(msgs...); {
+	case stopped:
 		return http.StatusUnauthorized, "unknown or ended session token"
+	case !queued:
+		return http.StatusTooManyRequests, "the session's inbound queue is full; retry later"
 	}
 	s.received.Add(int64(len(frames)))
 	return http.StatusAccepted, ""

@@ -348,9 +348,11 @@ func (h *hub) get(id string) *session {
 
 // subscribe changes a session's channels, here and in the broker.
 func (h *hub) subscribe(ctx context.Context, s *session, add, remove []string) error {
-	if !h.subscribeLocal(s, add, remove) {
+	if !h.subscribeLocal(s, add, remove) && !s.hasMovedAway() {
 		return errUnknownSession
 	}
+	// A session that moved to another node is subscribed where the broker
+	// keeps its channels (its answers follow it there: see session.end).
 	return h.brokerOf().subscribe(ctx, s, add, remove)
 }
 

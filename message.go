@@ -30,11 +30,18 @@ const inboxSize = 64
 // served while the session is detached, and its answer is sent after the
 // resume. A goroutine drains it only while it holds messages, so an idle
 // session costs no goroutine and no buffer here.
+//
+// It serves until the session ends (stop), or, for a session that moved
+// to another node of a cluster, until what it accepted is served (leave):
+// the answers then go to where the session is now.
 type inbox struct {
 	s        *session
-	mu       sync.Mutex // guards q and draining
+	mu       sync.Mutex // guards the fields below
 	q        []inMsg
 	draining bool
+	busy     int           // messages taken and not finished yet
+	leaving  bool          // the session moved away: serve what is here, then stop
+	stopped  bool          // nothing more is taken or served
 	space    chan struct{} // signalled when a queued message is taken
 }
 
@@ -48,10 +55,15 @@ func newInbox(s *session) *inbox {
 }
 
 // put queues a message, waiting while inboxSize messages wait already; it
-// reports false once done (the connection that read it) has ended.
+// reports false once done (the connection that read it) has ended, or the
+// inbox has stopped.
 func (in *inbox) put(m inMsg, done <-chan struct{}) bool {
 	for {
-		if in.offer(m) {
+		queued, stopped := in.offer(m)
+		switch {
+		case stopped:
+			return false
+		case queued:
 			return true
 		}
 		select {
@@ -62,38 +74,88 @@ func (in *inbox) put(m inMsg, done <-chan struct{}) bool {
 	}
 }
 
-// offer queues messages if they all fit, and reports whether they did.
-func (in *inbox) offer(msgs ...inMsg) bool {
+// offer queues messages if they all fit, and reports whether they did, or
+// that the inbox has stopped (nothing is queued then).
+func (in *inbox) offer(msgs ...inMsg) (queued, stopped bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
+	if in.stopped {
+		return false, true
+	}
 	if len(in.q)+len(msgs) > inboxSize {
-		return false
+		return false, false
 	}
 	in.q = append(in.q, msgs...)
 	if !in.draining {
 		in.draining = true
 		go in.drain()
 	}
-	return true
+	return true, false
 }
 
 // take pops the next message; when there is none, the drain goroutine
-// ends.
+// ends. The message counts as busy until finished.
 func (in *inbox) take() (inMsg, bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	if len(in.q) == 0 || in.s.ctx.Err() != nil {
+	if len(in.q) == 0 || in.stopped {
 		in.draining, in.q = false, nil
 		return inMsg{}, false
 	}
 	m := in.q[0]
 	in.q[0] = inMsg{}
 	in.q = in.q[1:]
+	in.busy++
 	select {
 	case in.space <- struct{}{}:
 	default:
 	}
 	return m, true
+}
+
+// finished says a taken message is done with (answered, or handed to the
+// route and returned). The last one of a session that moved away stops
+// the inbox.
+func (in *inbox) finished() {
+	in.mu.Lock()
+	in.busy--
+	stop := in.leftLocked()
+	in.mu.Unlock()
+	if stop {
+		in.s.stopServing()
+	}
+}
+
+// leftLocked stops a leaving inbox with nothing left to serve; it reports
+// whether it did.
+func (in *inbox) leftLocked() bool {
+	if !in.leaving || in.stopped || in.busy > 0 || len(in.q) > 0 {
+		return false
+	}
+	in.stopped = true
+	return true
+}
+
+// stop ends serving at once: what waits is dropped, the route calls in
+// flight are cancelled.
+func (in *inbox) stop() {
+	in.mu.Lock()
+	in.stopped, in.q = true, nil
+	in.mu.Unlock()
+	in.s.stopServing()
+}
+
+// leave serves what the inbox holds and what it is still handed, then
+// stops: the session moved to another node, which now serves what its
+// client sends.
+func (in *inbox) leave() {
+	in.mu.Lock()
+	in.leaving = true
+	stop := in.leftLocked()
+	in.mu.Unlock()
+	if stop {
+		in.s.stopServing()
+	}
 }
 
 func (in *inbox) drain() {
@@ -102,15 +164,22 @@ func (in *inbox) drain() {
 		if !ok {
 			return
 		}
-		in.s.handle(m)
+		in.s.handle(m, in.finished)
 	}
 }
 
 // handle checks a message against the rate limit and decodes it, then
 // serves it once the session has a max_inflight slot. The slot is held
 // until the route call returns, also past message_timeout. With
-// max_inflight 1 a message costs no goroutine of its own.
-func (s *session) handle(m inMsg) {
+// max_inflight 1 a message costs no goroutine of its own. It calls done
+// once the message is done with.
+func (s *session) handle(m inMsg, done func()) {
+	async := false // a goroutine of its own serves it, and calls done
+	defer func() {
+		if !async {
+			done()
+		}
+	}()
 	var f *protocol.Message
 	body, contentType := m.b, "application/octet-stream"
 	if ok, abuse := s.gate.allow(); !ok {
@@ -145,7 +214,7 @@ func (s *session) handle(m inMsg) {
 	// keeps messages in order when max_inflight is 1.
 	select {
 	case s.sem <- struct{}{}:
-	case <-s.ctx.Done():
+	case <-s.serving.Done():
 		return
 	}
 	if cap(s.sem) == 1 {
@@ -157,7 +226,9 @@ func (s *session) handle(m inMsg) {
 		s.serve(f, body, contentType)
 		return
 	}
+	async = true
 	go func() {
+		defer done()
 		defer func() { <-s.sem }()
 		s.serve(f, body, contentType)
 	}()
@@ -205,8 +276,9 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 	call := &routeCall{base: base, next: next, method: method, target: target,
 		header: s.messageHeader(f, transport), body: body, contentType: contentType}
 	// Not the connection's cancellation: a message outlives a dropped
-	// connection; it ends with the session or at message_timeout.
-	ctx, cancel := context.WithTimeout(s.ctx, time.Duration(h.MessageTimeout))
+	// connection (and its session's move to another node); it ends with
+	// the session or at message_timeout.
+	ctx, cancel := context.WithTimeout(s.serving, time.Duration(h.MessageTimeout))
 	defer cancel()
 	rec := newRecorder(h.SendQueue)
 	req, err := call.request(ctx, rec)
@@ -220,7 +292,7 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 	}
 
 	timeout := time.AfterFunc(time.Duration(h.MessageTimeout), func() {
-		if s.ctx.Err() == nil {
+		if s.serving.Err() == nil {
 			answer("timeout", protocol.TypeError, encodeError(ref, http.StatusGatewayTimeout, "the app did not answer within message_timeout"))
 		}
 	})
@@ -228,7 +300,7 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 	err = call.serve(rec, req)
 	timeout.Stop()
 	metrics.appLatency.Observe(time.Since(start).Seconds())
-	if s.ctx.Err() != nil || answered.Load() {
+	if s.serving.Err() != nil || answered.Load() {
 		return // the session ended meanwhile, or the client had its 504
 	}
 	if err != nil {
@@ -257,8 +329,14 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 	default:
 		answer("reply", protocol.TypeReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
-	if closeAfter {
-		s.end(closedByApp(closeReason))
+	if closeAfter && !s.end(closedByApp(closeReason)) && s.hasMovedAway() {
+		// The session is on another node now: close it there, after the
+		// answer (which answer handed over before returning).
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(h.MessageTimeout))
+		defer cancel()
+		if _, err := s.hub.publish(ctx, &publishMsg{Session: s.id, Close: &closeReason}); err != nil {
+			h.logger.Error("Duplex-Close not applied to the session on its new node", zap.String("session", s.id), zap.Error(err))
+		}
 	}
 }
 
@@ -301,7 +379,7 @@ func (s *session) applyControlHeaders(h http.Header) (closeReason string, closeA
 	add := headerList(h.Values("Duplex-Subscribe"))
 	remove := headerList(h.Values("Duplex-Unsubscribe"))
 	if len(add) > 0 || len(remove) > 0 {
-		if err := s.hub.subscribe(s.ctx, s, add, remove); err != nil && !errors.Is(err, errUnknownSession) {
+		if err := s.hub.subscribe(s.serving, s, add, remove); err != nil && !errors.Is(err, errUnknownSession) {
 			s.h.logger.Error("channel change not recorded", zap.String("session", s.id), zap.Error(err))
 		}
 	}

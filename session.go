@@ -57,9 +57,14 @@ type session struct {
 	// it waits for a resume; guarded by hub.dmu.
 	detached *list.Element
 
-	// ctx ends when the session ends for good; messages run under it.
+	// ctx ends when the session ends here: for good, or by moving to
+	// another node of a cluster.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// serving ends once the inbox stops (see inbox): messages run under
+	// it, so those a session accepted before it moved away are served.
+	serving     context.Context
+	stopServing context.CancelFunc
 	// upstream is set while a connect hook stream relays pushes.
 	upstream atomic.Bool
 	// gate applies the rate limit to the client's messages.
@@ -96,6 +101,9 @@ type session struct {
 	expiry    *time.Timer
 	endReason string
 	endKind   string // metric label
+	// movedAway: the session ended here by moving to another node; the
+	// answers to the messages it had accepted go there (broker.answer).
+	movedAway bool
 	// counters for the session's log lines
 	pushed, resumes int64
 }
@@ -166,6 +174,7 @@ func newIDs() (id, token string) {
 
 func newSession(h *Handler, user string) *session {
 	ctx, cancel := context.WithCancel(context.Background())
+	serving, stopServing := context.WithCancel(context.Background())
 	id, token := newIDs()
 	s := &session{
 		id:     id,
@@ -179,6 +188,9 @@ func newSession(h *Handler, user string) *session {
 		h:      h,
 		ctx:    ctx,
 		cancel: cancel,
+
+		serving:     serving,
+		stopServing: stopServing,
 	}
 	s.in = newInbox(s)
 	return s
@@ -359,12 +371,23 @@ func (s *session) pushLocked(seq uint64, p *push) bool {
 // written. A client ignores a second answer to the same ref.
 func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.state == stateEnded {
+		moved := s.movedAway
+		s.mu.Unlock()
+		if moved && hasID(ref) {
+			s.hub.brokerOf().answer(s, []heldAnswer{{typ: typ, b: b}})
+		}
 		return
 	}
+	defer s.mu.Unlock()
+	s.queueAnswerLocked(typ, hasID(ref), b)
+}
+
+// queueAnswerLocked queues answer b for the connection attached now, and
+// holds it (see send) if it answers a message with an id.
+func (s *session) queueAnswerLocked(typ string, held bool, b []byte) {
 	a := s.cur
-	if hasID(ref) {
+	if held {
 		pos := s.seq // detached: after every push so far
 		if a != nil {
 			pos = a.out.cursor()
@@ -383,11 +406,33 @@ func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 	}
 }
 
+// takeAnswers queues and holds answers another node served for this
+// session (it moved here meanwhile); false if it has ended.
+func (s *session) takeAnswers(answers []heldAnswer) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state == stateEnded {
+		return false
+	}
+	for _, a := range answers {
+		s.queueAnswerLocked(a.typ, true, a.b)
+	}
+	return true
+}
+
 // ended reports whether the session has ended.
 func (s *session) ended() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.state == stateEnded
+}
+
+// hasMovedAway reports whether the session ended here by moving to another
+// node.
+func (s *session) hasMovedAway() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.movedAway
 }
 
 // attachedNow reports whether a connection serves the session.
@@ -401,8 +446,10 @@ func (s *session) attachedNow() bool {
 // yet, and reports whether this call ended it. It is the one way a
 // session ends: the connection (if any) gets c, the buffers go, the
 // messages in flight are cancelled, then the session leaves the hub, the
-// disconnect hook runs and the end is logged. It must be called with no
-// lock held.
+// disconnect hook runs and the end is logged. A session that moved to
+// another node (c.moved) ends here the same way, but the messages it
+// accepted are still served and their answers, with those the client may
+// not have seen, go to that node. It must be called with no lock held.
 func (s *session) end(c closeInfo) bool {
 	return s.endIf(nil, c)
 }
@@ -428,11 +475,21 @@ func (s *session) endIf(cond func() bool, c closeInfo) bool {
 		s.cur = nil
 	}
 	s.log, s.logBytes = nil, 0
+	held := s.held
 	s.held, s.heldBytes = nil, 0
+	s.movedAway = c.moved
 	s.cancel()
 	h, kind := s.h, c.kind
 	s.mu.Unlock()
 
+	if c.moved {
+		s.in.leave()
+		if len(held) > 0 {
+			go s.hub.brokerOf().answer(s, held)
+		}
+	} else {
+		s.in.stop()
+	}
 	s.hub.remove(s)
 	if !opened {
 		return true // an opening that did not get to serve the session
