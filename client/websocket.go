@@ -69,17 +69,17 @@ func (d *dialer) dialWebSocketH2(ctx context.Context, cursor string) (conn, erro
 	header := d.header(cursor)
 	header.Set(":protocol", "websocket")
 	header.Set("Sec-WebSocket-Version", "13")
-	c, err := d.pipeRoundTrip(ctx, http.MethodConnect, name, header)
+	x, err := d.roundTrip(ctx, http.MethodConnect, name, header, true)
 	if err != nil {
 		return nil, err
 	}
-	if c.resp.StatusCode != http.StatusOK {
-		return nil, c.refuse(WebSocket)
+	if x.resp.StatusCode != http.StatusOK {
+		return nil, x.refuse(WebSocket)
 	}
-	if err := c.settle(ctx, name); err != nil {
+	if err := x.settle(ctx, name); err != nil {
 		return nil, err
 	}
-	return &wsConn{r: c.resp.Body, w: c.pw, max: d.opts.MaxFrameSize, release: c.release}, nil
+	return &wsConn{r: x.resp.Body, w: x.pw, max: d.opts.MaxFrameSize, release: x.release}, nil
 }
 
 func (c *wsConn) read() ([]byte, error) {
