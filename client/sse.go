@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"net/http/httptrace"
 	"strconv"
@@ -39,19 +38,15 @@ func (c *sseConn) transport() string { return SSE }
 
 func (d *dialer) dialSSE(ctx context.Context, cursor string) (conn, error) {
 	header := d.header("")
-	header.Set("Accept", "text/event-stream")
 	header.Set("Cache-Control", "no-cache")
 	if cursor != "" {
 		header.Set("Last-Event-ID", cursor) // event ids are cursors
 	}
-	x, err := d.roundTrip(ctx, http.MethodGet, SSE, header, false)
+	x, err := d.open(ctx, httpOpening{
+		method: http.MethodGet, header: header, accept: "text/event-stream",
+		name: SSE, transport: SSE,
+	})
 	if err != nil {
-		return nil, err
-	}
-	if mt, _, _ := mime.ParseMediaType(x.resp.Header.Get("Content-Type")); x.resp.StatusCode != http.StatusOK || mt != "text/event-stream" {
-		return nil, x.refuse(SSE)
-	}
-	if err := x.settle(ctx, SSE); err != nil {
 		return nil, err
 	}
 	return &sseConn{

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"sync"
 )
@@ -31,15 +30,11 @@ func (c *streamConn) transport() string { return Stream }
 func (d *dialer) dialStream(ctx context.Context, cursor string) (conn, error) {
 	header := d.header(cursor)
 	header.Set("Content-Type", "application/x-ndjson")
-	header.Set("Accept", "application/x-ndjson")
-	x, err := d.roundTrip(ctx, http.MethodPost, Stream, header, true)
+	x, err := d.open(ctx, httpOpening{
+		method: http.MethodPost, header: header, pipe: true, accept: "application/x-ndjson",
+		name: Stream, transport: Stream,
+	})
 	if err != nil {
-		return nil, err
-	}
-	if mt, _, _ := mime.ParseMediaType(x.resp.Header.Get("Content-Type")); x.resp.StatusCode != http.StatusOK || mt != "application/x-ndjson" {
-		return nil, x.refuse(Stream)
-	}
-	if err := x.settle(ctx, Stream); err != nil {
 		return nil, err
 	}
 	return &streamConn{

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net"
 	"net/http"
 	"net/url"
@@ -230,9 +231,9 @@ var errNotOpen = errors.New("duplex client: the server's first frame is not an o
 
 // exchange is the request that carries one connection of the stream, SSE
 // or WebSocket-over-HTTP/2 transport, with its response once the head is
-// in. The transports that send up the request (stream, and WebSocket over
-// HTTP/2) give it a pipe as its body and write their frames into pw; an SSE
-// GET has no body (its frames go up as POSTs through rt).
+// in (see open). The transports that send up the request (stream, and
+// WebSocket over HTTP/2) give it a pipe as its body and write their frames
+// into pw; an SSE GET has no body (its frames go up as POSTs through rt).
 type exchange struct {
 	resp   *http.Response
 	pw     *io.PipeWriter    // nil without a pipe
@@ -242,16 +243,30 @@ type exchange struct {
 	stop   func() bool        // unties the request from the dial's context
 }
 
-// roundTrip sends a connection's request and returns when its response
-// head is in; with pipe, the request's body is a pipe (pw). The request
-// lives on after ctx (the dial's context) is done, once settle has untied
-// them; before that, ctx ending ends it. name is the transport, for
-// errors.
-func (d *dialer) roundTrip(ctx context.Context, method, name string, header http.Header, pipe bool) (*exchange, error) {
+// httpOpening is the request with which a transport opens a connection.
+type httpOpening struct {
+	method string
+	header http.Header
+	// pipe gives the request a body the transport writes its frames into.
+	pipe bool
+	// accept, if set, is the media type asked for (the Accept header) and
+	// the one the response must have.
+	accept string
+	// name is the transport in errors; transport, in a refused opening's
+	// statusError (a WebSocket is refused as one whatever it runs over).
+	name, transport string
+}
+
+// open sends a connection's request and returns once the server has
+// accepted it: status 200, with o.accept's content type if set; any other
+// answer is a statusError. The exchange then lives on after ctx (the
+// dial's context) is done; until open returns, ctx ending ends it. Every
+// failure ends the exchange.
+func (d *dialer) open(ctx context.Context, o httpOpening) (*exchange, error) {
 	t := &tracker{dial: d.opts.DialContext}
 	x := &exchange{t: t}
-	var body io.Reader // none, unless pipe
-	if pipe {
+	var body io.Reader // none, unless o.pipe
+	if o.pipe {
 		// The pipe must end when the connection does, or a failed round
 		// trip waits for it forever.
 		pr, pw := io.Pipe()
@@ -265,13 +280,27 @@ func (d *dialer) roundTrip(ctx context.Context, method, name string, header http
 		cancel()
 		x.endPipe(ctx.Err())
 	})
-	req, err := http.NewRequestWithContext(life, method, d.u.String(), body)
+	req, err := http.NewRequestWithContext(life, o.method, d.u.String(), body)
 	if err != nil {
-		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", name, err))
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, err))
 	}
-	req.Header = header
-	if x.resp, err = x.rt.RoundTrip(req); err != nil {
-		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", name, err))
+	req.Header = o.header
+	if o.accept != "" {
+		req.Header.Set("Accept", o.accept)
+	}
+	resp, err := x.rt.RoundTrip(req)
+	if err != nil {
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, err))
+	}
+	x.resp = resp
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); resp.StatusCode != http.StatusOK || (o.accept != "" && mt != o.accept) {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, x.fail(&statusError{transport: o.transport, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
+	}
+	// Accepted: untie the exchange from ctx (unless it ended first), so
+	// that from now on only release ends it.
+	if !x.stop() {
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, ctx.Err()))
 	}
 	return x, nil
 }
@@ -284,37 +313,20 @@ func (x *exchange) endPipe(err error) {
 	}
 }
 
-// fail ends the exchange and returns err.
+// fail ends an exchange that did not open and returns err.
 func (x *exchange) fail(err error) error {
 	x.stop()
-	x.endPipe(nil)
-	x.cancel()
-	x.t.closeAll()
+	x.release()
 	return err
 }
 
-// refuse ends an exchange whose answer is not a session (status, or the
-// wrong content type) with the statusError the server's answer makes.
-func (x *exchange) refuse(name string) error {
-	b, _ := io.ReadAll(io.LimitReader(x.resp.Body, 512))
-	x.resp.Body.Close()
-	return x.fail(&statusError{transport: name, status: x.resp.StatusCode, body: strings.TrimSpace(string(b))})
-}
-
-// settle unties an accepted exchange from the dial's context: from now on
-// only release ends it. It fails if that context ended first.
-func (x *exchange) settle(ctx context.Context, name string) error {
-	if !x.stop() {
-		x.resp.Body.Close()
-		return x.fail(fmt.Errorf("duplex client: %s: %w", name, ctx.Err()))
-	}
-	return nil
-}
-
-// release ends the exchange: the pipe, the response and its connections.
+// release ends the exchange: the pipe, the response (if it came) and its
+// connections.
 func (x *exchange) release() {
 	x.endPipe(nil)
-	x.resp.Body.Close()
+	if x.resp != nil {
+		x.resp.Body.Close()
+	}
 	x.cancel()
 	x.t.closeAll()
 }
