@@ -8,11 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"net/http/httptrace"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,51 +37,26 @@ type sseConn struct {
 func (c *sseConn) transport() string { return SSE }
 
 func (d *dialer) dialSSE(ctx context.Context, cursor string) (conn, error) {
-	t := &tracker{dial: d.opts.DialContext}
-	rt := d.roundTripper(t)
-	life, cancel := context.WithCancel(context.Background())
-	stop := context.AfterFunc(ctx, cancel)
-	fail := func(err error) (conn, error) {
-		stop()
-		cancel()
-		t.closeAll()
+	header := d.header("")
+	header.Set("Cache-Control", "no-cache")
+	if cursor != "" {
+		header.Set("Last-Event-ID", cursor) // event ids are cursors
+	}
+	x, err := d.open(ctx, httpOpening{
+		method: http.MethodGet, header: header, accept: "text/event-stream",
+		name: SSE, transport: SSE,
+	})
+	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(life, http.MethodGet, d.u.String(), nil)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: sse: %w", err))
-	}
-	req.Header = d.header("")
-	req.Header.Set("Accept", "text/event-stream")
-	req.Header.Set("Cache-Control", "no-cache")
-	if cursor != "" {
-		req.Header.Set("Last-Event-ID", cursor) // event ids are cursors
-	}
-	resp, err := rt.RoundTrip(req)
-	if err != nil {
-		return fail(fmt.Errorf("duplex client: sse: %w", err))
-	}
-	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); resp.StatusCode != http.StatusOK || mt != "text/event-stream" {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		resp.Body.Close()
-		return fail(&statusError{transport: SSE, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
-	}
-	if !stop() {
-		resp.Body.Close()
-		return fail(fmt.Errorf("duplex client: sse: %w", ctx.Err()))
-	}
 	return &sseConn{
-		br:      bufio.NewReader(resp.Body),
+		br:      bufio.NewReader(x.resp.Body),
 		max:     d.opts.MaxFrameSize,
-		hc:      &http.Client{Transport: rt},
+		hc:      &http.Client{Transport: x.rt},
 		url:     d.u.String(),
 		header:  d.header(""),
 		timeout: d.opts.DialTimeout,
-		release: func() {
-			resp.Body.Close()
-			cancel()
-			t.closeAll()
-		},
+		release: x.release,
 	}, nil
 }
 

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"sync"
 )
@@ -31,22 +30,18 @@ func (c *streamConn) transport() string { return Stream }
 func (d *dialer) dialStream(ctx context.Context, cursor string) (conn, error) {
 	header := d.header(cursor)
 	header.Set("Content-Type", "application/x-ndjson")
-	header.Set("Accept", "application/x-ndjson")
-	c, err := d.pipeRoundTrip(ctx, http.MethodPost, Stream, header)
+	x, err := d.open(ctx, httpOpening{
+		method: http.MethodPost, header: header, pipe: true, accept: "application/x-ndjson",
+		name: Stream, transport: Stream,
+	})
 	if err != nil {
 		return nil, err
 	}
-	if mt, _, _ := mime.ParseMediaType(c.resp.Header.Get("Content-Type")); c.resp.StatusCode != http.StatusOK || mt != "application/x-ndjson" {
-		return nil, c.refuse(Stream)
-	}
-	if err := c.settle(ctx, Stream); err != nil {
-		return nil, err
-	}
 	return &streamConn{
-		br:      bufio.NewReader(c.resp.Body),
+		br:      bufio.NewReader(x.resp.Body),
 		max:     d.opts.MaxFrameSize,
-		pw:      c.pw,
-		release: c.release,
+		pw:      x.pw,
+		release: x.release,
 	}, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
 	"net"
 	"net/http"
 	"net/url"
@@ -228,75 +229,104 @@ var errConnLost = errors.New("duplex client: connection lost")
 // errNotOpen is an opening whose first frame is not an open frame.
 var errNotOpen = errors.New("duplex client: the server's first frame is not an open frame")
 
-// pipeCall is a request whose body is a pipe the transport writes its
-// frames into, for the transports that send up the request (stream, and
-// WebSocket over HTTP/2), with the response once its head is in.
-type pipeCall struct {
+// exchange is the request that carries one connection of the stream, SSE
+// or WebSocket-over-HTTP/2 transport, with its response once the head is
+// in (see open). The transports that send up the request (stream, and
+// WebSocket over HTTP/2) give it a pipe as its body and write their frames
+// into pw; an SSE GET has no body (its frames go up as POSTs through rt).
+type exchange struct {
 	resp   *http.Response
-	pw     *io.PipeWriter
+	pw     *io.PipeWriter    // nil without a pipe
+	rt     http.RoundTripper // the connection's own HTTP transport
 	t      *tracker
 	cancel context.CancelFunc // ends the request
 	stop   func() bool        // unties the request from the dial's context
 }
 
-// pipeRoundTrip sends a request with a pipe as its body and returns when
-// its response head is in. The request lives on after ctx (the dial's
-// context) is done, once settle has untied them; before that, ctx ending
-// ends it. name is the transport, for errors.
-func (d *dialer) pipeRoundTrip(ctx context.Context, method, name string, header http.Header) (*pipeCall, error) {
-	// The pipe must end when the connection does, or a failed round trip
-	// waits for it forever.
-	pr, pw := io.Pipe()
-	t := &tracker{dial: d.opts.DialContext, lost: func() { pw.CloseWithError(errConnLost) }}
-	rt := d.roundTripper(t)
-	life, cancel := context.WithCancel(context.Background())
-	c := &pipeCall{pw: pw, t: t, cancel: cancel}
-	c.stop = context.AfterFunc(ctx, func() {
-		cancel()
-		pw.CloseWithError(ctx.Err())
-	})
-	req, err := http.NewRequestWithContext(life, method, d.u.String(), pr)
-	if err != nil {
-		return nil, c.fail(fmt.Errorf("duplex client: %s: %w", name, err))
-	}
-	req.Header = header
-	if c.resp, err = rt.RoundTrip(req); err != nil {
-		return nil, c.fail(fmt.Errorf("duplex client: %s: %w", name, err))
-	}
-	return c, nil
+// httpOpening is the request with which a transport opens a connection.
+type httpOpening struct {
+	method string
+	header http.Header
+	// pipe gives the request a body the transport writes its frames into.
+	pipe bool
+	// accept, if set, is the media type asked for (the Accept header) and
+	// the one the response must have.
+	accept string
+	// name is the transport in errors; transport, in a refused opening's
+	// statusError (a WebSocket is refused as one whatever it runs over).
+	name, transport string
 }
 
-// fail ends the call and returns err.
-func (c *pipeCall) fail(err error) error {
-	c.stop()
-	c.pw.Close()
-	c.cancel()
-	c.t.closeAll()
+// open sends a connection's request and returns once the server has
+// accepted it: status 200, with o.accept's content type if set; any other
+// answer is a statusError. The exchange then lives on after ctx (the
+// dial's context) is done; until open returns, ctx ending ends it. Every
+// failure ends the exchange.
+func (d *dialer) open(ctx context.Context, o httpOpening) (*exchange, error) {
+	t := &tracker{dial: d.opts.DialContext}
+	x := &exchange{t: t}
+	var body io.Reader // none, unless o.pipe
+	if o.pipe {
+		// The pipe must end when the connection does, or a failed round
+		// trip waits for it forever.
+		pr, pw := io.Pipe()
+		body, x.pw = pr, pw
+		t.lost = func() { pw.CloseWithError(errConnLost) }
+	}
+	x.rt = d.roundTripper(t)
+	life, cancel := context.WithCancel(context.Background())
+	x.cancel = cancel
+	x.stop = context.AfterFunc(ctx, func() {
+		cancel()
+		x.endPipe(ctx.Err())
+	})
+	req, err := http.NewRequestWithContext(life, o.method, d.u.String(), body)
+	if err != nil {
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, err))
+	}
+	req.Header = o.header
+	if o.accept != "" {
+		req.Header.Set("Accept", o.accept)
+	}
+	resp, err := x.rt.RoundTrip(req)
+	if err != nil {
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, err))
+	}
+	x.resp = resp
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); resp.StatusCode != http.StatusOK || (o.accept != "" && mt != o.accept) {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, x.fail(&statusError{transport: o.transport, status: resp.StatusCode, body: strings.TrimSpace(string(b))})
+	}
+	// Accepted: untie the exchange from ctx (unless it ended first), so
+	// that from now on only release ends it.
+	if !x.stop() {
+		return nil, x.fail(fmt.Errorf("duplex client: %s: %w", o.name, ctx.Err()))
+	}
+	return x, nil
+}
+
+// endPipe ends the request's body with err (nil: a normal end), if it is
+// a pipe.
+func (x *exchange) endPipe(err error) {
+	if x.pw != nil {
+		x.pw.CloseWithError(err)
+	}
+}
+
+// fail ends an exchange that did not open and returns err.
+func (x *exchange) fail(err error) error {
+	x.stop()
+	x.release()
 	return err
 }
 
-// refuse ends a call whose answer is not a session (status, or the wrong
-// content type) with the statusError the server's answer makes.
-func (c *pipeCall) refuse(name string) error {
-	b, _ := io.ReadAll(io.LimitReader(c.resp.Body, 512))
-	c.resp.Body.Close()
-	return c.fail(&statusError{transport: name, status: c.resp.StatusCode, body: strings.TrimSpace(string(b))})
-}
-
-// settle unties an accepted call from the dial's context: from now on
-// only release ends it. It fails if that context ended first.
-func (c *pipeCall) settle(ctx context.Context, name string) error {
-	if !c.stop() {
-		c.resp.Body.Close()
-		return c.fail(fmt.Errorf("duplex client: %s: %w", name, ctx.Err()))
+// release ends the exchange: the pipe, the response (if it came) and its
+// connections.
+func (x *exchange) release() {
+	x.endPipe(nil)
+	if x.resp != nil {
+		x.resp.Body.Close()
 	}
-	return nil
-}
-
-// release ends the call: the pipe, the response and its connections.
-func (c *pipeCall) release() {
-	c.pw.Close()
-	c.resp.Body.Close()
-	c.cancel()
-	c.t.closeAll()
+	x.cancel()
+	x.t.closeAll()
 }

@@ -65,21 +65,17 @@ func (d *dialer) dialWebSocket(ctx context.Context, cursor string) (conn, error)
 
 // dialWebSocketH2 opens a WebSocket with an HTTP/2 extended CONNECT.
 func (d *dialer) dialWebSocketH2(ctx context.Context, cursor string) (conn, error) {
-	const name = "websocket over HTTP/2"
 	header := d.header(cursor)
 	header.Set(":protocol", "websocket")
 	header.Set("Sec-WebSocket-Version", "13")
-	c, err := d.pipeRoundTrip(ctx, http.MethodConnect, name, header)
+	x, err := d.open(ctx, httpOpening{
+		method: http.MethodConnect, header: header, pipe: true,
+		name: "websocket over HTTP/2", transport: WebSocket,
+	})
 	if err != nil {
 		return nil, err
 	}
-	if c.resp.StatusCode != http.StatusOK {
-		return nil, c.refuse(WebSocket)
-	}
-	if err := c.settle(ctx, name); err != nil {
-		return nil, err
-	}
-	return &wsConn{r: c.resp.Body, w: c.pw, max: d.opts.MaxFrameSize, release: c.release}, nil
+	return &wsConn{r: x.resp.Body, w: x.pw, max: d.opts.MaxFrameSize, release: x.release}, nil
 }
 
 func (c *wsConn) read() ([]byte, error) {
