@@ -148,7 +148,7 @@ func (c *sseConn) writeFrame(typ string, seq uint64, a, b, cc []byte) error {
 	return nil
 }
 
-func (c *sseConn) ping() error { return c.pingWith(ssePing) }
+func (c *sseConn) ping() error { return c.writeNow(ssePing) }
 
 // close ends the response: the close event was the last one, and there is
 // no close handshake to wait for.

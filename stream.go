@@ -176,7 +176,7 @@ func (c *streamConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 
 var newline = []byte{'\n'}
 
-func (c *streamConn) ping() error { return c.pingWith(pingLine) }
+func (c *streamConn) ping() error { return c.writeNow(pingLine) }
 
 // close ends the response: the close frame was the last line, and there is
 // no close handshake to wait for.

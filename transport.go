@@ -74,13 +74,13 @@ func (o *frameWriter) flush() error {
 	return o.flushBurst()
 }
 
-// pingWith writes the transport's ping (SSE and stream: a line; a
-// WebSocket sends its own control frame) and flushes it.
-func (o *frameWriter) pingWith(line []byte) error {
+// writeNow writes b, whole frames outside any burst (a ping, a WebSocket
+// control frame), and flushes it.
+func (o *frameWriter) writeNow(b []byte) error {
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
 	o.wd.refresh()
-	if _, err := o.buffer().Write(line); err != nil {
+	if _, err := o.buffer().Write(b); err != nil {
 		return err
 	}
 	return o.flushBurst()

@@ -275,14 +275,13 @@ func (c *wsConn) protocolError(reason string) {
 	})
 }
 
+// writeControl writes control frame f (a pong, the close frame) at once.
 func (c *wsConn) writeControl(f ws.Frame) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.wd.refresh()
-	if err := ws.WriteFrame(c.buffer(), f); err != nil {
+	b, err := ws.CompileFrame(f)
+	if err != nil {
 		return err
 	}
-	return c.flushBurst()
+	return c.writeNow(b)
 }
 
 func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
@@ -302,22 +301,18 @@ func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
 	return nil
 }
 
-// pingText is the heartbeat as a text frame, for ?ping=text.
-var pingText = ws.MustCompileFrame(ws.NewTextFrame([]byte(`{"type":"ping"}`)))
+// wsPing is the heartbeat: a ping frame, after a {"type":"ping"} text
+// frame for ?ping=text (wsPingText).
+var (
+	wsPing     = ws.MustCompileFrame(ws.NewPingFrame(nil))
+	wsPingText = append(ws.MustCompileFrame(ws.NewTextFrame([]byte(`{"type":"ping"}`))), wsPing...)
+)
 
-// ping sends a ping frame (the client's pong proves it alive) and, for
-// ?ping=text, a text frame a script can see.
 func (c *wsConn) ping() error {
 	if c.textPing {
-		c.wmu.Lock()
-		c.wd.refresh()
-		_, err := c.buffer().Write(pingText)
-		c.wmu.Unlock()
-		if err != nil {
-			return err
-		}
+		return c.writeNow(wsPingText)
 	}
-	return c.writeControl(ws.NewPingFrame(nil))
+	return c.writeNow(wsPing)
 }
 
 func (c *wsConn) close(code int, reason string) error {
