@@ -121,16 +121,7 @@ func TestClusterForwardedPostBounds(t *testing.T) {
 		t.Fatalf("a POST on the forwarding node after the four: %d %s, want 202", st, b)
 	}
 	// The node holding the session served them: each gets its reply.
-	want := map[string]bool{"p0": true, "p1": true, "p2": true, "p3": true, "after": true}
-	for len(want) > 0 {
-		f := s.mustNext(t)
-		if want[f.ref()] {
-			if f.typ() != "reply" || f.status() != http.StatusOK {
-				t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
-			}
-			delete(want, f.ref())
-		}
-	}
+	awaitReplies(t, s.next, "p0", "p1", "p2", "p3", "after")
 }
 
 // A POST read by a node while its session moves to another one (the
@@ -152,17 +143,8 @@ func TestClusterForwardedPostFollowsTheSession(t *testing.T) {
 	}
 	// The first node has let the session go before the POST's last byte:
 	// its forward there is refused (401) and must follow the session.
-	for {
-		f, ok := first.next()
-		if !ok {
-			t.Fatal("the first node's stream ended without a close frame")
-		}
-		if f.typ() == "close" {
-			if code, _ := f["code"].(float64); code != 4009 {
-				t.Fatalf("the first stream closed with %v, want 4009 (taken over)", f)
-			}
-			break
-		}
+	if f := awaitClose(t, first.next); f["code"] != float64(4009) {
+		t.Fatalf("the first stream closed with %v, want 4009 (taken over)", f)
 	}
 	if st := p.finish(t); st != http.StatusAccepted {
 		t.Fatalf("the POST read while its session moved: %d, want 202", st)
@@ -230,17 +212,8 @@ func TestClusterForwardTimeoutNotResent(t *testing.T) {
 	if err := holder.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		f, ok := first.next()
-		if !ok {
-			t.Fatal("the holder's stream ended without a close frame")
-		}
-		if f.typ() == "close" {
-			if code, _ := f["code"].(float64); code != 4009 {
-				t.Fatalf("the holder's stream closed with %v, want 4009 (taken over)", f)
-			}
-			break
-		}
+	if f := awaitClose(t, first.next); f["code"] != float64(4009) {
+		t.Fatalf("the holder's stream closed with %v, want 4009 (taken over)", f)
 	}
 	// A POST now goes where the session is and is answered there. The
 	// timed-out message was served once, by the holder (which had it when
@@ -248,29 +221,20 @@ func TestClusterForwardTimeoutNotResent(t *testing.T) {
 	if st, b := sxPost(t, other.url("/live"), token, "application/json", []byte(`{"id":"after","path":"/live/ok"}`)); st != http.StatusAccepted {
 		t.Fatalf("POST after the holder came back: %d %s, want 202", st, b)
 	}
-	want := map[string]bool{"after": true, "late": true}
-	for len(want) > 0 {
-		f, ok := moved.next()
-		if !ok {
-			t.Fatalf("the third node's stream ended; still no answer to %v", want)
-		}
-		if want[f.ref()] {
-			if f.typ() != "reply" || f.status() != http.StatusOK {
-				t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
-			}
-			delete(want, f.ref())
-		}
-	}
+	awaitReplies(t, moved.next, "after", "late")
 	app.byMessageID(t, "late") // served once
 }
 
-// moveWhileServing opens a WebSocket session on nodes[0] and has it send
-// three messages: "seen" (answered before the move, never confirmed by a
-// push), "serving" (to gated, which the app holds until openGate) and
-// "queued" (behind it). Once the app has "serving", the connection drops
-// and the client resumes on nodes[1]: the connection returned.
-func moveWhileServing(t *testing.T, app *testApp, nodes []*caddyProc, gated string) *sxWS {
+// moveWhileServing starts two nodes on one Redis, opens a WebSocket
+// session on the first and has it send three messages: "seen" (answered
+// before the move, never confirmed by a push), "serving" (to gated, which
+// the app holds until openGate) and "queued" (behind it). Once the app has
+// "serving", the connection drops and the client resumes on the second
+// node: the connection returned.
+func moveWhileServing(t *testing.T, gated string) (*testApp, []*caddyProc, *sxWS) {
 	t.Helper()
+	app := newTestApp(t)
+	nodes := startCluster(t, startClusterRedis(t), 2, app)
 	c := sxOpenWS(t, nodes[0].wsURL("/live"), nil)
 	token := c.open.str("token")
 	c.send(t, map[string]any{"id": "seen", "path": "/live/ok"})
@@ -291,18 +255,19 @@ func moveWhileServing(t *testing.T, app *testApp, nodes []*caddyProc, gated stri
 	if moved.open["resumed"] != true {
 		t.Fatalf("resume on the other node: %v, want resumed:true", moved.open)
 	}
-	return moved
+	return app, nodes, moved
 }
 
-// awaitAnswers reads c until it has a 200 reply to each of refs.
-func awaitAnswers(t *testing.T, c *sxWS, refs ...string) {
+// awaitReplies reads frames from next until it has a 200 reply to each of
+// refs, skipping others.
+func awaitReplies(t *testing.T, next func() (sxFrame, bool), refs ...string) {
 	t.Helper()
 	want := map[string]bool{}
 	for _, r := range refs {
 		want[r] = true
 	}
 	for len(want) > 0 {
-		f, ok := c.next()
+		f, ok := next()
 		if !ok {
 			t.Fatalf("the connection ended; still no answer to %v", want)
 		}
@@ -316,6 +281,20 @@ func awaitAnswers(t *testing.T, c *sxWS, refs ...string) {
 	}
 }
 
+// awaitClose reads frames from next until the close frame, and returns it.
+func awaitClose(t *testing.T, next func() (sxFrame, bool)) sxFrame {
+	t.Helper()
+	for {
+		f, ok := next()
+		if !ok {
+			t.Fatal("the connection ended without a close frame")
+		}
+		if f.typ() == "close" {
+			return f
+		}
+	}
+}
+
 // A session resumed on another node still gets the answers to the
 // messages its old node accepted: the one the app was serving when the
 // session moved, the one queued behind it, and the answer the client had
@@ -323,12 +302,9 @@ func awaitAnswers(t *testing.T, c *sxWS, refs ...string) {
 // where the session is now, and applies the app's Duplex-Subscribe there.
 func TestClusterAnswersFollowTheSession(t *testing.T) {
 	t.Parallel()
-	r := startClusterRedis(t)
-	app := newTestApp(t)
-	nodes := startCluster(t, r, 2, app)
-	moved := moveWhileServing(t, app, nodes, "/live/gate?subscribe=late")
+	app, nodes, moved := moveWhileServing(t, "/live/gate?subscribe=late")
 	app.openGate()
-	awaitAnswers(t, moved, "seen", "serving", "queued")
+	awaitReplies(t, moved.next, "seen", "serving", "queued")
 	if n := len(app.byPath("/live/gate")); n != 1 {
 		t.Fatalf("the app got the gated message %d times, want once", n)
 	}
@@ -348,20 +324,11 @@ func TestClusterAnswersFollowTheSession(t *testing.T) {
 // session moved closes the session where it is now, after that answer.
 func TestClusterCloseFollowsTheSession(t *testing.T) {
 	t.Parallel()
-	r := startClusterRedis(t)
-	app := newTestApp(t)
-	nodes := startCluster(t, r, 2, app)
-	moved := moveWhileServing(t, app, nodes, "/live/gate?close=bye")
+	app, _, moved := moveWhileServing(t, "/live/gate?close=bye")
 	app.openGate()
-	awaitAnswers(t, moved, "serving") // "seen" was read: its copy may come after the close
-	for {
-		f := moved.mustNext(t)
-		if f.typ() == "close" {
-			if f["reason"] != "bye" {
-				t.Fatalf("close %v, want the app's reason bye", f)
-			}
-			break
-		}
+	awaitReplies(t, moved.next, "serving") // "seen" was read: its copy may come after the close
+	if f := awaitClose(t, moved.next); f["reason"] != "bye" {
+		t.Fatalf("close %v, want the app's reason bye", f)
 	}
 }
 
