@@ -66,9 +66,11 @@ type broker interface {
 	forward(ctx context.Context, rs remoteSession, frames [][]byte) (int, error)
 	// answer hands answers to messages of s, served on this node after s
 	// moved to another one, to the node holding s now, which sends them
-	// to the client and holds them as its own (see session.send). One
-	// that cannot be handed over is logged: its call gets no answer.
-	answer(s *session, answers []heldAnswer)
+	// to the client and holds them as its own (see session.send), then,
+	// if closeReason is set, closes s (the app's Duplex-Close). What
+	// cannot be handed over is logged: its calls get no answer. If s has
+	// ended meanwhile, s's inbox stops: nobody is left to answer.
+	answer(s *session, answers []heldAnswer, closeReason string)
 	// sessions lists the sessions of a user and/or on a channel (all when
 	// both are empty), on every node, ordered by opening time.
 	sessions(ctx context.Context, user, channel string) ([]sessionInfo, error)
@@ -174,7 +176,7 @@ func (*MemoryBroker) forward(context.Context, remoteSession, [][]byte) (int, err
 	return http.StatusUnauthorized, nil // locate found nothing to forward to
 }
 
-func (*MemoryBroker) answer(*session, []heldAnswer) {} // sessions never move away
+func (*MemoryBroker) answer(*session, []heldAnswer, string) {} // sessions never move away
 
 // remoteSession is a session held by another node of a cluster, as an SSE
 // POST for it needs to know it: its id and the node holding it.

@@ -1,7 +1,6 @@
 package duplex
 
 import (
-	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -517,6 +516,7 @@ func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]
 // frames are an array.
 type answers struct {
 	Answers []forwardedAnswer `json:"answers"`
+	Close   string            `json:"close,omitempty"` // the app's Duplex-Close, after them
 }
 
 type forwardedAnswer struct {
@@ -524,8 +524,8 @@ type forwardedAnswer struct {
 	Frame json.RawMessage `json:"frame"`
 }
 
-func (r *RedisBroker) answer(s *session, held []heldAnswer) {
-	var m answers
+func (r *RedisBroker) answer(s *session, held []heldAnswer, closeReason string) {
+	m := answers{Close: closeReason}
 	for _, a := range held {
 		m.Answers = append(m.Answers, forwardedAnswer{Type: a.typ, Frame: a.b})
 	}
@@ -537,33 +537,41 @@ func (r *RedisBroker) answer(s *session, held []heldAnswer) {
 	ctx := context.Background() // each call is bounded by the broker's timeout
 	// The node named by the session's record may not have it yet (it
 	// claims the session in Redis before it attaches it, and answers 401
-	// meanwhile), and the session may move again: follow the record, a
-	// little later each time, for as long as a forward may take.
+	// meanwhile), Redis may fail a call, and the session may move again:
+	// follow the record, a little later each time, for as long as a
+	// forward may take, as long as nothing was handed over.
 	deadline := time.Now().Add(r.rb().Timeout())
 	for wait := 10 * time.Millisecond; ; wait = min(2*wait, 500*time.Millisecond) {
 		rec, lerr := r.rb().Lookup(ctx, s.id)
-		if lerr != nil || rec.Closed != "" {
-			err = cmp.Or(lerr, errUnknownSession)
-			break
-		}
-		var status int
-		status, err = r.rb().ForwardTo(ctx, rec.Node, s.id, payload)
-		if err == nil && status == http.StatusAccepted {
+		switch {
+		case errors.Is(lerr, redisbroker.ErrUnknownSession) || (lerr == nil && rec.Closed != ""):
+			// It has ended: serve nothing more for it.
+			s.in.stop()
 			return
+		case lerr != nil:
+			err = lerr // nothing sent: try again
+		default:
+			var status int
+			status, err = r.rb().ForwardTo(ctx, rec.Node, s.id, payload)
+			if err == nil && status == http.StatusAccepted {
+				return
+			}
+			if err == nil {
+				err = fmt.Errorf("the holding node answered %d", status)
+			}
+			// Again only if it surely took nothing.
+			if status != http.StatusUnauthorized && !errors.Is(err, redisbroker.ErrNodeNotListening) &&
+				!errors.Is(err, redisbroker.ErrForwardLost) {
+				wait = 0
+			}
 		}
-		if err == nil {
-			err = fmt.Errorf("the holding node answered %d", status)
-		}
-		if status != http.StatusUnauthorized && !errors.Is(err, redisbroker.ErrNodeNotListening) {
-			break // it may have them: never twice
-		}
-		if time.Now().Add(wait).After(deadline) {
+		if wait == 0 || time.Now().Add(wait).After(deadline) {
 			break
 		}
 		time.Sleep(wait)
 	}
 	r.logger.Warn("redis broker: answers not handed over to the session's node: their calls get none",
-		zap.String("session", s.id), zap.Int("answers", len(held)), zap.Error(err))
+		zap.String("session", s.id), zap.Int("answers", len(held)), zap.Bool("close", closeReason != ""), zap.Error(err))
 }
 
 func (r *RedisBroker) cluster(ctx context.Context) (clusterInfo, error) {
@@ -643,6 +651,11 @@ func (e redisEvents) Forwarded(id string, payload []byte) int {
 		}
 		if !s.takeAnswers(held) {
 			return http.StatusUnauthorized
+		}
+		if m.Close != "" {
+			// After the answers it queued; not on this loop, since
+			// ending a session calls Redis.
+			go s.end(closedByApp(m.Close))
 		}
 		return http.StatusAccepted
 	}

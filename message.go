@@ -252,6 +252,7 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 		target = f.Path
 	}
 	var answered atomic.Bool
+	var sent atomic.Pointer[heldAnswer] // the answer, for a message with an id
 	answer := func(result string, typ string, b []byte) {
 		if !answered.CompareAndSwap(false, true) {
 			return
@@ -259,6 +260,9 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 		if f == nil {
 			result = "fire_and_forget"
 		} else {
+			if hasID(ref) {
+				sent.Store(&heldAnswer{typ: typ, b: b})
+			}
 			s.send(typ, ref, b)
 		}
 		metrics.messages.WithLabelValues(result).Inc()
@@ -330,13 +334,15 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 		answer("reply", protocol.TypeReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
 	}
 	if closeAfter && !s.end(closedByApp(closeReason)) && s.hasMovedAway() {
-		// The session is on another node now: close it there, after the
-		// answer (which answer handed over before returning).
-		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(h.MessageTimeout))
-		defer cancel()
-		if _, err := s.hub.publish(ctx, &publishMsg{Session: s.id, Close: &closeReason}); err != nil {
-			h.logger.Error("Duplex-Close not applied to the session on its new node", zap.String("session", s.id), zap.Error(err))
+		// The session is on another node now: close it there, after this
+		// answer, which goes with the close (again, if it went already:
+		// the session may have moved after send queued it here, and the
+		// held answers travel on their own).
+		var with []heldAnswer
+		if a := sent.Load(); a != nil {
+			with = append(with, *a)
 		}
+		s.hub.brokerOf().answer(s, with, closeReason)
 	}
 }
 

@@ -375,7 +375,7 @@ func (s *session) send(typ string, ref json.RawMessage, b []byte) {
 		moved := s.movedAway
 		s.mu.Unlock()
 		if moved && hasID(ref) {
-			s.hub.brokerOf().answer(s, []heldAnswer{{typ: typ, b: b}})
+			s.hub.brokerOf().answer(s, []heldAnswer{{typ: typ, b: b}}, "")
 		}
 		return
 	}
@@ -479,16 +479,18 @@ func (s *session) endIf(cond func() bool, c closeInfo) bool {
 	s.held, s.heldBytes = nil, 0
 	s.movedAway = c.moved
 	s.cancel()
+	// Under mu, with the state: a message offered from now on is refused
+	// (401 to a POST), or, for a moved session, still served.
+	if c.moved {
+		s.in.leave()
+	} else {
+		s.in.stop()
+	}
 	h, kind := s.h, c.kind
 	s.mu.Unlock()
 
-	if c.moved {
-		s.in.leave()
-		if len(held) > 0 {
-			go s.hub.brokerOf().answer(s, held)
-		}
-	} else {
-		s.in.stop()
+	if c.moved && len(held) > 0 {
+		go s.hub.brokerOf().answer(s, held, "")
 	}
 	s.hub.remove(s)
 	if !opened {
