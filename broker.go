@@ -2,6 +2,7 @@ package duplex
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"time"
 
@@ -91,6 +92,12 @@ type clusterInfo struct {
 	Node  string   `json:"node,omitempty"`
 	Nodes []string `json:"nodes"`
 }
+
+// errForwardUnanswered: the node holding a session did not answer a
+// forwarded POST in time. It may still take the frames (it does, if it is
+// only slow), so they must not be sent again: the POST is answered 504,
+// which the clients count as sent.
+var errForwardUnanswered = errors.New("duplex: the node holding the session did not answer in time")
 
 // errBrokerUnavailable refuses a publish or an opening while the broker
 // cannot be reached: 503 with Retry-After.

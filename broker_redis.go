@@ -505,8 +505,10 @@ func (r *RedisBroker) forward(ctx context.Context, rs remoteSession, frames [][]
 	switch {
 	case errors.Is(err, redisbroker.ErrUnknownSession):
 		return http.StatusUnauthorized, nil
+	case errors.Is(err, redisbroker.ErrNodeNotListening):
+		return 0, errBrokerUnavailable{err} // the frames went nowhere
 	case errors.Is(err, redisbroker.ErrNodeUnreachable):
-		return 0, errBrokerUnavailable{err}
+		return 0, fmt.Errorf("%w: %w", errForwardUnanswered, err)
 	}
 	return status, unavailable(err)
 }

@@ -256,6 +256,10 @@ func (h *Handler) servePost(w http.ResponseWriter, r *http.Request, token string
 	if s == nil {
 		var err error
 		status, err = h.hub.brokerOf().forward(r.Context(), rs, frames)
+		if errors.Is(err, errForwardUnanswered) {
+			reject(http.StatusGatewayTimeout, "the node holding the session did not answer in time; it may still take the frames: do not send them again")
+			return
+		}
 		if err != nil {
 			w.Header().Set("Retry-After", retryAfter)
 			reject(http.StatusServiceUnavailable, "the node holding the session cannot be reached; retry later")

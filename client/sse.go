@@ -159,6 +159,12 @@ func (c *sseConn) post(ctx context.Context, frames [][]byte) (int, error) {
 	switch resp.StatusCode {
 	case http.StatusAccepted:
 		return len(frames), nil
+	case http.StatusGatewayTimeout:
+		// A cluster node forwarding the POST got no answer in time from
+		// the node holding the session, which may still take the frames:
+		// they count as sent, as a POST whose answer was lost does (their
+		// calls wait for an answer on the event stream, or time out).
+		return len(frames), nil
 	case http.StatusTooManyRequests:
 		secs, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
 		return 0, &retryAfter{d: time.Duration(max(secs, 1)) * time.Second}

@@ -16,7 +16,9 @@ import (
 
 // SSE POSTs the server refuses for now (429) are sent again after
 // Retry-After; a frame it refuses as bad (400) fails its call and is not
-// sent again. The server here is a stand-in that answers POSTs itself.
+// sent again; a POST a cluster node could not hand over in time (504) may
+// still be taken: it is not sent again, and its call gets the answer that
+// comes. The server here is a stand-in that answers POSTs itself.
 func TestSSEPostRefusals(t *testing.T) {
 	frames := make(chan string, 16)
 	var mu sync.Mutex
@@ -56,6 +58,10 @@ func TestSSEPostRefusals(t *testing.T) {
 			w.Header().Set("Retry-After", "1")
 			w.WriteHeader(http.StatusTooManyRequests)
 			return
+		case f.Path == "/unanswered":
+			w.WriteHeader(http.StatusGatewayTimeout)
+			frames <- fmt.Sprintf(`{"type":"reply","ref":%q,"status":200,"data":{"posts":%d}}`, f.ID, n)
+			return
 		case f.Path == "/bad":
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusBadRequest)
@@ -77,6 +83,10 @@ func TestSSEPostRefusals(t *testing.T) {
 	if err != nil || string(reply) != `{"posts":2}` {
 		t.Fatalf("call after a 429: %s %v, want the reply to the second POST", reply, err)
 	}
+	reply, err = s.Call(withContext(t), "/unanswered", nil)
+	if err != nil || string(reply) != `{"posts":1}` {
+		t.Fatalf("call after a 504: %s %v, want the reply to the one POST", reply, err)
+	}
 	_, err = s.Call(withContext(t), "/bad", nil)
 	var de *client.Error
 	if !errors.As(err, &de) || de.Status != http.StatusBadRequest || !strings.Contains(de.Message, "bad path") {
@@ -89,5 +99,8 @@ func TestSSEPostRefusals(t *testing.T) {
 	defer mu.Unlock()
 	if posts["/bad"] != 1 {
 		t.Fatalf("the refused frame was posted %d times, want 1", posts["/bad"])
+	}
+	if posts["/unanswered"] != 1 {
+		t.Fatalf("the frame answered 504 was posted %d times, want 1", posts["/unanswered"])
 	}
 }

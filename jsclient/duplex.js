@@ -142,7 +142,9 @@ function openSSE(s, cursor) {
         throw { sent: frames.length, dead: true }; // it may have arrived: never sent again
       }
       r.body?.cancel?.().catch(() => {});
-      if (r.status === 202) return;
+      // 504: a cluster node got no answer in time from the one holding the
+      // session, which may still take the frames: sent, as a lost answer.
+      if (r.status === 202 || r.status === 504) return;
       if (r.status === 429) throw { sent: 0, retry: Math.min(1000 * Math.max(1, +r.headers.get("Retry-After") || 1), o.maxBackoff) };
       if (r.status === 400 || r.status === 413) throw { sent: 0, status: r.status, bad: 1, msg: await r.text().catch(() => "") };
       throw { sent: 0, dead: true }; // 401 ended, 409 no stream: reconnect

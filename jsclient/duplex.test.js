@@ -279,6 +279,34 @@ test("falls back to SSE when the WebSocket cannot open; calls go as POSTs", asyn
   s.close();
 });
 
+test("a POST answered 504 (not handed over in time) counts as sent: never sent again", async () => {
+  const srv = sseServer();
+  const answer = globalThis.fetch;
+  let first = true; // the first POST is answered 504, after the server got it
+  globalThis.fetch = async (url, init = {}) => {
+    const r = await answer(url, init);
+    if ((init.method || "GET") !== "POST" || !first) return r;
+    first = false;
+    return new Response("late", { status: 504 });
+  };
+  const s = connect(URL_, { transports: ["sse"], minBackoff: 1, maxBackoff: 5 });
+  await waitFor("the event stream", () => srv.ctl);
+  srv.event(open());
+  try {
+    await s.ready;
+    s.send("/live/a");
+    await waitFor("a POST", () => srv.posts.length === 1);
+    const p = s.call("/live/b"); // goes out on the same stream, after /live/a
+    await waitFor("a second POST", () => srv.posts.length === 2);
+    srv.event({ type: "reply", ref: "c1", status: 200, data: "b" });
+    assert.equal(await p, "b");
+    assert.deepEqual(srv.posts.map((x) => x.frames.map((f) => f.path)), [["/live/a"], ["/live/b"]]);
+    assert.equal(srv.gets.length, 1, "the event stream was kept");
+  } finally {
+    s.close(); // also on failure, or its reconnections keep the test process alive
+  }
+});
+
 test("SSE resumes with Last-Event-ID; a 401 on every transport ends the session", async () => {
   const srv = sseServer();
   const s = connect(URL_, { transports: ["sse"], minBackoff: 1, maxBackoff: 5 });
