@@ -447,3 +447,31 @@ func TestPublishForgetsGoneMembers(t *testing.T) {
 		}
 	}
 }
+
+// A subscribe racing its session's end leaves nothing behind: a session
+// that ended between the check that it exists and the adds is taken out
+// of the channels again, and the subscribe fails with ErrUnknownSession.
+func TestSubscribeRacingTheEnd(t *testing.T) {
+	r := startRedis(t)
+	a := startNode(t, r, "a")
+	a.open(t, "s", "", 100, "room")
+	var once sync.Once
+	a.rdb.AddHook(afterCommand{"exists", func([]any) {
+		once.Do(func() { // right after the check: the session ends
+			if _, err := a.EndHeld(bg, "s"); err != nil {
+				t.Errorf("end: %v", err)
+			}
+		})
+	}})
+	if err := a.Subscribe(bg, "s", "late"); !errors.Is(err, ErrUnknownSession) {
+		t.Fatalf("subscribe of a session that ended meanwhile: %v, want ErrUnknownSession", err)
+	}
+	rdb := r.client(t)
+	if m, err := rdb.SIsMember(bg, a.k.channel("late"), "s").Result(); err != nil || m {
+		t.Fatalf("the ended session is still a member of the channel (%v)", err)
+	}
+	if n, err := rdb.Exists(bg, a.k.channels("s")).Result(); err != nil || n != 0 {
+		t.Fatalf("the ended session's channel set is still there (%v)", err)
+	}
+	once.Do(func() { t.Fatal("the subscribe never checked the session (test did not test)") })
+}

@@ -269,27 +269,39 @@ func TestForwardStoredPayloadGone(t *testing.T) {
 	}
 }
 
-// publishHook is a go-redis hook that calls after with the channel and
-// message of every PUBLISH once Redis answered it, before its caller goes
+// afterCommand is a go-redis hook that calls after with the arguments of
+// each command named name once Redis answered it, before its caller goes
 // on.
-type publishHook struct{ after func(channel, msg string) }
+type afterCommand struct {
+	name  string
+	after func(args []any)
+}
 
-func (h publishHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h afterCommand) DialHook(next redis.DialHook) redis.DialHook { return next }
 
-func (h publishHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+func (h afterCommand) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return next
 }
 
-func (h publishHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+func (h afterCommand) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		err := next(ctx, cmd)
-		if args := cmd.Args(); cmd.Name() == "publish" && len(args) == 3 {
-			channel, _ := args[1].(string)
-			msg, _ := args[2].(string)
-			h.after(channel, msg)
+		if cmd.Name() == h.name {
+			h.after(cmd.Args())
 		}
 		return err
 	}
+}
+
+// publishHook calls after with the channel and message of each PUBLISH.
+func publishHook(after func(channel, msg string)) afterCommand {
+	return afterCommand{"publish", func(args []any) {
+		if len(args) == 3 {
+			channel, _ := args[1].(string)
+			msg, _ := args[2].(string)
+			after(channel, msg)
+		}
+	}}
 }
 
 // A stored payload that nobody was counted for, but that is gone when its
@@ -302,7 +314,7 @@ func TestForwardStoredTakenThoughNobodyCounted(t *testing.T) {
 	b.stop() // nothing but the forward uses b's client from here on
 	holder := r.client(t)
 	took := make(chan []byte, 1)
-	b.rdb.AddHook(publishHook{func(channel, msg string) {
+	b.rdb.AddHook(publishHook(func(channel, msg string) {
 		// Between the PUBLISH that counted nobody and the sender's
 		// delete, the holder reads the payload as receiveStored does.
 		fields := strings.Fields(msg)
@@ -312,7 +324,7 @@ func TestForwardStoredTakenThoughNobodyCounted(t *testing.T) {
 		req, _, _ := strings.Cut(fields[2], "@")
 		p, _ := holder.GetDel(bg, b.k.forward(req)).Bytes()
 		took <- p
-	}})
+	}))
 
 	payload := randomPayload(1<<20, 7)
 	status, err := b.ForwardTo(bg, "missed", "s", payload)

@@ -249,7 +249,31 @@ func (b *Broker) membership(ctx context.Context, id string, channels []string, a
 	if err != nil {
 		return unavailable("changing channels", err)
 	}
-	return nil
+	if !add {
+		return nil
+	}
+	// The session may have ended between the check and the adds (its end
+	// removes it from the channels its set names, then the set): then the
+	// adds are undone, or the channels would keep a member, and its set a
+	// key, that nothing removes. One script cannot do both: the keys are
+	// in different slots on Redis Cluster.
+	if n, err = b.rdb.Exists(cctx, b.k.session(id)).Result(); err != nil {
+		return unavailable("changing channels", err)
+	}
+	if n > 0 {
+		return nil
+	}
+	_, err = b.rdb.Pipelined(cctx, func(p redis.Pipeliner) error {
+		for _, c := range channels {
+			p.SRem(cctx, b.k.channel(c), id)
+		}
+		p.Del(cctx, b.k.channels(id))
+		return nil
+	})
+	if err != nil {
+		return unavailable("changing channels", err)
+	}
+	return ErrUnknownSession
 }
 
 // Lookup reads session id's record.
