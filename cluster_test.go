@@ -568,7 +568,7 @@ func TestClusterAckDoesNotWaitOnRedis(t *testing.T) {
 		c.send(t, map[string]any{"type": "ack", "seq": seq})
 	}
 	c.send(t, map[string]any{"type": "message", "id": "after-ack", "path": "/live/echo", "data": "hi"})
-	if f := c.answerTo(t, "after-ack"); f.typ() != "reply" {
+	if f := sxNextRef(t, c.next, "after-ack"); f.typ() != "reply" {
 		t.Fatalf("answer to the message after the acks, Redis stopped: %v", f)
 	}
 

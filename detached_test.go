@@ -211,7 +211,7 @@ http://127.0.0.1:{{.HTTP}} {
 	}
 	fresh := sxOpenWS(t, c.wsURL("/live"), nil)
 	fresh.send(t, map[string]any{"id": "x", "path": "/live/x"})
-	if f := fresh.answerTo(t, "x"); f.typ() != "reply" {
+	if f := sxNextRef(t, fresh.next, "x"); f.typ() != "reply" {
 		t.Fatalf("a new session after the flood: %v", f)
 	}
 }

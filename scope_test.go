@@ -126,7 +126,7 @@ func sxFlatSiteAttack(t *testing.T, messages string) {
 	for _, a := range attacks {
 		a.frame["id"] = a.id
 		attacker.send(t, a.frame)
-		f := attacker.answerTo(t, a.id)
+		f := sxNextRef(t, attacker.next, a.id)
 		if f.typ() != "error" || f.status() != http.StatusForbidden {
 			t.Errorf("frame %v: answer %v, want error 403", a.frame, f)
 		}
@@ -163,7 +163,7 @@ func sxFlatSiteAttack(t *testing.T, messages string) {
 	}
 	// The attacker's session is still usable where it may send.
 	attacker.send(t, map[string]any{"id": "ok", "path": "/live/x"})
-	if f := attacker.answerTo(t, "ok"); f.typ() != "reply" || f["data"] != "app:/live/x" {
+	if f := sxNextRef(t, attacker.next, "ok"); f.typ() != "reply" || f["data"] != "app:/live/x" {
 		t.Errorf("a frame inside the scope: %v, want the app's reply", f)
 	}
 }
@@ -248,7 +248,7 @@ http://127.0.0.1:{{.HTTP}} {
 	for i, m := range []string{"get", "Delete", "pAtCh", "options"} {
 		id := "ok" + itoa(i)
 		s.send(t, map[string]any{"id": id, "method": m, "path": "/live/m" + itoa(i)})
-		if f := s.answerTo(t, id); f.typ() != "reply" {
+		if f := sxNextRef(t, s.next, id); f.typ() != "reply" {
 			t.Errorf("method %q: %v, want the app's reply", m, f)
 		}
 		rs := app.byPath("/live/m" + itoa(i))
@@ -259,7 +259,7 @@ http://127.0.0.1:{{.HTTP}} {
 	for i, m := range []string{"TRACE", "trace", "PRI", "pri", "CONNECT", "connect", "G ET", "GET\r\nX-Evil: 1"} {
 		id := "bad" + itoa(i)
 		s.send(t, map[string]any{"id": id, "method": m, "path": "/live/bad" + itoa(i)})
-		if f := s.answerTo(t, id); f.typ() != "error" || f.status() != http.StatusBadRequest {
+		if f := sxNextRef(t, s.next, id); f.typ() != "error" || f.status() != http.StatusBadRequest {
 			t.Errorf("method %q: %v, want error 400", m, f)
 		}
 		if rs := app.byPath("/live/bad" + itoa(i)); len(rs) != 0 {

@@ -218,31 +218,20 @@ func (c *sxWS) mustNext(t testing.TB) sxFrame {
 	return f
 }
 
-// answerTo reads frames until the answer to ref, failing on a close.
-func (c *sxWS) answerTo(t testing.TB, ref string) sxFrame {
-	t.Helper()
-	for {
-		f := c.mustNext(t)
-		switch {
-		case f.ref() == ref:
-			return f
-		case f.typ() == "close":
-			t.Fatalf("session closed before the answer to %s: %v", ref, f)
-		}
-	}
-}
-
 // sxNextRef reads frames with next (a raw WebSocket's or SSE stream's)
-// until the answer to ref.
+// until the answer to ref, failing on a close frame (no answer follows
+// one on its connection).
 func sxNextRef(t testing.TB, next func() (sxFrame, bool), ref string) sxFrame {
 	t.Helper()
 	for {
 		f, ok := next()
-		if !ok {
+		switch {
+		case !ok:
 			t.Fatalf("no answer to %s", ref)
-		}
-		if f.ref() == ref {
+		case f.ref() == ref:
 			return f
+		case f.typ() == "close":
+			t.Fatalf("session closed before the answer to %s: %v", ref, f)
 		}
 	}
 }

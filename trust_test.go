@@ -35,7 +35,7 @@ http://127.0.0.1:{{.HTTP}} {
 	s := sxOpenWS(t, c.wsURL("/live"), hdrs("Duplex-Disconnect", "forged-header", "Duplex-Connect", "open"))
 	sid := s.open.str("session")
 	s.send(t, map[string]any{"id": "f", "path": "/live/gone", "data": map[string]any{"reason": "forged"}})
-	if f := s.answerTo(t, "f"); f.typ() != "reply" {
+	if f := sxNextRef(t, s.next, "f"); f.typ() != "reply" {
 		t.Fatalf("the forged hook message: %v, want the app's reply", f)
 	}
 	c.mustPublish(t, map[string]any{"session": sid, "close": "logout"}, 1)
