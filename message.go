@@ -252,20 +252,19 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 		target = f.Path
 	}
 	var answered atomic.Bool
-	var sent atomic.Pointer[heldAnswer] // the answer, for a message with an id
-	answer := func(result string, typ string, b []byte) {
+	// answer sends the message's one answer, unless it had one (the 504
+	// of message_timeout); it reports whether this call sent it.
+	answer := func(result string, typ string, b []byte) bool {
 		if !answered.CompareAndSwap(false, true) {
-			return
+			return false
 		}
 		if f == nil {
 			result = "fire_and_forget"
 		} else {
-			if hasID(ref) {
-				sent.Store(&heldAnswer{typ: typ, b: b})
-			}
 			s.send(typ, ref, b)
 		}
 		metrics.messages.WithLabelValues(result).Inc()
+		return f != nil
 	}
 	h, base, next, transport := s.route()
 	if h.cleaned.Load() {
@@ -319,28 +318,31 @@ func (s *session) serve(f *protocol.Message, body []byte, contentType string) {
 
 	closeReason, closeAfter := s.applyControlHeaders(rec.header)
 	status := rec.statusCode()
+	var result, typ string
+	var b []byte
 	switch {
 	case rec.overflow:
-		answer("app_error", protocol.TypeError, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue"))
+		result, typ, b = "app_error", protocol.TypeError, encodeError(ref, http.StatusBadGateway, "the app's answer is larger than send_queue")
 	case status >= 400:
-		answer("app_error", protocol.TypeError, encodeError(ref, status, errorText(status, rec.body.Bytes())))
+		result, typ, b = "app_error", protocol.TypeError, encodeError(ref, status, errorText(status, rec.body.Bytes()))
 	case ref == nil:
 		// no id: the client asked for no answer
 		answered.Store(true)
 		metrics.messages.WithLabelValues("served").Inc()
 	case rec.body.Len() == 0:
-		answer("ack", protocol.TypeAck, encodeAck(ref))
+		result, typ, b = "ack", protocol.TypeAck, encodeAck(ref)
 	default:
-		answer("reply", protocol.TypeReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes()))
+		result, typ, b = "reply", protocol.TypeReply, encodeReply(ref, status, rec.header.Get("Content-Type"), rec.body.Bytes())
 	}
+	sent := typ != "" && answer(result, typ, b)
 	if closeAfter && !s.end(closedByApp(closeReason)) && s.hasMovedAway() {
 		// The session is on another node now: close it there, after this
 		// answer, which goes with the close (again, if it went already:
 		// the session may have moved after send queued it here, and the
 		// held answers travel on their own).
 		var with []heldAnswer
-		if a := sent.Load(); a != nil {
-			with = append(with, *a)
+		if sent && hasID(ref) {
+			with = []heldAnswer{{typ: typ, b: b}}
 		}
 		s.hub.brokerOf().answer(s, with, closeReason)
 	}
