@@ -74,13 +74,22 @@ func (o *frameWriter) flush() error {
 	return o.flushBurst()
 }
 
-// writeNow writes b, whole frames outside any burst (a ping, a WebSocket
-// control frame), and flushes it.
+// writeNow writes b, whole frames outside any burst (a ping), and
+// flushes it.
 func (o *frameWriter) writeNow(b []byte) error {
+	return o.writeNowWith(func(w io.Writer) error {
+		_, err := w.Write(b)
+		return err
+	})
+}
+
+// writeNowWith is writeNow for frames write encodes (a WebSocket control
+// frame), straight into the burst buffer: nothing is allocated for them.
+func (o *frameWriter) writeNowWith(write func(io.Writer) error) error {
 	o.wmu.Lock()
 	defer o.wmu.Unlock()
 	o.wd.refresh()
-	if _, err := o.buffer().Write(b); err != nil {
+	if err := write(o.buffer()); err != nil {
 		return err
 	}
 	return o.flushBurst()

@@ -277,11 +277,7 @@ func (c *wsConn) protocolError(reason string) {
 
 // writeControl writes control frame f (a pong, the close frame) at once.
 func (c *wsConn) writeControl(f ws.Frame) error {
-	b, err := ws.CompileFrame(f)
-	if err != nil {
-		return err
-	}
-	return c.writeNow(b)
+	return c.writeNowWith(func(w io.Writer) error { return ws.WriteFrame(w, f) })
 }
 
 func (c *wsConn) writeFrame(_ string, _ uint64, a, b, cc []byte) error {
