@@ -44,7 +44,6 @@ type writePool struct {
 	workers  map[*poolWorker]struct{} // every worker, stuck ones too
 	watching bool                     // the watchdog is armed
 	surge    int                      // workers the watchdog lets run beyond size (see above); 0 once the queue drains
-	stuck    int                      // workers marked stuck that have not ended yet
 }
 
 // poolWorker is one worker of a writePool.
@@ -106,9 +105,7 @@ func (p *writePool) work(w *poolWorker, a writer) {
 			a = p.nextLocked()
 		}
 		if a == nil {
-			if w.stuck {
-				p.stuck--
-			} else {
+			if !w.stuck {
 				p.running--
 			}
 			delete(p.workers, w)
@@ -171,12 +168,12 @@ func (p *writePool) watch() {
 		if !w.stuck && now.Sub(w.since) >= p.stall {
 			w.stuck = true
 			p.running--
-			p.stuck++
 			stuck++
 		}
 	}
 	if stuck > 0 {
-		p.surge = min(max(p.size, 2*p.surge), p.stuck)
+		// Capped at the stuck workers still alive (not counted in running).
+		p.surge = min(max(p.size, 2*p.surge), len(p.workers)-p.running)
 	} else {
 		p.surge = 0
 	}
