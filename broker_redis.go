@@ -545,13 +545,14 @@ func (r *RedisBroker) answer(s *session, held []heldAnswer, closeReason string) 
 	deadline := time.Now().Add(r.rb().Timeout())
 	for wait := 10 * time.Millisecond; ; wait = min(2*wait, 500*time.Millisecond) {
 		rec, lerr := r.rb().Lookup(ctx, s.id)
+		again := true // only while nothing can have been taken
 		switch {
 		case errors.Is(lerr, redisbroker.ErrUnknownSession) || (lerr == nil && rec.Closed != ""):
 			// It has ended: serve nothing more for it.
 			s.in.stop()
 			return
 		case lerr != nil:
-			err = lerr // nothing sent: try again
+			err = lerr
 		default:
 			var status int
 			status, err = r.rb().ForwardTo(ctx, rec.Node, s.id, payload)
@@ -561,13 +562,10 @@ func (r *RedisBroker) answer(s *session, held []heldAnswer, closeReason string) 
 			if err == nil {
 				err = fmt.Errorf("the holding node answered %d", status)
 			}
-			// Again only if it surely took nothing.
-			if status != http.StatusUnauthorized && !errors.Is(err, redisbroker.ErrNodeNotListening) &&
-				!errors.Is(err, redisbroker.ErrForwardLost) {
-				wait = 0
-			}
+			again = status == http.StatusUnauthorized || errors.Is(err, redisbroker.ErrNodeNotListening) ||
+				errors.Is(err, redisbroker.ErrForwardLost)
 		}
-		if wait == 0 || time.Now().Add(wait).After(deadline) {
+		if !again || time.Now().Add(wait).After(deadline) {
 			break
 		}
 		time.Sleep(wait)
