@@ -87,32 +87,16 @@ func sxWaitDetached(t *testing.T, c *caddyProc, id string) {
 }
 
 // sxCollectAnswers reads frames until every id in want has an answer;
-// each must be the app's reply naming it. It fails on a close frame or
-// when no frame comes.
+// each must be the app's reply naming it (a second copy is allowed). It
+// fails on a close frame or when no frame comes.
 func sxCollectAnswers(t *testing.T, next func() (sxFrame, bool), want []string) {
 	t.Helper()
-	missing := map[string]bool{}
-	for _, id := range want {
-		missing[id] = true
-	}
-	for len(missing) > 0 {
-		f, ok := next()
-		if !ok {
-			t.Fatalf("after the resume, no answer to %d accepted messages: %v", len(missing), sortedKeys(missing))
+	sxAwaitAnswers(t, next, want, func(f sxFrame) {
+		d, _ := f["data"].(map[string]any)
+		if f.typ() != "reply" || d["served"] != f.ref() {
+			t.Fatalf("answer %v, want the app's reply naming its own message", f)
 		}
-		switch f.typ() {
-		case "reply":
-			d, _ := f["data"].(map[string]any)
-			if d["served"] != f.ref() {
-				t.Fatalf("reply %v does not answer its own message", f)
-			}
-			delete(missing, f.ref()) // a second copy is allowed
-		case "ack", "error":
-			t.Fatalf("answer %v, want the app's reply", f)
-		case "close":
-			t.Fatalf("session closed with %d messages unanswered: %v", len(missing), f)
-		}
-	}
+	})
 }
 
 func sxIDs(prefix string, n int) []string {

@@ -258,27 +258,15 @@ func moveWhileServing(t *testing.T, gated string) (*testApp, []*caddyProc, *sxWS
 	return app, nodes, moved
 }
 
-// awaitReplies reads frames from next until it has a 200 reply to each of
-// refs, skipping others.
+// awaitReplies reads frames from next until it has an answer to each of
+// refs; every answer must be a 200 reply.
 func awaitReplies(t *testing.T, next func() (sxFrame, bool), refs ...string) {
 	t.Helper()
-	want := map[string]bool{}
-	for _, r := range refs {
-		want[r] = true
-	}
-	for len(want) > 0 {
-		f, ok := next()
-		if !ok {
-			t.Fatalf("the connection ended; still no answer to %v", want)
-		}
-		if !want[f.ref()] {
-			continue
-		}
+	sxAwaitAnswers(t, next, refs, func(f sxFrame) {
 		if f.typ() != "reply" || f.status() != http.StatusOK {
 			t.Fatalf("answer to %s: %v, want a 200 reply", f.ref(), f)
 		}
-		delete(want, f.ref())
-	}
+	})
 }
 
 // awaitClose reads frames from next until the close frame, and returns it.

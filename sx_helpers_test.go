@@ -218,6 +218,29 @@ func (c *sxWS) mustNext(t testing.TB) sxFrame {
 	return f
 }
 
+// sxAwaitAnswers reads frames with next until each of refs has an answer,
+// handing every answer that comes (a frame with a ref) to check. It fails
+// on a close frame, or when no frame comes.
+func sxAwaitAnswers(t *testing.T, next func() (sxFrame, bool), refs []string, check func(sxFrame)) {
+	t.Helper()
+	missing := map[string]bool{}
+	for _, r := range refs {
+		missing[r] = true
+	}
+	for len(missing) > 0 {
+		f, ok := next()
+		switch {
+		case !ok:
+			t.Fatalf("no answer to %v", sortedKeys(missing))
+		case f.typ() == "close":
+			t.Fatalf("session closed with %d messages unanswered (%v): %v", len(missing), sortedKeys(missing), f)
+		case f.ref() != "":
+			check(f)
+			delete(missing, f.ref())
+		}
+	}
+}
+
 // sxNextRef reads frames with next (a raw WebSocket's or SSE stream's)
 // until the answer to ref, failing on a close frame (no answer follows
 // one on its connection).
